@@ -1,0 +1,1 @@
+"""Multi-Rollout On-Policy Distillation (MOPD) in JAX."""

@@ -1,0 +1,63 @@
+"""Tokenised prompts on disk: written by the seqio data layer, read with numpy only.
+
+Accelerator hosts without TensorFlow train from this file. One `.npz` per split:
+  example_id  int64 [N]        id of the example (key of the host reference table)
+  tokens      int32 [T]        all prompts' chat-formatted token ids, concatenated
+  offsets     int64 [N + 1]    prompt i is tokens[offsets[i]:offsets[i+1]]
+  insert      int32 [N]        insertion index of the peer context within prompt i
+  references  str   [N]        JSON reference of example i (tests, answer, ...)
+  meta        str   []         JSON: task, split, vocabulary fingerprint
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class TokenizedSplit:
+  example_id: np.ndarray
+  prompts: list  # list of int32 arrays (chat-formatted prompt ids)
+  insert_index: np.ndarray
+  references: list  # list of JSON strings
+  meta: dict
+
+  def __len__(self):
+    return len(self.prompts)
+
+  def reference_table(self) -> dict:
+    """example id -> decoded reference (host side)."""
+    return {int(i): json.loads(r) for i, r in zip(self.example_id, self.references)}
+
+
+def write(path: str, split: TokenizedSplit):
+  """Atomically writes `split` to `path` (.npz)."""
+  lengths = np.asarray([len(p) for p in split.prompts], np.int64)
+  offsets = np.concatenate([[0], np.cumsum(lengths)])
+  tokens = (np.concatenate(split.prompts).astype(np.int32) if split.prompts
+            else np.zeros((0,), np.int32))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".npz")
+  os.close(fd)
+  np.savez(tmp, example_id=np.asarray(split.example_id, np.int64), tokens=tokens,
+           offsets=offsets, insert=np.asarray(split.insert_index, np.int32),
+           references=np.asarray(split.references, dtype=str),
+           meta=np.asarray(json.dumps(split.meta)))
+  os.replace(tmp, path)
+
+
+def read(path: str) -> TokenizedSplit:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Tokenised data cache {path!r} does not exist.")
+  with np.load(path, allow_pickle=False) as f:
+    offsets, tokens = f["offsets"], f["tokens"]
+    prompts = [tokens[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+    return TokenizedSplit(example_id=f["example_id"], prompts=prompts,
+                          insert_index=f["insert"], references=[str(r) for r in
+                                                                f["references"]],
+                          meta=json.loads(str(f["meta"])))

@@ -1,0 +1,356 @@
+"""A small, parametrised family of Python function-writing problems with unit tests.
+
+The demo task for training a tiny language model on a CPU: every prompt is one short
+sentence and every reference response is a fenced code block holding a two-line function:
+
+  prompt:   Write a Python function add_const(x) that returns x plus 7.
+  solution: ```python
+            def add_const(x):
+                return x + 7
+            ```
+
+Problems are enumerated explicitly (family x function name x phrasing x constants) and
+put in a fixed pseudo-random order, so problem ids are stable across processes and
+machines. The held-out split is a fixed integer hash of the problem's (family,
+constants) group: a held-out task never shares its family and constants with a
+training task, whatever the function name or phrasing.
+
+`tests` of a problem is the reference format of `mopd_jax.verifiers.code`:
+{"fn_name": name, "inputs": [[arg], ...], "outputs": [value, ...]}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from typing import Any, Callable
+
+import numpy as np
+
+SPLITS = ("train", "heldout")
+
+_ORDER_SEED = 20240611
+_HELDOUT_PERCENT = 10
+_K = range(2, 41)
+_A = range(2, 10)
+_LEADS = ("Write a Python function {sig} that returns {desc}.",
+          "Define a Python function {sig} returning {desc}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """One demo problem: prompt, reference response, unit tests and split."""
+  id: int
+  prompt: str
+  solution: str
+  tests: dict
+  split: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+  """A problem family: `return <body>` with operator `op` and integer constants.
+
+  `ops` lists (operator, implementation) pairs, the correct one first; the others are
+  plausible mistakes used by `wrong_solution`. An implementation maps (argument,
+  constants) to the return value. `cases(constants)` lists the test arguments.
+  """
+  name: str
+  arg: str
+  fn_names: tuple[str, ...]
+  descriptions: tuple[str, ...]
+  body: str
+  ops: tuple[tuple[str, Callable[[Any, dict], Any]], ...]
+  consts: tuple[tuple[str, range], ...]
+  cases: Callable[[dict], list]
+
+
+_FAMILIES = (
+    _Family(
+        "add", "x", ("add_const", "increase"),
+        ("x plus {k}", "the sum of x and {k}"),
+        "x {op} {k}",
+        (("+", lambda x, c: x + c["k"]), ("-", lambda x, c: x - c["k"]),
+         ("*", lambda x, c: x * c["k"])),
+        (("k", _K),),
+        lambda c: [0, 1, 5, -3, 20]),
+    _Family(
+        "sub", "x", ("sub_const", "decrease"),
+        ("x minus {k}", "{k} less than x"),
+        "x {op} {k}",
+        (("-", lambda x, c: x - c["k"]), ("+", lambda x, c: x + c["k"]),
+         ("*", lambda x, c: x * c["k"])),
+        (("k", _K),),
+        lambda c: [0, 1, 5, -3, 20]),
+    _Family(
+        "mul", "x", ("mul_const", "scale"),
+        ("x times {k}", "the product of x and {k}"),
+        "x {op} {k}",
+        (("*", lambda x, c: x * c["k"]), ("+", lambda x, c: x + c["k"]),
+         ("-", lambda x, c: x - c["k"])),
+        (("k", _K),),
+        lambda c: [0, 1, 5, -3, 20]),
+    _Family(
+        "affine", "x", ("linear", "affine"),
+        ("x times {a} plus {b}", "{a} times x plus {b}"),
+        "x * {a} {op} {b}",
+        (("+", lambda x, c: x * c["a"] + c["b"]),
+         ("-", lambda x, c: x * c["a"] - c["b"])),
+        (("a", _A), ("b", _K)),
+        lambda c: [0, 1, 4, -2, 10]),
+    _Family(
+        "mod", "x", ("mod_const", "remainder"),
+        ("x modulo {k}", "the remainder of x divided by {k}"),
+        "x {op} {k}",
+        (("%", lambda x, c: x % c["k"]), ("//", lambda x, c: x // c["k"])),
+        (("k", _K),),
+        lambda c: [c["k"] - 1, c["k"], 3 * c["k"] + 2, 100, -7]),
+    _Family(
+        "floordiv", "x", ("div_const", "int_div"),
+        ("x divided by {k}, rounded down", "the floor division of x by {k}"),
+        "x {op} {k}",
+        (("//", lambda x, c: x // c["k"]), ("%", lambda x, c: x % c["k"])),
+        (("k", _K),),
+        lambda c: [c["k"] - 1, c["k"], 3 * c["k"] + 2, 100, -7]),
+    _Family(
+        "max", "x", ("max_const", "at_least"),
+        ("the maximum of x and {k}", "the larger of x and {k}"),
+        "{op}(x, {k})",
+        (("max", lambda x, c: max(x, c["k"])), ("min", lambda x, c: min(x, c["k"]))),
+        (("k", _K),),
+        lambda c: [c["k"] - 1, c["k"] + 1, 0, 50, -5]),
+    _Family(
+        "min", "x", ("min_const", "at_most"),
+        ("the minimum of x and {k}", "the smaller of x and {k}"),
+        "{op}(x, {k})",
+        (("min", lambda x, c: min(x, c["k"])), ("max", lambda x, c: max(x, c["k"]))),
+        (("k", _K),),
+        lambda c: [c["k"] - 1, c["k"] + 1, 0, 50, -5]),
+    _Family(
+        "absdiff", "x", ("abs_diff", "distance"),
+        ("the absolute value of x minus {k}", "the distance between x and {k}"),
+        "abs(x {op} {k})",
+        (("-", lambda x, c: abs(x - c["k"])), ("+", lambda x, c: abs(x + c["k"]))),
+        (("k", _K),),
+        lambda c: [c["k"], 0, c["k"] + 3, -4, 50]),
+    _Family(
+        "square_plus", "x", ("square_plus", "sq_plus"),
+        ("x squared plus {k}", "the square of x plus {k}"),
+        "x * x {op} {k}",
+        (("+", lambda x, c: x * x + c["k"]), ("-", lambda x, c: x * x - c["k"])),
+        (("k", _K),),
+        lambda c: [0, 1, 3, -2, 6]),
+    _Family(
+        "sum_plus", "xs", ("sum_plus", "total_plus"),
+        ("the sum of the list xs plus {k}", "{k} plus the sum of the list xs"),
+        "sum(xs) {op} {k}",
+        (("+", lambda xs, c: sum(xs) + c["k"]), ("-", lambda xs, c: sum(xs) - c["k"]),
+         ("*", lambda xs, c: sum(xs) * c["k"])),
+        (("k", _K),),
+        lambda c: [[], [1, 2, 3], [5], [-4, 10, 7]]),
+    _Family(
+        "scale_list", "xs", ("scale_list", "times_each"),
+        ("a list of each element of xs times {k}",
+         "the list xs with every element multiplied by {k}"),
+        "[v {op} {k} for v in xs]",
+        (("*", lambda xs, c: [v * c["k"] for v in xs]),
+         ("+", lambda xs, c: [v + c["k"] for v in xs])),
+        (("k", _K),),
+        lambda c: [[], [1, 2, 3], [0, -5], [10]]),
+    _Family(
+        "count_gt", "xs", ("count_gt", "count_above"),
+        ("the number of elements of xs greater than {k}",
+         "how many elements of xs are greater than {k}"),
+        "len([v for v in xs if v {op} {k}])",
+        ((">", lambda xs, c: len([v for v in xs if v > c["k"]])),
+         (">=", lambda xs, c: len([v for v in xs if v >= c["k"]])),
+         ("<", lambda xs, c: len([v for v in xs if v < c["k"]]))),
+        (("k", _K),),
+        lambda c: [[], [c["k"] - 1, c["k"], c["k"] + 1], [c["k"] + 1, c["k"] + 2, 0],
+                   [1, 50, 100, -3]]),
+    _Family(
+        "repeat_str", "s", ("repeat", "repeat_str"),
+        ("the string s repeated {k} times", "{k} copies of the string s joined together"),
+        "s {op} {k}",
+        (("*", lambda s, c: s * c["k"]),),
+        (("k", _K),),
+        lambda c: ["ab", "", "xyz", "q"]),
+)
+
+FAMILIES = tuple(family.name for family in _FAMILIES)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """Coordinates of one problem: family, function name, phrasing and constants."""
+  family: int
+  fn_name: int
+  phrasing: int
+  consts: tuple[int, ...]
+
+
+def _family_specs(index: int) -> list[_Spec]:
+  """All problems of family `index`, in a fixed order."""
+  family = _FAMILIES[index]
+  ranges = [values for _, values in family.consts]
+  return [
+      _Spec(index, name, phrasing, tuple(consts))
+      for name in range(len(family.fn_names))
+      for phrasing in range(len(family.descriptions))
+      for consts in itertools.product(*ranges)
+  ]
+
+
+@functools.lru_cache(maxsize=1)
+def _specs() -> tuple[_Spec, ...]:
+  """Every problem, in the fixed pseudo-random order that defines the problem ids."""
+  ordered = [spec for index in range(len(_FAMILIES)) for spec in _family_specs(index)]
+  order = np.random.default_rng(_ORDER_SEED).permutation(len(ordered))
+  return tuple(ordered[i] for i in order)
+
+
+def _check_id(i: int) -> int:
+  """Returns `i` as an int, or raises ValueError if it is not a valid problem id."""
+  if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+    raise ValueError(f"Problem id must be an integer, got {i!r}.")
+  if not 0 <= i < num_problems():
+    raise ValueError(f"Problem id {i} is out of range [0, {num_problems()}).")
+  return int(i)
+
+
+def _const_dict(spec: _Spec) -> dict:
+  """Maps the family's constant names to the values of `spec`."""
+  names = [name for name, _ in _FAMILIES[spec.family].consts]
+  return dict(zip(names, spec.consts))
+
+
+def _group_hash(spec: _Spec) -> int:
+  """A fixed 32-bit multiplicative hash of the (family, constants) group of `spec`."""
+  key = spec.family
+  for value in spec.consts:
+    key = key * 64 + value
+  return (key * 2654435761) % 2**32
+
+
+def _split(spec: _Spec) -> str:
+  """The split of a problem: about `_HELDOUT_PERCENT`% of groups are held out."""
+  return "heldout" if _group_hash(spec) * 100 < _HELDOUT_PERCENT * 2**32 else "train"
+
+
+def _prompt(spec: _Spec) -> str:
+  """The one-sentence task statement of `spec`."""
+  family = _FAMILIES[spec.family]
+  signature = f"{family.fn_names[spec.fn_name]}({family.arg})"
+  description = family.descriptions[spec.phrasing].format(**_const_dict(spec))
+  return _LEADS[spec.phrasing].format(sig=signature, desc=description)
+
+
+def format_response(code: str) -> str:
+  """Wraps Python source in a ```python fenced block (the demo response format)."""
+  newline = "\n"
+  return f"```python\n{code.strip(newline)}\n```"
+
+
+def _render(spec: _Spec, op: str, consts: dict) -> str:
+  """The response defining the problem's function with operator `op` and `consts`."""
+  family = _FAMILIES[spec.family]
+  body = family.body.format(op=op, **consts)
+  name = family.fn_names[spec.fn_name]
+  return format_response(f"def {name}({family.arg}):\n    return {body}")
+
+
+def _tests(spec: _Spec) -> dict:
+  """Unit tests of `spec` in the call-based format of the code verifier."""
+  family = _FAMILIES[spec.family]
+  consts = _const_dict(spec)
+  compute = family.ops[0][1]
+  cases = family.cases(consts)
+  return {
+      "fn_name": family.fn_names[spec.fn_name],
+      "inputs": [[arg] for arg in cases],
+      "outputs": [compute(arg, consts) for arg in cases],
+  }
+
+
+def num_problems() -> int:
+  """Number of demo problems; ids are 0 .. num_problems() - 1."""
+  return len(_specs())
+
+
+def family_of(i: int) -> str:
+  """Name of the family (one of `FAMILIES`) of problem `i`."""
+  return _FAMILIES[_specs()[_check_id(i)].family].name
+
+
+def get_problem(i: int) -> Problem:
+  """Problem number `i` (deterministic: the same text in every process)."""
+  i = _check_id(i)
+  spec = _specs()[i]
+  family = _FAMILIES[spec.family]
+  return Problem(
+      id=i,
+      prompt=_prompt(spec),
+      solution=_render(spec, family.ops[0][0], _const_dict(spec)),
+      tests=_tests(spec),
+      split=_split(spec),
+  )
+
+
+@functools.lru_cache(maxsize=len(SPLITS))
+def _split_ids(split: str) -> tuple[int, ...]:
+  """Ids of the problems in `split`, ascending."""
+  return tuple(i for i, spec in enumerate(_specs()) if _split(spec) == split)
+
+
+def problem_ids(split: str) -> np.ndarray:
+  """Sorted int64 ids of the problems in `split` ("train" or "heldout")."""
+  if split not in SPLITS:
+    raise ValueError(f"Unknown split {split!r}; allowed: {SPLITS}.")
+  return np.asarray(_split_ids(split), dtype=np.int64)
+
+
+def _mutations(spec: _Spec) -> tuple[list, list]:
+  """(operator swaps, single-constant changes) of `spec`, as (op, constants) pairs."""
+  family = _FAMILIES[spec.family]
+  consts = _const_dict(spec)
+  swaps = [(op, consts) for op, _ in family.ops[1:]]
+  changes = [(family.ops[0][0], {**consts, name: value})
+             for name, values in family.consts
+             for value in values if value != consts[name]]
+  return swaps, changes
+
+
+def _fails_tests(spec: _Spec, op: str, consts: dict) -> bool:
+  """True if the function with operator `op` and `consts` fails a test of `spec`."""
+  family = _FAMILIES[spec.family]
+  compute = dict(family.ops)[op]
+  tests = _tests(spec)
+  for (arg,), expected in zip(tests["inputs"], tests["outputs"]):
+    try:
+      if compute(arg, consts) != expected:
+        return True
+    except Exception:  # pylint: disable=broad-except  # Raising fails the test too.
+      return True
+  return False
+
+
+def wrong_solution(problem: Problem, rng: np.random.Generator) -> str:
+  """A plausible but wrong response to `problem`: same form, one mistake.
+
+  With probability 1/2 (when the family has alternative operators) the operator is
+  swapped, otherwise one constant is changed to another value of its range. The result
+  always fails at least one of the problem's tests.
+  """
+  if not isinstance(problem, Problem) or problem != get_problem(problem.id):
+    raise ValueError(f"{problem!r} is not a demo problem of this module.")
+  spec = _specs()[problem.id]
+  swaps, changes = _mutations(spec)
+  swaps = [swaps[j] for j in rng.permutation(len(swaps))]
+  changes = [changes[j] for j in rng.permutation(len(changes))]
+  candidates = swaps + changes if swaps and rng.random() < 0.5 else changes + swaps
+  for op, consts in candidates:
+    if _fails_tests(spec, op, consts):
+      return _render(spec, op, consts)
+  raise RuntimeError(
+      f"Problem {problem.id} has no failing variant; its tests are too weak.")

@@ -1,0 +1,92 @@
+"""Prompt batches served from memory in an order that depends only on (seed, step).
+
+`PromptBatches.batch(step)` returns the batch the run sees at `step`, however the run
+got there: a resumed run restores `step` and sees exactly the batches it would have
+seen. Rows are left-padded to `max_prompt_len` (pad id on the left, mask False there).
+A prompt longer than `max_prompt_len` is a bad row: it is excluded, reported (logged
+with its example id) and counted in `report`, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from mopd_jax.data import cache
+
+
+def left_pad(prompts, insert_index, max_len: int, pad_id: int):
+  """(tokens int32 [B, max_len], mask bool [B, max_len], insert int32 [B])."""
+  b = len(prompts)
+  tokens = np.full((b, max_len), pad_id, np.int32)
+  mask = np.zeros((b, max_len), bool)
+  for row, p in enumerate(prompts):
+    tokens[row, max_len - len(p):] = p
+    mask[row, max_len - len(p):] = True
+  return tokens, mask, np.asarray(insert_index, np.int32)
+
+
+class PromptBatches:
+  """Deterministic batches of `batch_size` prompts from a tokenised split."""
+
+  def __init__(self, split: cache.TokenizedSplit, *, batch_size: int,
+               max_prompt_len: int, seed: int, pad_id: int):
+    lengths = np.asarray([len(p) for p in split.prompts])
+    keep = lengths <= max_prompt_len
+    self.report = {"rows": int(len(lengths)), "too_long": int((~keep).sum())}
+    for i in np.flatnonzero(~keep):
+      logging.warning("Skipping example %d: prompt of %d tokens exceeds max_prompt_len=%d.",
+                      int(split.example_id[i]), int(lengths[i]), max_prompt_len)
+    self._rows = np.flatnonzero(keep)
+    if len(self._rows) < batch_size:
+      raise ValueError(
+          f"Only {len(self._rows)} usable prompts (of {len(lengths)}; "
+          f"{self.report['too_long']} longer than max_prompt_len={max_prompt_len}), "
+          f"fewer than batch_size={batch_size}.")
+    self.split, self.batch_size, self.seed = split, batch_size, seed
+    self.max_prompt_len, self.pad_id = max_prompt_len, pad_id
+
+  def indices(self, step: int) -> np.ndarray:
+    """Row indices of the batch at `step`: epoch-wise permutations seeded by (seed, epoch)."""
+    n, b = len(self._rows), self.batch_size
+    start = step * b
+    out = []
+    while len(out) < b:
+      epoch, offset = divmod(start + len(out), n)
+      perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+      out.extend(perm[offset:offset + b - len(out)])
+    return self._rows[np.asarray(out)]
+
+  def batch(self, step: int) -> dict:
+    return self.rows(self.indices(step))
+
+  def rows(self, idx) -> dict:
+    tokens, mask, insert = left_pad([self.split.prompts[i] for i in idx],
+                                    self.split.insert_index[idx], self.max_prompt_len,
+                                    self.pad_id)
+    return {"prompt_tokens": tokens, "prompt_mask": mask, "insert_index": insert,
+            "example_id": self.split.example_id[idx].astype(np.int32)}
+
+  def first(self, count: int) -> dict:
+    """The first `count` usable rows in source order (fixed evaluation set)."""
+    return self.rows(self._rows[:count])
+
+
+def load_split(cache_dir: str, split: str, spm_path: str, tokenizer):
+  """Reads the tokenised cache of `split`, building it with seqio if it is missing.
+
+  TensorFlow is imported only when the cache has to be built.
+  """
+  path = os.path.join(cache_dir, f"{split}.npz")
+  if not os.path.exists(path):
+    from mopd_jax.data import seqio_tasks  # pylint: disable=import-outside-toplevel
+    task = seqio_tasks.register_demo_task(spm_path)
+    cache.write(path, seqio_tasks.tokenize_split(task, split, tokenizer))
+  data = cache.read(path)
+  if data.meta.get("vocab_size") != tokenizer.vocab_size:
+    raise ValueError(
+        f"Data cache {path!r} was written with vocab_size={data.meta.get('vocab_size')}, "
+        f"but the tokenizer has {tokenizer.vocab_size}; delete the cache to rebuild it.")
+  return data

@@ -1,0 +1,182 @@
+"""Autoregressive sampling with a KV cache: one prefill, then a `lax.while_loop` decode.
+
+Layout. Prompts are LEFT-padded to a common length Lp (`prompt_mask` True on real
+tokens), so every row's last prompt token sits at index Lp - 1 and every row writes
+its t-th response token's keys/values into cache slot Lp + t. The cache holds
+S = Lp + Lr slots; `cache_mask` [B, S] marks the slots a query may attend to (real
+prompt tokens and response tokens written so far), which gives causality for free.
+RoPE positions count real tokens only, so padding does not shift them.
+
+The prompt is prefilled once per prompt and the cache is then repeated for the G
+samples of that prompt (G x cheaper prefill than repeating the prompts).
+
+Outputs per row: `tokens` [B*G, Lr] (pad after the end-of-sequence token), `logprobs`
+[B*G, Lr] = log p(token) under the temperature-scaled full distribution (before top-k
+/ top-p filtering; 0 after the end), `lengths` [B*G] = tokens generated including the
+end-of-sequence token. The loop stops early once every row has finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from mopd_jax.models import transformer
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  tokens: jax.Array  # int32 [N, Lr]
+  logprobs: jax.Array  # float32 [N, Lr]
+  lengths: jax.Array  # int32 [N], including the end-of-sequence token
+  finished: jax.Array  # bool [N], True when an end-of-sequence token was produced
+
+
+@flax.struct.dataclass
+class _LoopState:
+  step: jax.Array
+  last_token: jax.Array  # [N]
+  position: jax.Array  # [N] RoPE position of last_token
+  tokens: jax.Array
+  logprobs: jax.Array
+  done: jax.Array
+  lengths: jax.Array
+  cache: list
+  cache_mask: jax.Array  # [N, S]
+
+
+def filter_logits(logits, *, top_k: int, top_p: float):
+  """Masks logits [N, V] outside the top-k set and the top-p nucleus with -inf."""
+  neg = jnp.finfo(logits.dtype).min
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token if the mass strictly before it is below top_p (always keeps the top).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, neg, logits)
+  return logits
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """Static sampling settings; hashable, so it can be a static argument of jit.
+
+  temperature == 0 means greedy decoding (log-probs are then those of temperature 1).
+  """
+
+  model: transformer.ModelConfig
+  max_new_tokens: int
+  stop_ids: tuple[int, ...]
+  pad_id: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  num_samples: int = 1
+
+  def __post_init__(self):
+    if self.max_new_tokens <= 0:
+      raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}.")
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}.")
+    if not self.stop_ids:
+      raise ValueError("stop_ids must name at least one end-of-sequence token.")
+
+  def _pick(self, logits, key):
+    """logits float32 [N, V] -> (token [N], log-prob [N])."""
+    temp = self.temperature if self.temperature > 0 else 1.0
+    scaled = logits / temp
+    logp_all = jax.nn.log_softmax(scaled, axis=-1)
+    if self.temperature == 0:
+      token = jnp.argmax(logits, axis=-1)
+    else:
+      filtered = filter_logits(scaled, top_k=self.top_k, top_p=self.top_p)
+      token = jax.random.categorical(key, filtered, axis=-1)
+    token = token.astype(jnp.int32)
+    return token, jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
+
+  def _is_stop(self, token):
+    return jnp.isin(token, jnp.asarray(self.stop_ids, jnp.int32))
+
+  def __call__(self, params, prompt_tokens, prompt_mask, key) -> SampleOutput:
+    """prompt_tokens int32 [B, Lp] left-padded -> SampleOutput over B * num_samples rows.
+
+    Row b * num_samples + g holds sample g of prompt b.
+    """
+    cfg = self.model
+    b, lp = prompt_tokens.shape
+    lr, g = self.max_new_tokens, self.num_samples
+    n = b * g
+    prompt_mask = prompt_mask.astype(bool)
+
+    # Prefill once per prompt.
+    cache = transformer.init_cache(cfg, b, lp + lr)
+    positions = transformer.positions_from_mask(prompt_mask)
+    attn = transformer.causal_mask(prompt_mask)
+    attn = jnp.pad(attn, ((0, 0), (0, 0), (0, lr)))
+    hidden, cache = transformer.hidden_states(cfg, params, prompt_tokens, positions, attn,
+                                              cache=cache, cache_index=0)
+    last_logits = transformer.project(cfg, params, hidden[:, -1])  # [B, V]
+
+    # Repeat per sample.
+    rep = lambda x: jnp.repeat(x, g, axis=0)  # noqa: E731
+    cache = jax.tree.map(rep, cache)
+    last_logits = rep(last_logits)
+    cache_mask = jnp.concatenate([rep(prompt_mask), jnp.zeros((n, lr), bool)], axis=1)
+    last_position = rep(positions[:, -1])
+
+    token, logp = self._pick(last_logits, jax.random.fold_in(key, 0))
+    done = self._is_stop(token)
+    state = _LoopState(
+        step=jnp.asarray(1, jnp.int32),
+        last_token=token,
+        position=last_position + 1,
+        tokens=jnp.full((n, lr), self.pad_id, jnp.int32).at[:, 0].set(token),
+        logprobs=jnp.zeros((n, lr), jnp.float32).at[:, 0].set(logp),
+        done=done,
+        lengths=jnp.ones((n,), jnp.int32),
+        cache=cache,
+        cache_mask=cache_mask,
+    )
+
+    def cond(s):
+      return (s.step < lr) & ~jnp.all(s.done)
+
+    def body(s):
+      # Feed token step-1 (written to slot lp + step - 1) and sample token `step`.
+      slot = lp + s.step - 1
+      cache_mask = s.cache_mask.at[:, slot].set(True)
+      hidden, cache = transformer.hidden_states(
+          cfg, params, s.last_token[:, None], s.position[:, None], cache_mask[:, None, :],
+          cache=s.cache, cache_index=slot)
+      logits = transformer.project(cfg, params, hidden[:, 0])
+      token, logp = self._pick(logits, jax.random.fold_in(key, s.step))
+      token = jnp.where(s.done, self.pad_id, token)
+      logp = jnp.where(s.done, 0.0, logp)
+      return _LoopState(
+          step=s.step + 1,
+          last_token=token,
+          position=s.position + 1,
+          tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, 1),
+          logprobs=jax.lax.dynamic_update_slice_in_dim(s.logprobs, logp[:, None], s.step,
+                                                       1),
+          done=s.done | self._is_stop(token),
+          lengths=s.lengths + (~s.done).astype(jnp.int32),
+          cache=cache,
+          cache_mask=cache_mask,
+      )
+
+    state = jax.lax.while_loop(cond, body, state)
+    return SampleOutput(tokens=state.tokens, logprobs=state.logprobs,
+                        lengths=state.lengths, finished=state.done)

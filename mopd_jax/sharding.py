@@ -1,0 +1,97 @@
+"""Device mesh, logical axis rules and the shardings of parameters, state and batches.
+
+Mesh axes are `('data', 'fsdp', 'tensor')`. Model parameters carry logical axis names;
+one ordered rule list maps each name to a mesh axis (or to None = replicated). Batches
+are split over ('data', 'fsdp'). Teacher parameters use the student's rules.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+DEFAULT_RULES = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("length", None),
+    ("act_embed", None),
+)
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Replaces one -1 by the remaining devices; checks the product."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"mesh shape must have {len(MESH_AXES)} entries {MESH_AXES}, "
+                     f"got {shape}.")
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh shape {shape} may hold positive sizes and at most one -1.")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f"mesh shape {shape} does not divide {num_devices} devices.")
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, "
+                     f"but {num_devices} are available.")
+  return shape
+
+
+def make_mesh(shape: Sequence[int] = (1, 1, -1), devices=None) -> Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  shape = resolve_mesh_shape(shape, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def _axis_size(mesh: Mesh, axis) -> int:
+  if axis is None:
+    return 1
+  axes = axis if isinstance(axis, tuple) else (axis,)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def logical_to_shardings(logical_specs, shapes, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings for a pytree of logical PartitionSpecs.
+
+  A dimension whose size the mapped mesh axes do not divide is an error that names the
+  parameter, its shape and the axis.
+  """
+  mesh_specs = nn.logical_to_mesh(logical_specs, rules)
+
+  def check(path, spec, shape):
+    for dim, axis in zip(shape.shape, tuple(spec)):
+      size = _axis_size(mesh, axis)
+      if dim % size:
+        raise ValueError(
+            f"Parameter {jax.tree_util.keystr(path)} of shape {shape.shape} cannot be "
+            f"split over mesh axis {axis!r} of size {size} (spec {spec}).")
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(
+      check, mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Leading axis split over ('data', 'fsdp'), the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  return _axis_size(mesh, BATCH_AXES)

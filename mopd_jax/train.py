@@ -1,0 +1,290 @@
+"""The training loop: init or restore, steps, evaluation, checkpoints, logging, summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import statistics
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mopd_jax import (checkpointing, config_validation, demo_base, metrics as metrics_lib,
+                      peer_context, sharding, teacher, train_step)
+from mopd_jax.data import pipeline
+from mopd_jax.models import transformer
+from mopd_jax.sampling import Sampler
+from mopd_jax.verifiers import callback, code
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+  """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
+  if n - c < k:
+    return 1.0
+  return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def step_config(config, model_cfg, tok) -> train_step.StepConfig:
+  return train_step.StepConfig(
+      model=model_cfg, num_samples=config.rollout.num_samples,
+      max_response_len=config.rollout.max_response_len, stop_ids=tuple(tok.stop_ids),
+      pad_id=tok.pad_id, temperature=config.rollout.temperature,
+      top_k=config.rollout.top_k, top_p=config.rollout.top_p,
+      success_threshold=config.verifier.success_threshold,
+      include_primary=config.peers.include_primary,
+      include_another=config.peers.include_another,
+      include_failure=config.peers.include_failure,
+      failure_condition=config.peers.failure_condition,
+      exclude_self_success=config.peers.exclude_self_success,
+      include_feedback=config.peers.include_feedback,
+      feedback_only_without_solution=config.peers.feedback_only_without_solution,
+      peer_cap=config.peers.peer_cap, feedback_len=config.peers.feedback_len,
+      alpha=config.loss.alpha, loss_top_k=config.loss.top_k,
+      add_tail=config.loss.add_tail, aggregation=config.loss.aggregation,
+      chunk_size=config.loss.chunk_size, full_logit=config.loss.full_logit,
+      rollout_correction_clip=config.loss.rollout_correction_clip,
+      teacher_mode=config.teacher.mode, ema_rate=config.teacher.ema_rate)
+
+
+class Evaluator:
+  """Held-out evaluation through the split pipeline: jit(sample) -> host verify.
+
+  The same prompts and the same sampling key every time, so before/after numbers differ
+  only through the parameters.
+  """
+
+  def __init__(self, config, model_cfg, tok, batches, host_verifier, seed):
+    e = config.eval
+    self.sampler = Sampler(model=model_cfg, max_new_tokens=config.rollout.max_response_len,
+                           stop_ids=tuple(tok.stop_ids), pad_id=tok.pad_id,
+                           temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
+                           num_samples=e.num_samples)
+    self.batch = batches.first(e.num_prompts)
+    self.k = e.num_samples
+    self.host = host_verifier
+    self.threshold = config.verifier.success_threshold
+    self.key = jax.random.fold_in(jax.random.PRNGKey(seed), 1_000_003)
+    self._sample = jax.jit(self.sampler.__call__)
+
+  def __call__(self, params) -> dict:
+    out = jax.device_get(self._sample(params, self.batch["prompt_tokens"],
+                                      self.batch["prompt_mask"], self.key))
+    ids = np.repeat(self.batch["example_id"], self.k)
+    rewards, status, _, _ = self.host(ids, out.tokens, out.lengths)
+    success = (rewards >= self.threshold).reshape(-1, self.k)
+    k = self.k
+    return {
+        f"eval/mean@{k}": float(rewards.mean()),
+        f"eval/pass@{k}": float(np.mean([pass_at_k(k, int(c), k) for c in success.sum(1)])),
+        "eval/success_rate": float(success.mean()),
+        "eval/verifier_errors": int((status == callback.STATUS_CODES["error"]).sum()),
+    }
+
+
+class _StopFlag:
+  """Set by SIGTERM / SIGINT; the loop saves a checkpoint and exits at the next step."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def install(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handler)
+
+  def _handler(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def run(config, workdir: str) -> dict:
+  """Runs training as configured; returns the summary (also written to summary.json)."""
+  config_validation.validate(config)
+  wall_start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+
+  # ---------------------------------------------------------------- Mesh.
+  mesh = sharding.make_mesh(config.mesh.shape)
+  rows = config.data.batch_size * config.rollout.num_samples
+  if rows % sharding.batch_divisor(mesh) or config.data.batch_size % sharding.batch_divisor(
+      mesh):
+    raise config_validation.ConfigError(
+        f"config.data.batch_size={config.data.batch_size} must be divisible by the "
+        f"data x fsdp mesh size {sharding.batch_divisor(mesh)} (mesh {dict(mesh.shape)}).")
+  logging.info("Mesh %s over %d %s devices.", dict(mesh.shape), mesh.size,
+               jax.devices()[0].platform)
+
+  # ---------------------------------------------------------------- Model and tokenizer.
+  if config.model.checkpoint != "demo":
+    raise config_validation.ConfigError(
+        f"Invalid config.model.checkpoint = {config.model.checkpoint!r}: this build "
+        "supports only 'demo' (Hugging Face import is a separate feature).")
+  base_dir = config.model.cache_dir or demo_base.default_dir()
+  base_cfg, base_params, tok = demo_base.ensure(base_dir)
+  model_cfg = transformer.ModelConfig(**{
+      **base_cfg.__dict__, "dtype": config.model.dtype,
+      "param_dtype": config.model.param_dtype, "remat": config.model.remat})
+
+  # ---------------------------------------------------------------- Data.
+  cache_dir = config.data.cache_dir or os.path.join(base_dir, "data")
+  spm_path = os.path.join(base_dir, "tokenizer.model")
+  train_split = pipeline.load_split(cache_dir, "train", spm_path, tok)
+  heldout_split = pipeline.load_split(cache_dir, "heldout", spm_path, tok)
+  train_batches = pipeline.PromptBatches(
+      train_split, batch_size=config.data.batch_size,
+      max_prompt_len=config.data.max_prompt_len, seed=config.seed, pad_id=tok.pad_id)
+  eval_batches = pipeline.PromptBatches(
+      heldout_split, batch_size=config.eval.num_prompts,
+      max_prompt_len=config.data.max_prompt_len, seed=config.seed, pad_id=tok.pad_id)
+  references = {**train_split.reference_table(), **heldout_split.reference_table()}
+
+  def score_batch(texts, refs):
+    return code.score_batch(texts, refs, max_workers=config.verifier.max_workers,
+                            time_limit_s=config.verifier.time_limit_s)
+
+  host_verifier = callback.HostVerifier(score_batch, references, tok,
+                                        feedback_len=config.peers.feedback_len)
+
+  # ---------------------------------------------------------------- State, sharded.
+  cfg = step_config(config, model_cfg, tok)
+  optimizer, schedule = train_step.make_optimizer(
+      config.optim.lr, config.optim.warmup_steps, config.optim.b1, config.optim.b2,
+      config.optim.weight_decay, config.optim.grad_clip)
+  param_dtype = transformer.dtype_from_name(model_cfg.param_dtype)
+  param_shapes = jax.eval_shape(
+      lambda: jax.tree.map(lambda x: jnp.asarray(x, param_dtype), base_params))
+  param_shardings = sharding.logical_to_shardings(
+      transformer.param_logical_axes(model_cfg), param_shapes, mesh)
+
+  def init_state(params):
+    params = jax.tree.map(lambda x: x.astype(param_dtype), params)
+    return train_step.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+        teacher_params=teacher.init_teacher(params), rng=jax.random.PRNGKey(config.seed))
+
+  state_shapes = jax.eval_shape(init_state, base_params)
+  shardings = train_step.state_shardings(state_shapes, param_shardings, mesh, optimizer)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    every=config.checkpoint_every,
+                                    keep=config.keep_checkpoints)
+  resume_step = ckpt.latest_step()
+  if resume_step is not None:
+    state, meta = ckpt.restore(resume_step,
+                               checkpointing.abstract_like(state_shapes, shardings))
+    logging.info("Resumed from step %d (data position %d).", resume_step,
+                 meta["data_position"])
+  else:
+    state = jax.jit(init_state, out_shardings=shardings)(
+        jax.device_put(base_params, jax.tree.map(lambda s: s, param_shardings)))
+  start_step = int(state.step)
+
+  # ---------------------------------------------------------------- Step.
+  pieces = peer_context.tokenize_pieces(tok)
+  step_fn = train_step.make_train_step(cfg, mesh, host_verifier, optimizer, pieces,
+                                       shardings)
+  batch_sharding = train_step.batch_shardings(mesh)
+  put_batch = lambda b: jax.device_put(b, batch_sharding)  # noqa: E731
+  compile_start = time.time()
+  compiled = step_fn.lower(state, put_batch(train_batches.batch(start_step))).compile()
+  compile_time = time.time() - compile_start
+  logging.info("Compiled the train step in %.1fs.", compile_time)
+  evaluator = Evaluator(config, model_cfg, tok, eval_batches, host_verifier, config.seed)
+
+  # ---------------------------------------------------------------- Loop.
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
+  summary_path = os.path.join(workdir, "summary.json")
+  previous = {}
+  if resume_step is not None and os.path.exists(summary_path + ".partial"):
+    with open(summary_path + ".partial", encoding="utf-8") as f:
+      previous = json.load(f)
+  eval_before = previous.get("eval_before")
+  if eval_before is None:
+    eval_before = evaluator(state.params)
+    writer.write(start_step, eval_before)
+    _write_json(summary_path + ".partial", {"eval_before": eval_before})
+  step_times, last_metrics = [], {}
+  stop = _StopFlag()
+  stop.install()
+  progress = metrics_lib.Progress(config.total_steps)
+  interrupted = False
+  try:
+    step = start_step
+    while step < config.total_steps:
+      t0 = time.time()
+      batch = put_batch(train_batches.batch(step))
+      state, m = compiled(state, batch)
+      m = jax.device_get(m)
+      step += 1
+      dt = time.time() - t0
+      step_times.append(dt)
+      m["train/lr"] = float(schedule(step - 1))
+      m["train/step_time_s"] = dt
+      if m["train/skipped_nonfinite"]:
+        logging.warning("Step %d: non-finite loss or gradient norm (loss=%s, grad_norm=%s);"
+                        " the update was skipped.", step, m["train/loss"],
+                        m["train/grad_norm"])
+      if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
+        m.update(evaluator(state.params))
+      if step % config.log_every == 0 or step == config.total_steps:
+        writer.write(step, m)
+      last_metrics = m
+      progress.update(step, float(m["train/reward_mean"]), float(m["train/loss"]), dt)
+      meta = {"data_position": step, "seed": config.seed}
+      if ckpt.should_save(step):
+        ckpt.save(step, state, meta)
+      if stop.signum is not None:
+        logging.warning("Signal %d received: saving step %d and stopping.", stop.signum,
+                        step)
+        ckpt.save(step, state, meta)
+        interrupted = True
+        break
+  finally:
+    stop.restore()
+    progress.close()
+
+  if interrupted:
+    writer.close()
+    ckpt.close()
+    return {"interrupted_at_step": int(state.step)}
+
+  eval_after = evaluator(state.params)
+  writer.write(int(state.step), eval_after)
+  writer.close()
+  ckpt.save(int(state.step), state, {"data_position": int(state.step), "seed": config.seed})
+  ckpt.close()
+  summary = {
+      "steps": int(state.step),
+      "eval_success_before": eval_before["eval/success_rate"],
+      "eval_success_after": eval_after["eval/success_rate"],
+      "eval_before": eval_before,
+      "eval_after": eval_after,
+      "compile_time_s": compile_time,
+      "step_time_median_s": statistics.median(step_times) if step_times else None,
+      "wall_time_s": time.time() - wall_start,
+      "resumed_from_step": resume_step,
+      "data": {"train": train_batches.report, "heldout": eval_batches.report},
+      "final_train_metrics": {k: metrics_lib.to_python(v) for k, v in last_metrics.items()},
+      "device": f"{mesh.size} x {jax.devices()[0].device_kind}",
+  }
+  _write_json(summary_path, summary)
+  if os.path.exists(summary_path + ".partial"):
+    os.remove(summary_path + ".partial")
+  logging.info("Held-out success before %.3f, after %.3f.", summary["eval_success_before"],
+               summary["eval_success_after"])
+  return summary
+
+
+def _write_json(path, obj):
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1, default=metrics_lib.to_python)
+  os.replace(tmp, path)

@@ -1,0 +1,313 @@
+"""One MOPD training step, as pure functions composed into a single jitted function.
+
+    prompts [B, Lp] -> sample G each (student)         tokens [N=B*G, Lr], log-probs
+      -> verify on the host (io_callback)               rewards [N]
+      -> select peers per group                         primary/another/failure, mask
+      -> assemble teacher prompts (gathers)             teacher tokens [N, Ltp]
+      -> teacher forward (stop-gradient)                hidden [N, Lr, D]
+      -> student forward + chunked top-k JSD + grad     loss, grads
+      -> AdamW (warm-up, clipping), EMA teacher         new state, metrics
+
+`make_train_step` jits the whole chain; `make_split_step` runs the same pieces as
+jit(sample) -> host verify -> jit(update), for debugging and evaluation.
+
+Alignment of response positions: the student input is prompt [Lp] + response [Lr] and
+the teacher input is teacher prompt [Ltp] + the same response; both prompts are
+left-padded, so the hidden state that predicts response token t sits at index
+Lp - 1 + t (student) and Ltp - 1 + t (teacher) in every row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from mopd_jax import losses, peer_context, sharding, teacher
+from mopd_jax.models import transformer
+from mopd_jax.sampling import Sampler, SampleOutput
+from mopd_jax.verifiers import callback
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar
+  params: Any
+  opt_state: Any
+  teacher_params: Any  # float32
+  rng: jax.Array  # uint32 [2], raw PRNG key (checkpointable)
+
+
+@flax.struct.dataclass
+class Rollouts:
+  """Sampled responses and their verification, row b*G + g = sample g of prompt b."""
+
+  tokens: jax.Array  # int32 [N, Lr]
+  logprobs: jax.Array  # float32 [N, Lr], sampler log-probs
+  lengths: jax.Array  # int32 [N], incl. end-of-sequence token
+  finished: jax.Array  # bool [N]
+  rewards: jax.Array  # float32 [N]
+  status: jax.Array  # int32 [N], see verifiers.callback.STATUS_CODES
+  feedback: jax.Array  # int32 [N, Lf]
+  feedback_lengths: jax.Array  # int32 [N]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Static settings of the step (hashable)."""
+
+  model: transformer.ModelConfig
+  num_samples: int
+  max_response_len: int
+  stop_ids: tuple[int, ...]
+  pad_id: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  success_threshold: float = 1.0
+  include_primary: bool = True
+  include_another: bool = True
+  include_failure: bool = True
+  failure_condition: str = "always"
+  exclude_self_success: bool = True
+  include_feedback: bool = False
+  feedback_only_without_solution: bool = True
+  peer_cap: int = 64
+  feedback_len: int = 0
+  alpha: float = 0.5
+  loss_top_k: int | None = 100
+  add_tail: bool = True
+  aggregation: str = "token-mean"
+  chunk_size: int = 128
+  full_logit: bool = True
+  rollout_correction_clip: float = 2.0  # 0 disables the correction
+  teacher_mode: str = "ema"
+  ema_rate: float = 0.05
+
+  @property
+  def sampler(self) -> Sampler:
+    return Sampler(model=self.model, max_new_tokens=self.max_response_len,
+                   stop_ids=self.stop_ids, pad_id=self.pad_id,
+                   temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                   num_samples=self.num_samples)
+
+  @property
+  def ema(self) -> float:
+    return self.ema_rate if self.teacher_mode == "ema" else 0.0
+
+
+def make_optimizer(lr: float, warmup_steps: int, b1: float, b2: float,
+                   weight_decay: float, grad_clip: float):
+  """AdamW after global-norm clipping; linear warm-up then constant learning rate."""
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, max(warmup_steps, 1)), optax.constant_schedule(lr)],
+      [max(warmup_steps, 1)]) if warmup_steps > 0 else optax.constant_schedule(lr)
+  return optax.chain(
+      optax.clip_by_global_norm(grad_clip),
+      optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay),
+  ), schedule
+
+
+def step_keys(state: TrainState):
+  """(sample key, peer-selection key) for this step: fold_in(rng, step)."""
+  key = jax.random.fold_in(state.rng, state.step)
+  return jax.random.split(key)
+
+
+def raise_if_missing(batch):
+  missing = {"prompt_tokens", "prompt_mask", "insert_index", "example_id"} - set(batch)
+  if missing:
+    raise ValueError(f"Batch is missing fields {sorted(missing)}; got {sorted(batch)}.")
+
+
+def _response_hidden(model_cfg, params, prompt_tokens, prompt_mask, responses,
+                     response_mask):
+  """Hidden states [N, Lr, D] that predict each response token."""
+  tokens = jnp.concatenate([prompt_tokens, responses], axis=1)
+  mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+  hidden, _ = transformer.hidden_states(model_cfg, params, tokens,
+                                        transformer.positions_from_mask(mask),
+                                        transformer.causal_mask(mask))
+  lp, lr = prompt_tokens.shape[1], responses.shape[1]
+  return hidden[:, lp - 1:lp - 1 + lr]
+
+
+def update(cfg: StepConfig, optimizer, pieces, state: TrainState, batch,
+           rollouts: Rollouts, peer_key):
+  """Peer context -> teacher scoring -> distillation loss -> optimizer and EMA step."""
+  g = cfg.num_samples
+  b = batch["prompt_tokens"].shape[0]
+  n, lr = rollouts.tokens.shape
+  rep = lambda x: jnp.repeat(x, g, axis=0)  # noqa: E731
+  prompt_tokens, prompt_mask = rep(batch["prompt_tokens"]), rep(batch["prompt_mask"])
+  prompt_mask = prompt_mask.astype(bool)
+
+  # Peers.
+  success = (rollouts.rewards >= cfg.success_threshold).reshape(b, g)
+  selection = peer_context.select_peers(
+      success, peer_key, include_primary=cfg.include_primary,
+      include_another=cfg.include_another, include_failure=cfg.include_failure,
+      failure_condition=cfg.failure_condition,
+      exclude_self_success=cfg.exclude_self_success)
+  rows = jax.tree.map(lambda x: x.reshape(n), peer_context.to_row_indices(selection))
+  text_lengths = rollouts.lengths - rollouts.finished.astype(jnp.int32)  # drop EOS
+  rollout_mask = selection.mask.reshape(n)
+  feedback_kwargs = {}
+  if cfg.include_feedback:
+    # The rollout's own verifier feedback, only without a (shown) primary solution
+    # when feedback_only_without_solution; it counts as a block for the loss mask.
+    use = rollouts.feedback_lengths > 0
+    if cfg.feedback_only_without_solution:
+      use &= rows.primary < 0
+    rollout_mask |= use
+    feedback_kwargs = dict(feedback_tokens=rollouts.feedback,
+                           feedback_lengths=jnp.where(use, rollouts.feedback_lengths, 0),
+                           feedback_cap=cfg.feedback_len)
+  teacher_tokens, teacher_mask = peer_context.assemble_teacher_prompts(
+      prompt_tokens, prompt_mask, rep(batch["insert_index"]), rollouts.tokens,
+      text_lengths, rows, pieces, peer_cap=cfg.peer_cap, pad_id=cfg.pad_id,
+      **feedback_kwargs)
+  response_mask = jnp.arange(lr)[None, :] < rollouts.lengths[:, None]
+  loss_mask = response_mask & rollout_mask[:, None]
+
+  # Teacher (no gradient).
+  teacher_params = jax.lax.stop_gradient(state.teacher_params)
+  teacher_hidden = _response_hidden(cfg.model, teacher_params, teacher_tokens,
+                                    teacher_mask, rollouts.tokens, response_mask)
+  teacher_head = transformer.lm_head(cfg.model, teacher_params)
+
+  def loss_fn(params):
+    student_hidden = _response_hidden(cfg.model, params, prompt_tokens, prompt_mask,
+                                      rollouts.tokens, response_mask)
+    per_token, student_logp, teacher_logp = losses.chunked_distillation(
+        student_hidden, teacher_hidden, transformer.lm_head(cfg.model, params),
+        teacher_head, rollouts.tokens, alpha=cfg.alpha, top_k=cfg.loss_top_k,
+        add_tail=cfg.add_tail, temperature=cfg.temperature if cfg.temperature > 0 else 1.0,
+        chunk_size=cfg.chunk_size, full_logit=cfg.full_logit)
+    if cfg.rollout_correction_clip > 0:
+      per_token = per_token * losses.rollout_correction_weights(
+          student_logp, rollouts.logprobs, cfg.rollout_correction_clip)
+    loss = losses.aggregate(per_token, loss_mask, cfg.aggregation)
+    return loss, (jax.lax.stop_gradient(student_logp), teacher_logp)
+
+  (loss, (student_logp, teacher_logp)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(  # noqa: E731
+      lambda a, o: jnp.where(finite, a, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt_state, state.opt_state),
+      teacher_params=teacher.ema_update(state.teacher_params, state.params, cfg.ema,
+                                        finite),
+  )
+  # EMA mixes in the student *before* this update (the teacher lags by one step).
+
+  fmask = response_mask.astype(jnp.float32)
+  ntok = jnp.maximum(fmask.sum(), 1.0)
+  teacher_len = teacher_mask.sum(-1).astype(jnp.float32)
+  status = rollouts.status
+  metrics = {
+      "train/loss": loss,
+      "train/grad_norm": grad_norm,
+      "train/skipped_nonfinite": (~finite).astype(jnp.float32),
+      "train/reward_mean": rollouts.rewards.mean(),
+      "train/success_rate": success.mean(),
+      "train/reprompt_fraction": rollout_mask.mean(),
+      "train/group_mixed_fraction": (success.any(1) & ~success.all(1)).mean(),
+      "train/response_len_mean": rollouts.lengths.mean(),
+      "train/finished_fraction": rollouts.finished.mean(),
+      "train/teacher_prompt_len_min": teacher_len.min(),
+      "train/teacher_prompt_len_mean": teacher_len.mean(),
+      "train/teacher_prompt_len_max": teacher_len.max(),
+      "train/logprob_gap_abs": (jnp.abs(student_logp - rollouts.logprobs) * fmask).sum()
+                               / ntok,
+      "train/teacher_minus_student_logp": ((teacher_logp - student_logp) * fmask).sum()
+                                          / ntok,
+      "verify/format_errors": (status == callback.STATUS_CODES["format_error"]).sum(),
+      "verify/timeouts": (status == callback.STATUS_CODES["timeout"]).sum(),
+      "verify/errors": (status == callback.STATUS_CODES["error"]).sum(),
+  }
+  return new_state, metrics
+
+
+def _verify(cfg, mesh, host_fn, batch, out: SampleOutput) -> Rollouts:
+  ids = jnp.repeat(batch["example_id"], cfg.num_samples, axis=0)
+  rewards, status, feedback, feedback_lengths = callback.verify_on_device(
+      mesh, host_fn, ids, out.tokens, out.lengths, feedback_len=max(cfg.feedback_len, 1))
+  return Rollouts(tokens=out.tokens, logprobs=out.logprobs, lengths=out.lengths,
+                  finished=out.finished, rewards=rewards, status=status,
+                  feedback=feedback, feedback_lengths=feedback_lengths)
+
+
+def state_shardings(state_shapes, param_shardings, mesh, optimizer):
+  """Shardings of a TrainState: params and teacher as the rules say, the rest replicated."""
+  rep = sharding.replicated(mesh)
+  opt = optax.tree_map_params(optimizer, lambda _, s: s, state_shapes.opt_state,
+                              param_shardings, transform_non_params=lambda _: rep)
+  return TrainState(step=rep, params=param_shardings, opt_state=opt,
+                    teacher_params=param_shardings, rng=rep)
+
+
+def batch_shardings(mesh):
+  return {"prompt_tokens": sharding.batch_sharding(mesh, 2),
+          "prompt_mask": sharding.batch_sharding(mesh, 2),
+          "insert_index": sharding.batch_sharding(mesh, 1),
+          "example_id": sharding.batch_sharding(mesh, 1)}
+
+
+def make_train_step(cfg: StepConfig, mesh, host_fn: Callable, optimizer, pieces,
+                    shardings: TrainState):
+  """Jitted (state, batch) -> (state, metrics); donates the state; traced once."""
+
+  @chex.assert_max_traces(n=1)
+  def step(state, batch):
+    raise_if_missing(batch)
+    sample_key, peer_key = step_keys(state)
+    out = cfg.sampler(state.params, batch["prompt_tokens"], batch["prompt_mask"],
+                      sample_key)
+    rollouts = _verify(cfg, mesh, host_fn, batch, out)
+    return update(cfg, optimizer, pieces, state, batch, rollouts, peer_key)
+
+  # The template pieces are a few small constants: closed over, not arguments.
+  return jax.jit(step, in_shardings=(shardings, batch_shardings(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+def make_split_step(cfg: StepConfig, mesh, host_fn: Callable, optimizer, pieces,
+                    shardings: TrainState):
+  """The same step as jit(sample) -> host verify -> jit(update)."""
+
+  @jax.jit
+  def sample_fn(state, batch):
+    sample_key, _ = step_keys(state)
+    return cfg.sampler(state.params, batch["prompt_tokens"], batch["prompt_mask"],
+                       sample_key)
+
+  def update_fn(state, batch, rollouts):
+    _, peer_key = step_keys(state)
+    return update(cfg, optimizer, pieces, state, batch, rollouts, peer_key)
+
+  update_jit = jax.jit(update_fn, in_shardings=(shardings, batch_shardings(mesh), None),
+                       out_shardings=(shardings, sharding.replicated(mesh)))
+
+  def step(state, batch):
+    out = jax.device_get(sample_fn(state, batch))
+    ids = jax.device_get(batch["example_id"]).repeat(cfg.num_samples)
+    rewards, status, feedback, feedback_lengths = host_fn(ids, out.tokens, out.lengths)
+    rollouts = Rollouts(tokens=out.tokens, logprobs=out.logprobs, lengths=out.lengths,
+                        finished=out.finished, rewards=rewards, status=status,
+                        feedback=feedback, feedback_lengths=feedback_lengths)
+    return update_jit(state, batch, rollouts)
+
+  return step

@@ -1,0 +1,119 @@
+"""The bridge between the jitted step and host-side verifiers.
+
+Device side (`verify_on_device`): inside `shard_map`, each device hands only its own
+rows (split over ('data', 'fsdp')) to the host through `io_callback`. Devices along the
+'tensor' axis hold the same rows; only tensor index 0 calls the host and a `psum` over
+'tensor' gives the result to the others, so no row is verified twice.
+
+Host side (`HostVerifier`): receives example ids, response tokens and lengths as numpy
+arrays, decodes the text, looks the example's reference up in a host table, scores the
+batch and returns fixed-shape numpy arrays. It never calls JAX and never raises: a
+failure of the verifier gives reward 0 with status ERROR and is counted in the metrics.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+from jax.sharding import PartitionSpec as P
+
+from mopd_jax import sharding
+from mopd_jax.verifiers.result import Result
+
+# Status codes returned per row.
+STATUS_CODES = {"ok": 0, "format_error": 1, "timeout": 2, "error": 3}
+
+
+class HostVerifier:
+  """Callable (ids [n], tokens [n, Lr], lengths [n]) -> fixed-shape numpy arrays.
+
+  Returns (rewards float32 [n], status int32 [n], feedback int32 [n, feedback_len],
+  feedback_lengths int32 [n]).
+  """
+
+  def __init__(self, score_batch: Callable[[Sequence[str], Sequence], list[Result]],
+               references: Mapping[int, object], tokenizer, feedback_len: int):
+    self.score_batch = score_batch
+    self.references = references
+    self.tokenizer = tokenizer
+    self.feedback_len = feedback_len
+    self.calls = 0
+
+  def texts(self, tokens, lengths) -> list[str]:
+    return [self.tokenizer.decode(row[:n]) for row, n in zip(tokens, lengths)]
+
+  def __call__(self, ids, tokens, lengths):
+    self.calls += 1
+    n = len(ids)
+    rewards = np.zeros((n,), np.float32)
+    status = np.full((n,), STATUS_CODES["error"], np.int32)
+    feedback = np.zeros((n, self.feedback_len), np.int32)
+    feedback_lengths = np.zeros((n,), np.int32)
+    try:
+      ids, tokens, lengths = np.asarray(ids), np.asarray(tokens), np.asarray(lengths)
+      texts = self.texts(tokens, lengths)
+      refs = [self.references[int(i)] for i in ids]
+      results = self.score_batch(texts, refs)
+      for row, res in enumerate(results):
+        rewards[row] = np.clip(np.float32(res.reward), 0.0, 1.0)
+        status[row] = STATUS_CODES.get(res.status, STATUS_CODES["error"])
+        if self.feedback_len and res.feedback:
+          fb = self.tokenizer.encode(res.feedback)[:self.feedback_len]
+          feedback[row, :len(fb)] = fb
+          feedback_lengths[row] = len(fb)
+    except Exception:  # pylint: disable=broad-except
+      # Nothing a model output can cause may crash the trainer: score 0, count it.
+      logging.exception("Verifier failed on a batch of %d rows; scoring them 0.", n)
+      rewards[:] = 0.0
+      status[:] = STATUS_CODES["error"]
+    return rewards, status, feedback, feedback_lengths
+
+
+def verify_on_device(mesh, host_fn, ids, tokens, lengths, *, feedback_len: int):
+  """Calls `host_fn` once per distinct shard of rows; see the module docstring.
+
+  ids int32 [N], tokens int32 [N, Lr], lengths int32 [N] (split over data x fsdp).
+  Returns rewards float32 [N], status int32 [N], feedback int32 [N, Lf], lengths [N].
+  """
+
+  def per_device(ids, tokens, lengths):
+    n = ids.shape[0]
+    shapes = (jax.ShapeDtypeStruct((n,), jnp.float32),
+              jax.ShapeDtypeStruct((n,), jnp.int32),
+              jax.ShapeDtypeStruct((n, feedback_len), jnp.int32),
+              jax.ShapeDtypeStruct((n,), jnp.int32))
+
+    def call(_):
+      return io_callback(host_fn, shapes, ids, tokens, lengths, ordered=False)
+
+    def skip(_):
+      return tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
+
+    first = jax.lax.axis_index("tensor") == 0
+    out = jax.lax.cond(first, call, skip, None)
+    return tuple(jax.lax.psum(x, "tensor") for x in out)
+
+  row = P(sharding.BATCH_AXES)
+  row2 = P(sharding.BATCH_AXES, None)
+  fn = jax.shard_map(per_device, mesh=mesh, in_specs=(row, row2, row),
+                     out_specs=(row, row, row2, row), check_vma=False)
+  return fn(ids, tokens, lengths)
+
+
+def results_to_arrays(results: Sequence[Result]) -> tuple[np.ndarray, np.ndarray]:
+  """(rewards float32 [n], status int32 [n]) from a list of Results."""
+  rewards = np.asarray([r.reward for r in results], np.float32)
+  status = np.asarray([STATUS_CODES.get(r.status, STATUS_CODES["error"])
+                       for r in results], np.int32)
+  return rewards, status
+
+
+@functools.lru_cache(maxsize=None)
+def status_name(code: int) -> str:
+  return {v: k for k, v in STATUS_CODES.items()}[code]

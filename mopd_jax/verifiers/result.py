@@ -1,0 +1,32 @@
+"""The outcome of verifying one model response."""
+
+from __future__ import annotations
+
+import dataclasses
+
+STATUSES = ("ok", "format_error", "timeout", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+  """Reward and diagnostics of one verified response.
+
+  Attributes:
+    reward: the scalar reward (for code: 1.0 only if every test passes, else 0.0).
+    feedback: human-readable details, e.g. the first failing tests; may be empty.
+    accuracy: fraction of the tests that passed, in [0, 1].
+    status: how verification ended:
+      "ok": the program ran (the reward may still be 0 because tests failed or the
+        program crashed);
+      "format_error": the response has no code block, or the code does not parse;
+      "timeout": the wall-clock limit was hit;
+      "error": the verifier itself failed (a crash, an invalid reference, ...).
+  """
+  reward: float
+  feedback: str = ""
+  accuracy: float = 0.0
+  status: str = "ok"
+
+  def __post_init__(self):
+    if self.status not in STATUSES:
+      raise ValueError(f"Unknown status {self.status!r}; allowed: {STATUSES}.")
