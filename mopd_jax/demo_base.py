@@ -12,7 +12,10 @@ split only) and a fixed seed, so the same files come out on every machine (CPU):
      `correct_fraction` and otherwise a plausible wrong program (`wrong_solution`);
    - *teacher format*: a prompt carrying peer blocks, assembled exactly as the MOPD
      teacher prompt (token-level concatenation of the same template pieces) -> the
-     correct solution when a success is shown, else the student-format mixture.
+     correct solution when a success is shown, else the student-format mixture. With
+     probability `deviation_fraction` the response is instead a wrong program scored
+     only *after* its first wrong token: the teacher then learns to continue a
+     student's deviating answer sensibly, which is what it is asked to score in MOPD.
    The first format makes a student whose success rate is neither zero nor saturated;
    the second gives it the in-context reading a real LLM brings to MOPD (copying what a
    shown correct solution does). That is what MOPD then distils into the student.
@@ -39,7 +42,7 @@ from mopd_jax import peer_context, tokenizers
 from mopd_jax.data import demo_problems
 from mopd_jax.models import transformer
 
-VERSION = 1
+VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +60,7 @@ class BaseRecipe:
   lr: float = 3e-3
   correct_fraction: float = 0.45
   teacher_format_fraction: float = 0.5
+  deviation_fraction: float = 0.4
   seed: int = 0
 
 
@@ -101,8 +105,13 @@ class _Encoder:
     return ids + self.suffix
 
 
+def _first_difference(a, b) -> int:
+  n = min(len(a), len(b))
+  return next((i for i in range(n) if a[i] != b[i]), n)
+
+
 def _training_example(enc, problem, recipe, rng):
-  """(prompt ids, response ids incl. eos)."""
+  """(prompt ids, response ids incl. eos, index of the first scored response token)."""
 
   def noisy():
     if rng.random() < recipe.correct_fraction:
@@ -124,9 +133,13 @@ def _training_example(enc, problem, recipe, rng):
     else:  # 1F: nothing known to be correct; the answer is as uncertain as the student
       blocks = (("failure", wrong),)
     target = problem.solution if kind != 3 else noisy()
+    if kind != 3 and rng.random() < recipe.deviation_fraction:
+      response = enc.tok.encode(demo_problems.wrong_solution(problem, rng)) + [enc.tok.eos_id]
+      first = _first_difference(response, enc.tok.encode(problem.solution)) + 1
+      return enc.prompt(problem.prompt, blocks), response, first
   else:
     target = noisy()
-  return enc.prompt(problem.prompt, blocks), enc.tok.encode(target) + [enc.tok.eos_id]
+  return enc.prompt(problem.prompt, blocks), enc.tok.encode(target) + [enc.tok.eos_id], 0
 
 
 def _make_batch(examples, max_len, pad_id):
@@ -135,12 +148,12 @@ def _make_batch(examples, max_len, pad_id):
   tokens = np.full((b, max_len), pad_id, np.int32)
   mask = np.zeros((b, max_len), bool)
   weights = np.zeros((b, max_len), np.float32)
-  for row, (prompt, response) in enumerate(examples):
+  for row, (prompt, response, first) in enumerate(examples):
     seq = (prompt + response)[:max_len]
     tokens[row, :len(seq)] = seq
     mask[row, :len(seq)] = True
-    # weights[t] = 1 where token t+1 is a response token (predicted from position t).
-    start = len(prompt) - 1
+    # weights[t] = 1 where token t+1 is a scored response token (predicted from t).
+    start = len(prompt) - 1 + first
     weights[row, start:len(seq) - 1] = 1.0
   return tokens, mask, weights
 
@@ -152,7 +165,8 @@ def pretrain(recipe: BaseRecipe, tok, log_every: int = 100):
   rng = np.random.default_rng(recipe.seed)
   problems = [demo_problems.get_problem(int(i)) for i in demo_problems.problem_ids("train")]
   params = transformer.init_params(cfg, jax.random.PRNGKey(recipe.seed))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, recipe.lr, 50, recipe.steps,
+  warmup = min(50, recipe.steps // 5)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, recipe.lr, warmup, recipe.steps,
                                                 recipe.lr * 0.1)
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
   opt_state = opt.init(params)

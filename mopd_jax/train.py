@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import signal
 import statistics
 import time
+from typing import Any
 
 from absl import logging
 import jax
@@ -106,22 +108,62 @@ class _StopFlag:
       signal.signal(sig, handler)
 
 
-def run(config, workdir: str) -> dict:
-  """Runs training as configured; returns the summary (also written to summary.json)."""
+@dataclasses.dataclass
+class Setup:
+  """Everything a run builds before its first step (also used by tests and benchmarks)."""
+
+  mesh: Any
+  tokenizer: Any
+  model_cfg: transformer.ModelConfig
+  step_cfg: train_step.StepConfig
+  optimizer: Any
+  schedule: Any
+  base_params: Any
+  state_shapes: Any
+  shardings: Any
+  train_batches: pipeline.PromptBatches
+  eval_batches: pipeline.PromptBatches
+  host_verifier: callback.HostVerifier
+  pieces: peer_context.TemplatePieces
+
+  def init_state(self, config):
+    """The initial TrainState, created directly on its shardings."""
+    param_dtype = transformer.dtype_from_name(self.model_cfg.param_dtype)
+    optimizer = self.optimizer
+
+    def init(params):
+      params = jax.tree.map(lambda x: x.astype(param_dtype), params)
+      return train_step.TrainState(
+          step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+          teacher_params=teacher.init_teacher(params),
+          rng=jax.random.PRNGKey(config.seed))
+
+    return jax.jit(init, out_shardings=self.shardings)(self.base_params)
+
+  def train_step(self):
+    return train_step.make_train_step(self.step_cfg, self.mesh, self.host_verifier,
+                                      self.optimizer, self.pieces, self.shardings)
+
+  def put_batch(self, batch):
+    return jax.device_put(batch, train_step.batch_shardings(self.mesh))
+
+
+def setup(config, *, score_batch=None, devices=None) -> Setup:
+  """Validates `config` and builds mesh, model, data, verifier and state shardings.
+
+  score_batch: (texts, references) -> list[Result]; defaults to the code verifier.
+  """
   config_validation.validate(config)
-  wall_start = time.time()
-  os.makedirs(workdir, exist_ok=True)
 
   # ---------------------------------------------------------------- Mesh.
-  mesh = sharding.make_mesh(config.mesh.shape)
-  rows = config.data.batch_size * config.rollout.num_samples
-  if rows % sharding.batch_divisor(mesh) or config.data.batch_size % sharding.batch_divisor(
-      mesh):
+  mesh = sharding.make_mesh(config.mesh.shape, devices)
+  divisor = sharding.batch_divisor(mesh)
+  if config.data.batch_size % divisor:
     raise config_validation.ConfigError(
         f"config.data.batch_size={config.data.batch_size} must be divisible by the "
-        f"data x fsdp mesh size {sharding.batch_divisor(mesh)} (mesh {dict(mesh.shape)}).")
+        f"data x fsdp mesh size {divisor} (mesh {dict(mesh.shape)}).")
   logging.info("Mesh %s over %d %s devices.", dict(mesh.shape), mesh.size,
-               jax.devices()[0].platform)
+               mesh.devices.flat[0].platform)
 
   # ---------------------------------------------------------------- Model and tokenizer.
   if config.model.checkpoint != "demo":
@@ -130,9 +172,9 @@ def run(config, workdir: str) -> dict:
         "supports only 'demo' (Hugging Face import is a separate feature).")
   base_dir = config.model.cache_dir or demo_base.default_dir()
   base_cfg, base_params, tok = demo_base.ensure(base_dir)
-  model_cfg = transformer.ModelConfig(**{
-      **base_cfg.__dict__, "dtype": config.model.dtype,
-      "param_dtype": config.model.param_dtype, "remat": config.model.remat})
+  model_cfg = dataclasses.replace(base_cfg, dtype=config.model.dtype,
+                                  param_dtype=config.model.param_dtype,
+                                  remat=config.model.remat)
 
   # ---------------------------------------------------------------- Data.
   cache_dir = config.data.cache_dir or os.path.join(base_dir, "data")
@@ -146,16 +188,14 @@ def run(config, workdir: str) -> dict:
       heldout_split, batch_size=config.eval.num_prompts,
       max_prompt_len=config.data.max_prompt_len, seed=config.seed, pad_id=tok.pad_id)
   references = {**train_split.reference_table(), **heldout_split.reference_table()}
-
-  def score_batch(texts, refs):
-    return code.score_batch(texts, refs, max_workers=config.verifier.max_workers,
-                            time_limit_s=config.verifier.time_limit_s)
-
+  if score_batch is None:
+    def score_batch(texts, refs):
+      return code.score_batch(texts, refs, max_workers=config.verifier.max_workers,
+                              time_limit_s=config.verifier.time_limit_s)
   host_verifier = callback.HostVerifier(score_batch, references, tok,
                                         feedback_len=config.peers.feedback_len)
 
-  # ---------------------------------------------------------------- State, sharded.
-  cfg = step_config(config, model_cfg, tok)
+  # ---------------------------------------------------------------- Shardings.
   optimizer, schedule = train_step.make_optimizer(
       config.optim.lr, config.optim.warmup_steps, config.optim.b1, config.optim.b2,
       config.optim.weight_decay, config.optim.grad_clip)
@@ -164,40 +204,47 @@ def run(config, workdir: str) -> dict:
       lambda: jax.tree.map(lambda x: jnp.asarray(x, param_dtype), base_params))
   param_shardings = sharding.logical_to_shardings(
       transformer.param_logical_axes(model_cfg), param_shapes, mesh)
-
-  def init_state(params):
-    params = jax.tree.map(lambda x: x.astype(param_dtype), params)
-    return train_step.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-        teacher_params=teacher.init_teacher(params), rng=jax.random.PRNGKey(config.seed))
-
-  state_shapes = jax.eval_shape(init_state, base_params)
+  state_shapes = jax.eval_shape(lambda p: train_step.TrainState(
+      step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
+      teacher_params=teacher.init_teacher(p), rng=jax.random.PRNGKey(0)), param_shapes)
   shardings = train_step.state_shardings(state_shapes, param_shardings, mesh, optimizer)
+  return Setup(mesh=mesh, tokenizer=tok, model_cfg=model_cfg,
+               step_cfg=step_config(config, model_cfg, tok), optimizer=optimizer,
+               schedule=schedule,
+               base_params=jax.device_put(base_params, param_shardings),
+               state_shapes=state_shapes, shardings=shardings,
+               train_batches=train_batches, eval_batches=eval_batches,
+               host_verifier=host_verifier, pieces=peer_context.tokenize_pieces(tok))
+
+
+def run(config, workdir: str) -> dict:
+  """Runs training as configured; returns the summary (also written to summary.json)."""
+  wall_start = time.time()
+  s = setup(config)
+  os.makedirs(workdir, exist_ok=True)
+
+  # ---------------------------------------------------------------- State: init or restore.
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     every=config.checkpoint_every,
                                     keep=config.keep_checkpoints)
   resume_step = ckpt.latest_step()
   if resume_step is not None:
     state, meta = ckpt.restore(resume_step,
-                               checkpointing.abstract_like(state_shapes, shardings))
+                               checkpointing.abstract_like(s.state_shapes, s.shardings))
     logging.info("Resumed from step %d (data position %d).", resume_step,
                  meta["data_position"])
   else:
-    state = jax.jit(init_state, out_shardings=shardings)(
-        jax.device_put(base_params, jax.tree.map(lambda s: s, param_shardings)))
+    state = s.init_state(config)
   start_step = int(state.step)
 
-  # ---------------------------------------------------------------- Step.
-  pieces = peer_context.tokenize_pieces(tok)
-  step_fn = train_step.make_train_step(cfg, mesh, host_verifier, optimizer, pieces,
-                                       shardings)
-  batch_sharding = train_step.batch_shardings(mesh)
-  put_batch = lambda b: jax.device_put(b, batch_sharding)  # noqa: E731
+  # ---------------------------------------------------------------- Step (compiled once).
   compile_start = time.time()
-  compiled = step_fn.lower(state, put_batch(train_batches.batch(start_step))).compile()
+  compiled = s.train_step().lower(
+      state, s.put_batch(s.train_batches.batch(start_step))).compile()
   compile_time = time.time() - compile_start
   logging.info("Compiled the train step in %.1fs.", compile_time)
-  evaluator = Evaluator(config, model_cfg, tok, eval_batches, host_verifier, config.seed)
+  evaluator = Evaluator(config, s.model_cfg, s.tokenizer, s.eval_batches, s.host_verifier,
+                        config.seed)
 
   # ---------------------------------------------------------------- Loop.
   writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
@@ -220,13 +267,13 @@ def run(config, workdir: str) -> dict:
     step = start_step
     while step < config.total_steps:
       t0 = time.time()
-      batch = put_batch(train_batches.batch(step))
+      batch = s.put_batch(s.train_batches.batch(step))
       state, m = compiled(state, batch)
       m = jax.device_get(m)
       step += 1
       dt = time.time() - t0
       step_times.append(dt)
-      m["train/lr"] = float(schedule(step - 1))
+      m["train/lr"] = float(s.schedule(step - 1))
       m["train/step_time_s"] = dt
       if m["train/skipped_nonfinite"]:
         logging.warning("Step %d: non-finite loss or gradient norm (loss=%s, grad_norm=%s);"
@@ -271,9 +318,9 @@ def run(config, workdir: str) -> dict:
       "step_time_median_s": statistics.median(step_times) if step_times else None,
       "wall_time_s": time.time() - wall_start,
       "resumed_from_step": resume_step,
-      "data": {"train": train_batches.report, "heldout": eval_batches.report},
+      "data": {"train": s.train_batches.report, "heldout": s.eval_batches.report},
       "final_train_metrics": {k: metrics_lib.to_python(v) for k, v in last_metrics.items()},
-      "device": f"{mesh.size} x {jax.devices()[0].device_kind}",
+      "device": f"{s.mesh.size} x {s.mesh.devices.flat[0].device_kind}",
   }
   _write_json(summary_path, summary)
   if os.path.exists(summary_path + ".partial"):

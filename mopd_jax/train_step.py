@@ -197,7 +197,7 @@ def update(cfg: StepConfig, optimizer, pieces, state: TrainState, batch,
 
   (loss, (student_logp, teacher_logp)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)

@@ -1,0 +1,148 @@
+"""The jitted MOPD step: composition, reference loss, EMA, NaN handling, verifier failures."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mopd_jax import losses, peer_context, train, train_step
+from mopd_jax.models import transformer
+from mopd_jax.verifiers.result import Result
+from tests.conftest import tiny_config
+
+
+def _hash_scorer(texts, refs):
+  """Deterministic mixed rewards (about half succeed) without running code."""
+  del refs
+  return [Result(reward=float(sum(map(ord, t)) % 2), status="ok") for t in texts]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_base_dir):
+  config = tiny_config(tiny_base_dir)
+  return config, train.setup(config, score_batch=_hash_scorer)
+
+
+@pytest.fixture(scope="module")
+def split_step(setup):
+  config, s = setup
+  return train_step.make_split_step(s.step_cfg, s.mesh, s.host_verifier, s.optimizer,
+                                    s.pieces, s.shardings)
+
+
+def _tree_allclose(a, b, **kw):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
+
+
+def test_fused_step_traces_once_and_matches_split_pipeline(setup, split_step):
+  config, s = setup
+  step = s.train_step()
+  state = s.init_state(config)
+  split_state = s.init_state(config)
+  for i in range(3):  # chex.assert_max_traces(n=1) inside raises on a retrace
+    batch = s.put_batch(s.train_batches.batch(i))
+    before = jax.device_get(state.params)
+    state, m = step(state, batch)
+    split_state, sm = split_step(split_state, batch)
+    m, sm = jax.device_get((m, sm))
+    for key in m:
+      np.testing.assert_allclose(m[key], sm[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    assert np.isfinite(m["train/loss"]) and m["train/skipped_nonfinite"] == 0
+    assert 0.0 < m["train/reward_mean"] < 1.0
+    changed = [not np.allclose(x, y) for x, y in
+               zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params)))]
+    assert any(changed) == (i > 0)  # linear warm-up: the learning rate of step 0 is 0
+  assert int(state.step) == 3
+  _tree_allclose(state.params, split_state.params, rtol=1e-4, atol=1e-6)
+
+
+def test_ema_teacher_update_formula(setup, split_step):
+  config, s = setup
+  state = s.init_state(config)
+  # Make teacher and student differ first, so the mix is visible.
+  state = state.replace(teacher_params=jax.tree.map(lambda t: t * 0.5, state.teacher_params))
+  old_t, old_s = jax.device_get((state.teacher_params, state.params))
+  new_state, m = split_step(state, s.put_batch(s.train_batches.batch(0)))
+  rate = config.teacher.ema_rate
+  expected = jax.tree.map(lambda t, p: (1 - rate) * t + rate * p, old_t, old_s)
+  _tree_allclose(new_state.teacher_params, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_nonfinite_loss_skips_update_and_is_reported(setup, split_step):
+  config, s = setup
+  state = s.init_state(config)
+  state = state.replace(teacher_params=jax.tree.map(lambda t: t * jnp.nan,
+                                                    state.teacher_params))
+  before = jax.device_get(state)
+  new_state, m = split_step(state, s.put_batch(s.train_batches.batch(0)))
+  assert m["train/skipped_nonfinite"] == 1.0
+  assert not np.isfinite(float(m["train/loss"]))
+  _tree_allclose(new_state.params, before.params, rtol=0, atol=0)
+  _tree_allclose(new_state.opt_state, before.opt_state, rtol=0, atol=0)
+  assert int(new_state.step) == 1  # the step counter (and data position) still advances
+
+
+def test_verifier_exception_scores_zero_and_is_counted(tiny_base_dir):
+  config = tiny_config(tiny_base_dir)
+
+  def broken(texts, refs):
+    raise RuntimeError("verifier exploded")
+
+  s = train.setup(config, score_batch=broken)
+  step = train_step.make_split_step(s.step_cfg, s.mesh, s.host_verifier, s.optimizer,
+                                    s.pieces, s.shardings)
+  state, m = step(s.init_state(config), s.put_batch(s.train_batches.batch(0)))
+  n = config.data.batch_size * config.rollout.num_samples
+  assert m["train/reward_mean"] == 0.0 and m["verify/errors"] == n
+  # All-failure groups still get 1F contexts and a finite update.
+  assert np.isfinite(float(m["train/loss"]))
+
+
+def test_step_loss_equals_unchunked_reference(setup):
+  """Recompute the step's loss from full logits with the public per-token divergence."""
+  config, s = setup
+  cfg = s.step_cfg
+  state = s.init_state(config)
+  batch = s.train_batches.batch(1)
+  sample_key, peer_key = train_step.step_keys(state)
+  out = jax.device_get(cfg.sampler(state.params, batch["prompt_tokens"],
+                                   batch["prompt_mask"], sample_key))
+  ids = np.repeat(batch["example_id"], cfg.num_samples)
+  rewards, status, fb, fbl = s.host_verifier(ids, out.tokens, out.lengths)
+  rollouts = train_step.Rollouts(tokens=out.tokens, logprobs=out.logprobs,
+                                 lengths=out.lengths, finished=out.finished,
+                                 rewards=rewards, status=status, feedback=fb,
+                                 feedback_lengths=fbl)
+  _, metrics = train_step.update(cfg, s.optimizer, s.pieces, state, batch, rollouts,
+                                 peer_key)
+
+  # Reference: explicit teacher prompts, full-sequence logits, unchunked divergence.
+  g, n, lr = cfg.num_samples, out.tokens.shape[0], out.tokens.shape[1]
+  success = (rewards >= 1.0).reshape(-1, g)
+  sel = peer_context.select_peers(jnp.asarray(success), peer_key)
+  rows = jax.tree.map(lambda x: x.reshape(n), peer_context.to_row_indices(sel))
+  prompt = np.repeat(batch["prompt_tokens"], g, 0)
+  pmask = np.repeat(batch["prompt_mask"], g, 0)
+  t_tokens, t_mask = peer_context.assemble_teacher_prompts(
+      prompt, pmask, np.repeat(batch["insert_index"], g), out.tokens,
+      out.lengths - out.finished, rows, s.pieces, peer_cap=cfg.peer_cap, pad_id=0)
+  rmask = np.arange(lr)[None] < out.lengths[:, None]
+
+  def response_logits(params, p_tokens, p_mask):
+    toks = np.concatenate([np.asarray(p_tokens), out.tokens], 1)
+    mask = np.concatenate([np.asarray(p_mask), rmask], 1)
+    full = transformer.logits(s.model_cfg, params, toks, mask)
+    lp = p_tokens.shape[1]
+    return full[:, lp - 1:lp - 1 + lr]
+
+  student = response_logits(state.params, prompt, pmask)
+  teacher = response_logits(state.teacher_params, t_tokens, t_mask)
+  per_token = losses.per_token_divergence(student, teacher, alpha=cfg.alpha,
+                                          top_k=cfg.loss_top_k, add_tail=cfg.add_tail)
+  logp = jnp.take_along_axis(jax.nn.log_softmax(student), out.tokens[..., None], -1)[..., 0]
+  weights = jnp.minimum(jnp.exp(logp - out.logprobs), cfg.rollout_correction_clip)
+  mask = rmask & np.asarray(sel.mask).reshape(n)[:, None]
+  expected = float((per_token * weights * mask).sum() / max(mask.sum(), 1))
+  np.testing.assert_allclose(float(metrics["train/loss"]), expected, rtol=1e-4)
+  assert expected > 0
