@@ -27,7 +27,7 @@ from mopd_jax import peer_context, sharding, teacher, train_step
 from mopd_jax.models import transformer
 
 
-def compile_step(*, vocab=151_936, response_len=1024, prompts=2, samples=8, chunk=128,
+def compile_step(*, vocab=151_936, response_len=1024, prompts=2, samples=8, chunk=32,
                  prompt_len=64, peer_cap=256, layers=2, embed=64):
   model = transformer.ModelConfig(vocab_size=vocab, num_layers=layers, embed_dim=embed,
                                   num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=4 * embed,
@@ -72,7 +72,7 @@ def compile_step(*, vocab=151_936, response_len=1024, prompts=2, samples=8, chun
 
 
 def main():
-  results = [compile_step(chunk=c) for c in (128, 1024)]
+  results = [compile_step(chunk=c) for c in (16, 32, 64, 128, 1024)]
   for r in results:
     print(f"chunk {r['chunk']:5d}: temp {r['temp_bytes'] / 2**30:.2f} GiB vs one float32 "
           f"logits tensor {r['float32_logits_bytes'] / 2**30:.2f} GiB "

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -83,7 +82,7 @@ class StepConfig:
   loss_top_k: int | None = 100
   add_tail: bool = True
   aggregation: str = "token-mean"
-  chunk_size: int = 128
+  chunk_size: int = 32
   full_logit: bool = True
   rollout_correction_clip: float = 2.0  # 0 disables the correction
   teacher_mode: str = "ema"
@@ -269,8 +268,16 @@ def make_train_step(cfg: StepConfig, mesh, host_fn: Callable, optimizer, pieces,
                     shardings: TrainState):
   """Jitted (state, batch) -> (state, metrics); donates the state; traced once."""
 
-  @chex.assert_max_traces(n=1)
+  traces = []
+
   def step(state, batch):
+    # Tracing happens once per input signature; a second trace means the step would
+    # recompile (changed shapes, dtypes or shardings), which a run never wants.
+    traces.append(1)
+    if len(traces) > 1:
+      raise RuntimeError(
+          "The train step is being traced a second time: its input shapes, dtypes or "
+          "shardings changed between calls, which would recompile it.")
     raise_if_missing(batch)
     sample_key, peer_key = step_keys(state)
     out = cfg.sampler(state.params, batch["prompt_tokens"], batch["prompt_mask"],
