@@ -13,155 +13,166 @@ STDIO_REF = {"inputs": ["2 3\n", "10 -4\n", "0 0"], "outputs": ["5\n", "6", "0\n
 
 
 def fenced(source):
-    return f"Here you go:\n```python\n{source}\n```\n"
+  return f"Here you go:\n```python\n{source}\n```\n"
 
 
 def test_extract_code_takes_longest_block():
-    response = ("```\nshort\n```\ntext\n```python3\nthe longest block\nof code\n```\n"
-                "```py\nmedium one\n```")
-    assert code.extract_code(response) == "the longest block\nof code\n"
+  response = (
+      "```\nshort\n```\ntext\n```python3\nthe longest block\nof code\n```\n"
+      "```py\nmedium one\n```"
+  )
+  assert code.extract_code(response) == "the longest block\nof code\n"
 
 
 def test_extract_code_without_block_or_with_empty_block():
-    assert code.extract_code("def f(x): return x") is None
-    assert code.extract_code("```python\n   \n```") is None
-    assert code.extract_code("```python\ndef f(x): return x") is None
+  assert code.extract_code("def f(x): return x") is None
+  assert code.extract_code("```python\n   \n```") is None
+  assert code.extract_code("```python\ndef f(x): return x") is None
 
 
 def test_call_based_correct_and_incorrect():
-    good = code.score(fenced("def add3(x):\n    return x + 3"), CALL_REF)
-    assert good == Result(1.0, "", 1.0, "ok")
-    bad = code.score(fenced("def add3(x):\n    return x + 3 if x > 0 else 0"), CALL_REF)
-    assert bad.reward == 0.0 and bad.status == "ok"
-    assert bad.accuracy == pytest.approx(0.75)
-    assert "input: [0]" in bad.feedback and "expected: 3" in bad.feedback
+  good = code.score(fenced("def add3(x):\n    return x + 3"), CALL_REF)
+  assert good == Result(1.0, "", 1.0, "ok")
+  bad = code.score(fenced("def add3(x):\n    return x + 3 if x > 0 else 0"), CALL_REF)
+  assert bad.reward == 0.0 and bad.status == "ok"
+  assert bad.accuracy == pytest.approx(0.75)
+  assert "input: [0]" in bad.feedback and "expected: 3" in bad.feedback
 
 
 def test_reference_as_json_text_and_kwargs_inputs():
-    ref = json.dumps({"fn_name": "f", "inputs": [{"a": 1, "b": 2}, [3, 4]],
-                      "outputs": [[1, 2], [3, 4]]})
-    assert code.score(fenced("def f(a, b):\n    return (a, b)"), ref).reward == 1.0
+  ref = json.dumps(
+      {"fn_name": "f", "inputs": [{"a": 1, "b": 2}, [3, 4]], "outputs": [[1, 2], [3, 4]]}
+  )
+  assert code.score(fenced("def f(a, b):\n    return (a, b)"), ref).reward == 1.0
 
 
 def test_floats_with_tolerance_ints_exact_bools_strict():
-    ref = {"fn_name": "f", "inputs": [[1], [2]], "outputs": [0.1, 0.2]}
-    assert code.score(fenced("def f(x):\n    return x * 0.1 + 1e-12"), ref).reward == 1.0
-    assert code.score(fenced("def f(x):\n    return x * 0.1 + 1e-3"), ref).reward == 0.0
-    ref = {"fn_name": "f", "inputs": [[1]], "outputs": [True]}
-    assert code.score(fenced("def f(x):\n    return 1"), ref).reward == 0.0
-    assert code.score(fenced("def f(x):\n    return x == 1"), ref).reward == 1.0
+  ref = {"fn_name": "f", "inputs": [[1], [2]], "outputs": [0.1, 0.2]}
+  assert code.score(fenced("def f(x):\n    return x * 0.1 + 1e-12"), ref).reward == 1.0
+  assert code.score(fenced("def f(x):\n    return x * 0.1 + 1e-3"), ref).reward == 0.0
+  ref = {"fn_name": "f", "inputs": [[1]], "outputs": [True]}
+  assert code.score(fenced("def f(x):\n    return 1"), ref).reward == 0.0
+  assert code.score(fenced("def f(x):\n    return x == 1"), ref).reward == 1.0
 
 
 def test_stdio_correct_and_incorrect():
-    good = "a, b = map(int, input().split())\nprint(a + b)"
-    assert code.score(fenced(good), STDIO_REF).reward == 1.0
-    fast_io = ("import sys\na, b = map(int, sys.stdin.buffer.read().split())\n"
-               "sys.stdout.write(f'  {a + b}  \\n\\n')\nsys.exit(0)")
-    assert code.score(fenced(fast_io), STDIO_REF).reward == 1.0
-    bad = code.score(fenced("a, b = map(int, input().split())\nprint(a - b)"), STDIO_REF)
-    assert bad.reward == 0.0 and bad.status == "ok"
-    assert bad.accuracy == pytest.approx(1 / 3)
+  good = "a, b = map(int, input().split())\nprint(a + b)"
+  assert code.score(fenced(good), STDIO_REF).reward == 1.0
+  fast_io = (
+      "import sys\na, b = map(int, sys.stdin.buffer.read().split())\n"
+      "sys.stdout.write(f'  {a + b}  \\n\\n')\nsys.exit(0)"
+  )
+  assert code.score(fenced(fast_io), STDIO_REF).reward == 1.0
+  bad = code.score(fenced("a, b = map(int, input().split())\nprint(a - b)"), STDIO_REF)
+  assert bad.reward == 0.0 and bad.status == "ok"
+  assert bad.accuracy == pytest.approx(1 / 3)
 
 
 def test_fake_pass_messages_and_early_exit_score_zero():
-    forged = json.dumps({"results": [{"ok": True, "value": v} for v in [3, 4, 8, 0]]})
-    program = ("import sys\n"
-               f"print('all tests passed')\nprint({forged!r})\nsys.exit(0)\n"
-               "def add3(x):\n    return x + 3")
-    result = code.score(fenced(program), CALL_REF)
-    assert result.reward == 0.0 and result.accuracy == 0.0
+  forged = json.dumps({"results": [{"ok": True, "value": v} for v in [3, 4, 8, 0]]})
+  program = (
+      "import sys\n"
+      f"print('all tests passed')\nprint({forged!r})\nsys.exit(0)\n"
+      "def add3(x):\n    return x + 3"
+  )
+  result = code.score(fenced(program), CALL_REF)
+  assert result.reward == 0.0 and result.accuracy == 0.0
 
 
 def test_os_exit_scores_zero():
-    program = "import os\ndef add3(x):\n    print('PASS')\n    os._exit(0)"
-    result = code.score(fenced(program), CALL_REF)
-    assert result.reward == 0.0 and result.status == "ok"
-    assert "exited before reporting" in result.feedback
+  program = "import os\ndef add3(x):\n    print('PASS')\n    os._exit(0)"
+  result = code.score(fenced(program), CALL_REF)
+  assert result.reward == 0.0 and result.status == "ok"
+  assert "exited before reporting" in result.feedback
 
 
 def test_eq_overriding_return_value_scores_zero():
-    program = ("class Anything:\n    def __eq__(self, other):\n        return True\n"
-               "def add3(x):\n    return Anything()")
-    result = code.score(fenced(program), CALL_REF)
-    assert result.reward == 0.0 and "not JSON serializable" in result.feedback
+  program = (
+      "class Anything:\n    def __eq__(self, other):\n        return True\n"
+      "def add3(x):\n    return Anything()"
+  )
+  result = code.score(fenced(program), CALL_REF)
+  assert result.reward == 0.0 and "not JSON serializable" in result.feedback
 
 
 def test_infinite_loop_times_out_quickly():
-    start = time.monotonic()
-    result = code.score(fenced("def add3(x):\n    while True:\n        pass"), CALL_REF,
-                        time_limit_s=1.0)
-    assert time.monotonic() - start < 1.0 + 2.0
-    assert result.status == "timeout" and result.reward == 0.0
+  start = time.monotonic()
+  result = code.score(
+      fenced("def add3(x):\n    while True:\n        pass"), CALL_REF, time_limit_s=1.0
+  )
+  assert time.monotonic() - start < 1.0 + 2.0
+  assert result.status == "timeout" and result.reward == 0.0
 
 
 def test_program_ignoring_the_alarm_is_killed():
-    program = ("import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
-               "while True:\n    pass")
-    ref = {"fn_name": "f", "inputs": [[1]], "outputs": [1]}
-    start = time.monotonic()
-    result = code.score(fenced(program), ref, time_limit_s=0.5)
-    assert time.monotonic() - start < 1.5 + 2.0
-    assert result.status == "timeout" and result.reward == 0.0
+  program = "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n" "while True:\n    pass"
+  ref = {"fn_name": "f", "inputs": [[1]], "outputs": [1]}
+  start = time.monotonic()
+  result = code.score(fenced(program), ref, time_limit_s=0.5)
+  assert time.monotonic() - start < 1.5 + 2.0
+  assert result.status == "timeout" and result.reward == 0.0
 
 
 def test_no_code_block_is_format_error():
-    result = code.score("def add3(x):\n    return x + 3", CALL_REF)
-    assert result.status == "format_error" and result.reward == 0.0
+  result = code.score("def add3(x):\n    return x + 3", CALL_REF)
+  assert result.status == "format_error" and result.reward == 0.0
 
 
 def test_syntax_error_is_format_error():
-    result = code.score(fenced("def add3(x:\n    return x"), CALL_REF)
-    assert result.status == "format_error" and "SyntaxError" in result.feedback
+  result = code.score(fenced("def add3(x:\n    return x"), CALL_REF)
+  assert result.status == "format_error" and "SyntaxError" in result.feedback
 
 
 def test_exception_in_program_reported():
-    result = code.score(fenced("def add3(x):\n    return 1 // (x - 1)"), CALL_REF)
-    assert result.reward == 0.0 and result.status == "ok"
-    assert "ZeroDivisionError" in result.feedback
-    missing = code.score(fenced("def other(x):\n    return x + 3"), CALL_REF)
-    assert "'add3' is not defined" in missing.feedback
+  result = code.score(fenced("def add3(x):\n    return 1 // (x - 1)"), CALL_REF)
+  assert result.reward == 0.0 and result.status == "ok"
+  assert "ZeroDivisionError" in result.feedback
+  missing = code.score(fenced("def other(x):\n    return x + 3"), CALL_REF)
+  assert "'add3' is not defined" in missing.feedback
 
 
 def test_feedback_is_bounded_and_names_failing_input():
-    ref = {"fn_name": "f", "inputs": [["x" * 5000], ["y"]], "outputs": ["z" * 5000, "w"]}
-    result = code.score(fenced("def f(s):\n    return s * 3"), ref)
-    assert result.reward == 0.0 and len(result.feedback) <= 2000
-    assert 'input: ["xxx' in result.feedback and 'input: ["y"]' in result.feedback
+  ref = {"fn_name": "f", "inputs": [["x" * 5000], ["y"]], "outputs": ["z" * 5000, "w"]}
+  result = code.score(fenced("def f(s):\n    return s * 3"), ref)
+  assert result.reward == 0.0 and len(result.feedback) <= 2000
+  assert 'input: ["xxx' in result.feedback and 'input: ["y"]' in result.feedback
 
 
 def test_parent_environment_is_hidden(monkeypatch):
-    secret = "s3cr3t-token-value"
-    monkeypatch.setenv("MOPD_FAKE_SECRET", secret)
-    ref = {"fn_name": "f", "inputs": [[0]], "outputs": ["absent"]}
-    lookup = ("import os\ndef f(x):\n"
-              "    return os.environ.get('MOPD_FAKE_SECRET', 'absent')")
-    assert code.score(fenced(lookup), ref).reward == 1.0
-    dump = "import os\ndef f(x):\n    return repr(dict(os.environ))"
-    result = code.score(fenced(dump), ref)
-    assert result.reward == 0.0 and "got:" in result.feedback
-    assert secret not in result.feedback
+  secret = "s3cr3t-token-value"
+  monkeypatch.setenv("MOPD_FAKE_SECRET", secret)
+  ref = {"fn_name": "f", "inputs": [[0]], "outputs": ["absent"]}
+  lookup = "import os\ndef f(x):\n" "    return os.environ.get('MOPD_FAKE_SECRET', 'absent')"
+  assert code.score(fenced(lookup), ref).reward == 1.0
+  dump = "import os\ndef f(x):\n    return repr(dict(os.environ))"
+  result = code.score(fenced(dump), ref)
+  assert result.reward == 0.0 and "got:" in result.feedback
+  assert secret not in result.feedback
 
 
 def test_invalid_reference_is_verifier_error_not_exception():
-    for reference in [{"inputs": [[1]]}, "not json", {"fn_name": "f", "inputs": [1],
-                                                       "outputs": [1]}, None]:
-        result = code.score(fenced("def f(x):\n    return x"), reference)
-        assert result.status == "error" and result.reward == 0.0
-    assert code.score(None, CALL_REF).status == "error"
+  for reference in [
+      {"inputs": [[1]]},
+      "not json",
+      {"fn_name": "f", "inputs": [1], "outputs": [1]},
+      None,
+  ]:
+    result = code.score(fenced("def f(x):\n    return x"), reference)
+    assert result.status == "error" and result.reward == 0.0
+  assert code.score(None, CALL_REF).status == "error"
 
 
 def test_score_batch_keeps_order():
-    responses = [fenced(f"def add3(x):\n    return x + {k}") for k in [3, 2, 3, 4, 3]]
-    results = code.score_batch(responses, [CALL_REF] * 5, max_workers=3)
-    assert [r.reward for r in results] == [1.0, 0.0, 1.0, 0.0, 1.0]
-    assert code.score_batch([], []) == []
-    with pytest.raises(ValueError, match="2 responses but 1 references"):
-        code.score_batch(responses[:2], [CALL_REF])
-    with pytest.raises(ValueError, match="max_workers"):
-        code.score_batch(responses, [CALL_REF] * 5, max_workers=0)
+  responses = [fenced(f"def add3(x):\n    return x + {k}") for k in [3, 2, 3, 4, 3]]
+  results = code.score_batch(responses, [CALL_REF] * 5, max_workers=3)
+  assert [r.reward for r in results] == [1.0, 0.0, 1.0, 0.0, 1.0]
+  assert code.score_batch([], []) == []
+  with pytest.raises(ValueError, match="2 responses but 1 references"):
+    code.score_batch(responses[:2], [CALL_REF])
+  with pytest.raises(ValueError, match="max_workers"):
+    code.score_batch(responses, [CALL_REF] * 5, max_workers=0)
 
 
 def test_result_rejects_unknown_status():
-    with pytest.raises(ValueError, match="'passed'"):
-        Result(1.0, status="passed")
-
+  with pytest.raises(ValueError, match="'passed'"):
+    Result(1.0, status="passed")

@@ -34,13 +34,16 @@ _ORDER_SEED = 20240611
 _HELDOUT_PERCENT = 10
 _K = range(2, 41)
 _A = range(2, 10)
-_LEADS = ("Write a Python function {sig} that returns {desc}.",
-          "Define a Python function {sig} returning {desc}.")
+_LEADS = (
+    "Write a Python function {sig} that returns {desc}.",
+    "Define a Python function {sig} returning {desc}.",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
   """One demo problem: prompt, reference response, unit tests and split."""
+
   id: int
   prompt: str
   solution: str
@@ -56,6 +59,7 @@ class _Family:
   plausible mistakes used by `wrong_solution`. An implementation maps (argument,
   constants) to the return value. `cases(constants)` lists the test arguments.
   """
+
   name: str
   arg: str
   fn_names: tuple[str, ...]
@@ -68,114 +72,179 @@ class _Family:
 
 _FAMILIES = (
     _Family(
-        "add", "x", ("add_const", "increase"),
+        "add",
+        "x",
+        ("add_const", "increase"),
         ("x plus {k}", "the sum of x and {k}"),
         "x {op} {k}",
-        (("+", lambda x, c: x + c["k"]), ("-", lambda x, c: x - c["k"]),
-         ("*", lambda x, c: x * c["k"])),
+        (
+            ("+", lambda x, c: x + c["k"]),
+            ("-", lambda x, c: x - c["k"]),
+            ("*", lambda x, c: x * c["k"]),
+        ),
         (("k", _K),),
-        lambda c: [0, 1, 5, -3, 20]),
+        lambda c: [0, 1, 5, -3, 20],
+    ),
     _Family(
-        "sub", "x", ("sub_const", "decrease"),
+        "sub",
+        "x",
+        ("sub_const", "decrease"),
         ("x minus {k}", "{k} less than x"),
         "x {op} {k}",
-        (("-", lambda x, c: x - c["k"]), ("+", lambda x, c: x + c["k"]),
-         ("*", lambda x, c: x * c["k"])),
+        (
+            ("-", lambda x, c: x - c["k"]),
+            ("+", lambda x, c: x + c["k"]),
+            ("*", lambda x, c: x * c["k"]),
+        ),
         (("k", _K),),
-        lambda c: [0, 1, 5, -3, 20]),
+        lambda c: [0, 1, 5, -3, 20],
+    ),
     _Family(
-        "mul", "x", ("mul_const", "scale"),
+        "mul",
+        "x",
+        ("mul_const", "scale"),
         ("x times {k}", "the product of x and {k}"),
         "x {op} {k}",
-        (("*", lambda x, c: x * c["k"]), ("+", lambda x, c: x + c["k"]),
-         ("-", lambda x, c: x - c["k"])),
+        (
+            ("*", lambda x, c: x * c["k"]),
+            ("+", lambda x, c: x + c["k"]),
+            ("-", lambda x, c: x - c["k"]),
+        ),
         (("k", _K),),
-        lambda c: [0, 1, 5, -3, 20]),
+        lambda c: [0, 1, 5, -3, 20],
+    ),
     _Family(
-        "affine", "x", ("linear", "affine"),
+        "affine",
+        "x",
+        ("linear", "affine"),
         ("x times {a} plus {b}", "{a} times x plus {b}"),
         "x * {a} {op} {b}",
-        (("+", lambda x, c: x * c["a"] + c["b"]),
-         ("-", lambda x, c: x * c["a"] - c["b"])),
+        (("+", lambda x, c: x * c["a"] + c["b"]), ("-", lambda x, c: x * c["a"] - c["b"])),
         (("a", _A), ("b", _K)),
-        lambda c: [0, 1, 4, -2, 10]),
+        lambda c: [0, 1, 4, -2, 10],
+    ),
     _Family(
-        "mod", "x", ("mod_const", "remainder"),
+        "mod",
+        "x",
+        ("mod_const", "remainder"),
         ("x modulo {k}", "the remainder of x divided by {k}"),
         "x {op} {k}",
         (("%", lambda x, c: x % c["k"]), ("//", lambda x, c: x // c["k"])),
         (("k", _K),),
-        lambda c: [c["k"] - 1, c["k"], 3 * c["k"] + 2, 100, -7]),
+        lambda c: [c["k"] - 1, c["k"], 3 * c["k"] + 2, 100, -7],
+    ),
     _Family(
-        "floordiv", "x", ("div_const", "int_div"),
+        "floordiv",
+        "x",
+        ("div_const", "int_div"),
         ("x divided by {k}, rounded down", "the floor division of x by {k}"),
         "x {op} {k}",
         (("//", lambda x, c: x // c["k"]), ("%", lambda x, c: x % c["k"])),
         (("k", _K),),
-        lambda c: [c["k"] - 1, c["k"], 3 * c["k"] + 2, 100, -7]),
+        lambda c: [c["k"] - 1, c["k"], 3 * c["k"] + 2, 100, -7],
+    ),
     _Family(
-        "max", "x", ("max_const", "at_least"),
+        "max",
+        "x",
+        ("max_const", "at_least"),
         ("the maximum of x and {k}", "the larger of x and {k}"),
         "{op}(x, {k})",
         (("max", lambda x, c: max(x, c["k"])), ("min", lambda x, c: min(x, c["k"]))),
         (("k", _K),),
-        lambda c: [c["k"] - 1, c["k"] + 1, 0, 50, -5]),
+        lambda c: [c["k"] - 1, c["k"] + 1, 0, 50, -5],
+    ),
     _Family(
-        "min", "x", ("min_const", "at_most"),
+        "min",
+        "x",
+        ("min_const", "at_most"),
         ("the minimum of x and {k}", "the smaller of x and {k}"),
         "{op}(x, {k})",
         (("min", lambda x, c: min(x, c["k"])), ("max", lambda x, c: max(x, c["k"]))),
         (("k", _K),),
-        lambda c: [c["k"] - 1, c["k"] + 1, 0, 50, -5]),
+        lambda c: [c["k"] - 1, c["k"] + 1, 0, 50, -5],
+    ),
     _Family(
-        "absdiff", "x", ("abs_diff", "distance"),
+        "absdiff",
+        "x",
+        ("abs_diff", "distance"),
         ("the absolute value of x minus {k}", "the distance between x and {k}"),
         "abs(x {op} {k})",
         (("-", lambda x, c: abs(x - c["k"])), ("+", lambda x, c: abs(x + c["k"]))),
         (("k", _K),),
-        lambda c: [c["k"], 0, c["k"] + 3, -4, 50]),
+        lambda c: [c["k"], 0, c["k"] + 3, -4, 50],
+    ),
     _Family(
-        "square_plus", "x", ("square_plus", "sq_plus"),
+        "square_plus",
+        "x",
+        ("square_plus", "sq_plus"),
         ("x squared plus {k}", "the square of x plus {k}"),
         "x * x {op} {k}",
         (("+", lambda x, c: x * x + c["k"]), ("-", lambda x, c: x * x - c["k"])),
         (("k", _K),),
-        lambda c: [0, 1, 3, -2, 6]),
+        lambda c: [0, 1, 3, -2, 6],
+    ),
     _Family(
-        "sum_plus", "xs", ("sum_plus", "total_plus"),
+        "sum_plus",
+        "xs",
+        ("sum_plus", "total_plus"),
         ("the sum of the list xs plus {k}", "{k} plus the sum of the list xs"),
         "sum(xs) {op} {k}",
-        (("+", lambda xs, c: sum(xs) + c["k"]), ("-", lambda xs, c: sum(xs) - c["k"]),
-         ("*", lambda xs, c: sum(xs) * c["k"])),
+        (
+            ("+", lambda xs, c: sum(xs) + c["k"]),
+            ("-", lambda xs, c: sum(xs) - c["k"]),
+            ("*", lambda xs, c: sum(xs) * c["k"]),
+        ),
         (("k", _K),),
-        lambda c: [[], [1, 2, 3], [5], [-4, 10, 7]]),
+        lambda c: [[], [1, 2, 3], [5], [-4, 10, 7]],
+    ),
     _Family(
-        "scale_list", "xs", ("scale_list", "times_each"),
-        ("a list of each element of xs times {k}",
-         "the list xs with every element multiplied by {k}"),
+        "scale_list",
+        "xs",
+        ("scale_list", "times_each"),
+        (
+            "a list of each element of xs times {k}",
+            "the list xs with every element multiplied by {k}",
+        ),
         "[v {op} {k} for v in xs]",
-        (("*", lambda xs, c: [v * c["k"] for v in xs]),
-         ("+", lambda xs, c: [v + c["k"] for v in xs])),
+        (
+            ("*", lambda xs, c: [v * c["k"] for v in xs]),
+            ("+", lambda xs, c: [v + c["k"] for v in xs]),
+        ),
         (("k", _K),),
-        lambda c: [[], [1, 2, 3], [0, -5], [10]]),
+        lambda c: [[], [1, 2, 3], [0, -5], [10]],
+    ),
     _Family(
-        "count_gt", "xs", ("count_gt", "count_above"),
-        ("the number of elements of xs greater than {k}",
-         "how many elements of xs are greater than {k}"),
+        "count_gt",
+        "xs",
+        ("count_gt", "count_above"),
+        (
+            "the number of elements of xs greater than {k}",
+            "how many elements of xs are greater than {k}",
+        ),
         "len([v for v in xs if v {op} {k}])",
-        ((">", lambda xs, c: len([v for v in xs if v > c["k"]])),
-         (">=", lambda xs, c: len([v for v in xs if v >= c["k"]])),
-         ("<", lambda xs, c: len([v for v in xs if v < c["k"]]))),
+        (
+            (">", lambda xs, c: len([v for v in xs if v > c["k"]])),
+            (">=", lambda xs, c: len([v for v in xs if v >= c["k"]])),
+            ("<", lambda xs, c: len([v for v in xs if v < c["k"]])),
+        ),
         (("k", _K),),
-        lambda c: [[], [c["k"] - 1, c["k"], c["k"] + 1], [c["k"] + 1, c["k"] + 2, 0],
-                   [1, 50, 100, -3]]),
+        lambda c: [
+            [],
+            [c["k"] - 1, c["k"], c["k"] + 1],
+            [c["k"] + 1, c["k"] + 2, 0],
+            [1, 50, 100, -3],
+        ],
+    ),
     _Family(
-        "repeat_str", "s", ("repeat", "repeat_str"),
+        "repeat_str",
+        "s",
+        ("repeat", "repeat_str"),
         ("the string s repeated {k} times", "{k} copies of the string s joined together"),
         "s {op} {k}",
         (("*", lambda s, c: s * c["k"]),),
         (("k", _K),),
-        lambda c: ["ab", "", "xyz", "q"]),
+        lambda c: ["ab", "", "xyz", "q"],
+    ),
 )
 
 FAMILIES = tuple(family.name for family in _FAMILIES)
@@ -184,6 +253,7 @@ FAMILIES = tuple(family.name for family in _FAMILIES)
 @dataclasses.dataclass(frozen=True)
 class _Spec:
   """Coordinates of one problem: family, function name, phrasing and constants."""
+
   family: int
   fn_name: int
   phrasing: int
@@ -315,9 +385,12 @@ def _mutations(spec: _Spec) -> tuple[list, list]:
   family = _FAMILIES[spec.family]
   consts = _const_dict(spec)
   swaps = [(op, consts) for op, _ in family.ops[1:]]
-  changes = [(family.ops[0][0], {**consts, name: value})
-             for name, values in family.consts
-             for value in values if value != consts[name]]
+  changes = [
+      (family.ops[0][0], {**consts, name: value})
+      for name, values in family.consts
+      for value in values
+      if value != consts[name]
+  ]
   return swaps, changes
 
 
@@ -352,5 +425,4 @@ def wrong_solution(problem: Problem, rng: np.random.Generator) -> str:
   for op, consts in candidates:
     if _fails_tests(spec, op, consts):
       return _render(spec, op, consts)
-  raise RuntimeError(
-      f"Problem {problem.id} has no failing variant; its tests are too weak.")
+  raise RuntimeError(f"Problem {problem.id} has no failing variant; its tests are too weak.")

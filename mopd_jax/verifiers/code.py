@@ -51,7 +51,7 @@ _FLOAT_ABS_TOL = 1e-9
 
 # Runs in the child. Reads one JSON payload from stdin, runs the tests and writes
 # "\n<nonce>\n<json document>\n" to a private duplicate of the original stdout.
-_HARNESS = r'''
+_HARNESS = r"""
 import builtins, io, json, os, signal, sys
 
 
@@ -166,12 +166,13 @@ def _main():
 
 
 _main()
-'''
+"""
 
 
 @dataclasses.dataclass(frozen=True)
 class HarnessRun:
   """What the child process left behind: its (capped) stdout and stderr tail."""
+
   stdout: bytes
   stderr: bytes
   returncode: int | None
@@ -181,6 +182,7 @@ class HarnessRun:
 @dataclasses.dataclass(frozen=True)
 class _Reference:
   """Validated tests: `fn_name` is None for stdin/stdout tests."""
+
   fn_name: str | None
   inputs: list
   outputs: list
@@ -209,12 +211,18 @@ def _tail(file, num_bytes: int) -> bytes:
 
 def run_harness(payload: bytes, timeout_s: float) -> HarnessRun:
   """Runs the harness on `payload` in a fresh child Python, killed after `timeout_s`."""
-  with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as workdir, \
-      tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+  with tempfile.TemporaryDirectory(
+      ignore_cleanup_errors=True
+  ) as workdir, tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
     child = subprocess.Popen(
         [sys.executable, "-I", "-S", "-c", _HARNESS],
-        stdin=subprocess.PIPE, stdout=stdout, stderr=stderr,
-        cwd=workdir, env={}, start_new_session=True)
+        stdin=subprocess.PIPE,
+        stdout=stdout,
+        stderr=stderr,
+        cwd=workdir,
+        env={},
+        start_new_session=True,
+    )
     try:
       child.communicate(payload, timeout=timeout_s)
       timed_out = False
@@ -224,8 +232,9 @@ def run_harness(payload: bytes, timeout_s: float) -> HarnessRun:
       _kill_group(child.pid)
       child.wait()
     stdout.seek(0)
-    return HarnessRun(stdout.read(_MAX_STDOUT_BYTES), _tail(stderr, _MAX_SHOWN_CHARS),
-                      child.returncode, timed_out)
+    return HarnessRun(
+        stdout.read(_MAX_STDOUT_BYTES), _tail(stderr, _MAX_SHOWN_CHARS), child.returncode, timed_out
+    )
 
 
 def _parse_reference(reference: Any) -> _Reference:
@@ -234,11 +243,9 @@ def _parse_reference(reference: Any) -> _Reference:
     reference = json.loads(reference)
   if not isinstance(reference, Mapping):
     raise ValueError(f"reference must be a dict or a JSON object, got {reference!r:.100}")
-  inputs, outputs = json.loads(
-      json.dumps([reference.get("inputs"), reference.get("outputs")]))
+  inputs, outputs = json.loads(json.dumps([reference.get("inputs"), reference.get("outputs")]))
   if not isinstance(inputs, list) or not isinstance(outputs, list) or not inputs:
-    raise ValueError(
-        f"reference needs non-empty 'inputs' and 'outputs' lists, got {inputs!r:.100}")
+    raise ValueError(f"reference needs non-empty 'inputs' and 'outputs' lists, got {inputs!r:.100}")
   if len(inputs) != len(outputs):
     raise ValueError(f"reference has {len(inputs)} inputs but {len(outputs)} outputs")
   fn_name = reference.get("fn_name") or None
@@ -264,7 +271,7 @@ def _parse_document(stdout: bytes, nonce: str, num_tests: int) -> dict | None:
   start = text.rfind(f"\n{nonce}\n")
   if start < 0:
     return None
-  line = text[start + len(nonce) + 2:].split("\n", 1)[0]
+  line = text[start + len(nonce) + 2 :].split("\n", 1)[0]
   try:
     document = json.loads(line)
   except (ValueError, RecursionError):
@@ -319,7 +326,7 @@ def _passed(result: dict, expected: Any, call_based: bool) -> bool:
 
 def _clip(text: str, max_chars: int) -> str:
   """`text`, cut to at most `max_chars` characters with a trailing ellipsis."""
-  return text if len(text) <= max_chars else text[:max_chars - 3] + "..."
+  return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
 
 
 def _show(value: Any) -> str:
@@ -334,16 +341,17 @@ def _failure(index: int, reference: _Reference, result: dict) -> str:
   else:
     error = str(result.get("error", "unknown error"))
     outcome = f"error: {_clip(error, _MAX_SHOWN_CHARS)}"
-  return (f"Test {index + 1}/{len(reference.inputs)} failed\n"
-          f"input: {_show(reference.inputs[index])}\n"
-          f"expected: {_show(reference.outputs[index])}\n{outcome}")
+  return (
+      f"Test {index + 1}/{len(reference.inputs)} failed\n"
+      f"input: {_show(reference.inputs[index])}\n"
+      f"expected: {_show(reference.outputs[index])}\n{outcome}"
+  )
 
 
 def _grade(document: dict, reference: _Reference) -> Result:
   """Result of a well-formed child report."""
   if "syntax_error" in document:
-    return Result(0.0, _clip(document["syntax_error"], _MAX_FEEDBACK_CHARS), 0.0,
-                  "format_error")
+    return Result(0.0, _clip(document["syntax_error"], _MAX_FEEDBACK_CHARS), 0.0, "format_error")
   results = document["results"]
   call_based = reference.fn_name is not None
   passed = [_passed(r, e, call_based) for r, e in zip(results, reference.outputs)]
@@ -356,35 +364,42 @@ def _grade(document: dict, reference: _Reference) -> Result:
       reward=0.0 if failing else 1.0,
       feedback=_clip("\n\n".join(lines), _MAX_FEEDBACK_CHARS),
       accuracy=sum(passed) / len(passed),
-      status="timeout" if timed_out else "ok")
+      status="timeout" if timed_out else "ok",
+  )
 
 
 def _score(response: str, reference: Any, time_limit_s: float) -> Result:
   """`score` without the catch-all."""
-  if (not isinstance(time_limit_s, (int, float))
-      or not 0 < time_limit_s <= _MAX_WALL_CLOCK_S):
-    raise ValueError(
-        f"time_limit_s must be in (0, {_MAX_WALL_CLOCK_S}], got {time_limit_s!r}")
+  if not isinstance(time_limit_s, (int, float)) or not 0 < time_limit_s <= _MAX_WALL_CLOCK_S:
+    raise ValueError(f"time_limit_s must be in (0, {_MAX_WALL_CLOCK_S}], got {time_limit_s!r}")
   tests = _parse_reference(reference)
   code = extract_code(response)
   if code is None:
     return Result(0.0, "No fenced code block found in the response.", 0.0, "format_error")
   nonce = secrets.token_hex(16)
-  payload = json.dumps({
-      "nonce": nonce, "code": code, "fn_name": tests.fn_name, "inputs": tests.inputs,
-      "time_limit_s": float(time_limit_s), "max_result_chars": _MAX_RESULT_CHARS,
-      "max_file_bytes": _MAX_STDOUT_BYTES, "max_memory_bytes": _MAX_MEMORY_BYTES,
-  }).encode("utf-8")
+  payload = json.dumps(
+      {
+          "nonce": nonce,
+          "code": code,
+          "fn_name": tests.fn_name,
+          "inputs": tests.inputs,
+          "time_limit_s": float(time_limit_s),
+          "max_result_chars": _MAX_RESULT_CHARS,
+          "max_file_bytes": _MAX_STDOUT_BYTES,
+          "max_memory_bytes": _MAX_MEMORY_BYTES,
+      }
+  ).encode("utf-8")
   wall_s = _wall_clock_limit(time_limit_s, len(tests.inputs))
   run = run_harness(payload, wall_s)
   if run.timed_out:
-    return Result(0.0, f"Time limit exceeded: killed after {wall_s:.1f} s.", 0.0,
-                  "timeout")
+    return Result(0.0, f"Time limit exceeded: killed after {wall_s:.1f} s.", 0.0, "timeout")
   document = _parse_document(run.stdout, nonce, len(tests.inputs))
   if document is None:
     stderr = run.stderr.decode("utf-8", "replace").strip()
-    feedback = (f"The program exited before reporting test results (exit status "
-                f"{run.returncode}); all tests failed.\n{stderr}")
+    feedback = (
+        f"The program exited before reporting test results (exit status "
+        f"{run.returncode}); all tests failed.\n{stderr}"
+    )
     return Result(0.0, _clip(feedback.strip(), _MAX_FEEDBACK_CHARS), 0.0, "ok")
   return _grade(document, tests)
 
@@ -405,21 +420,23 @@ def score(response: str, reference: Any, *, time_limit_s: float = 1.0) -> Result
   try:
     return _score(response, reference, time_limit_s)
   except Exception as exc:  # pylint: disable=broad-except  # Reported, never raised.
-    return Result(0.0, _clip(f"Verifier error: {type(exc).__name__}: {exc}", 500), 0.0,
-                  "error")
+    return Result(0.0, _clip(f"Verifier error: {type(exc).__name__}: {exc}", 500), 0.0, "error")
 
 
-def score_batch(responses: Sequence[str], references: Sequence, *,
-                max_workers: int | None = None,
-                time_limit_s: float = 1.0) -> list[Result]:
+def score_batch(
+    responses: Sequence[str],
+    references: Sequence,
+    *,
+    max_workers: int | None = None,
+    time_limit_s: float = 1.0,
+) -> list[Result]:
   """`score` of each (response, reference) pair on a thread pool, in input order.
 
   `max_workers` defaults to os.cpu_count(). Raises ValueError when the sequences differ
   in length or `max_workers` is not positive; individual failures become "error" Results.
   """
   if len(responses) != len(references):
-    raise ValueError(
-        f"Got {len(responses)} responses but {len(references)} references.")
+    raise ValueError(f"Got {len(responses)} responses but {len(references)} references.")
   if max_workers is not None and max_workers < 1:
     raise ValueError(f"max_workers must be positive, got {max_workers}.")
   if not responses:

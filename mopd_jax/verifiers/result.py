@@ -22,6 +22,7 @@ class Result:
       "timeout": the wall-clock limit was hit;
       "error": the verifier itself failed (a crash, an invalid reference, ...).
   """
+
   reward: float
   feedback: str = ""
   accuracy: float = 0.0
