@@ -156,3 +156,13 @@ def test_bad_settings_raise():
   with pytest.raises(ValueError, match="float64"):
     T.ModelConfig(vocab_size=8, num_layers=1, embed_dim=8, num_heads=2, num_kv_heads=2,
                   head_dim=4, mlp_dim=8, dtype="float64")
+
+
+def test_bfloat16_compute_tracks_float32(params, prompts):
+  tokens, mask = prompts
+  bf16 = CFG.__class__(**{**CFG.__dict__, "dtype": "bfloat16"})
+  ref = np.asarray(T.logits(CFG, params, jnp.asarray(tokens), jnp.asarray(mask)))
+  got = np.asarray(T.logits(bf16, params, jnp.asarray(tokens), jnp.asarray(mask)))
+  assert got.dtype == np.float32  # logits are always projected with float32 accumulation
+  err = np.abs(got - ref)[mask].max() / np.abs(ref)[mask].max()
+  assert err < 0.05

@@ -146,3 +146,33 @@ def test_step_loss_equals_unchunked_reference(setup):
   expected = float((per_token * weights * mask).sum() / max(mask.sum(), 1))
   np.testing.assert_allclose(float(metrics["train/loss"]), expected, rtol=1e-4)
   assert expected > 0
+
+
+def test_feedback_path_reprompts_all_failure_groups(tiny_base_dir):
+  """1S + own feedback: with every rollout failing, only feedback makes a context."""
+  config = tiny_config(tiny_base_dir, **{
+      "peers.include_another": False, "peers.include_failure": False,
+      "peers.include_feedback": True, "peers.feedback_len": 12})
+
+  def all_fail(texts, refs):
+    return [Result(reward=0.0, feedback="expected 7 got 9", status="ok") for _ in texts]
+
+  s = train.setup(config, score_batch=all_fail)
+  step = train_step.make_split_step(s.step_cfg, s.mesh, s.host_verifier, s.optimizer,
+                                    s.pieces, s.shardings)
+  _, m = step(s.init_state(config), s.put_batch(s.train_batches.batch(0)))
+  assert m["train/reprompt_fraction"] == 1.0  # feedback counts as a block
+  feedback_tokens = min(len(s.tokenizer.encode("expected 7 got 9")), 12)  # capped
+  header = len(s.pieces.feedback_header) + len(s.pieces.closing)
+  prompt_lengths = s.train_batches.batch(0)["prompt_mask"].sum(1)
+  assert m["train/teacher_prompt_len_max"] == prompt_lengths.max() + header + feedback_tokens
+  assert np.isfinite(float(m["train/loss"])) and float(m["train/loss"]) > 0
+
+  config_off = tiny_config(tiny_base_dir, **{
+      "peers.include_another": False, "peers.include_failure": False})
+  s_off = train.setup(config_off, score_batch=all_fail)
+  step_off = train_step.make_split_step(s_off.step_cfg, s_off.mesh, s_off.host_verifier,
+                                        s_off.optimizer, s_off.pieces, s_off.shardings)
+  _, m_off = step_off(s_off.init_state(config_off), s_off.put_batch(
+      s_off.train_batches.batch(0)))
+  assert m_off["train/reprompt_fraction"] == 0.0 and float(m_off["train/loss"]) == 0.0

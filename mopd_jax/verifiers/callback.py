@@ -13,7 +13,6 @@ failure of the verifier gives reward 0 with status ERROR and is counted in the m
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Callable, Mapping, Sequence
 
@@ -104,16 +103,3 @@ def verify_on_device(mesh, host_fn, ids, tokens, lengths, *, feedback_len: int):
   fn = jax.shard_map(per_device, mesh=mesh, in_specs=(row, row2, row),
                      out_specs=(row, row, row2, row), check_vma=False)
   return fn(ids, tokens, lengths)
-
-
-def results_to_arrays(results: Sequence[Result]) -> tuple[np.ndarray, np.ndarray]:
-  """(rewards float32 [n], status int32 [n]) from a list of Results."""
-  rewards = np.asarray([r.reward for r in results], np.float32)
-  status = np.asarray([STATUS_CODES.get(r.status, STATUS_CODES["error"])
-                       for r in results], np.int32)
-  return rewards, status
-
-
-@functools.lru_cache(maxsize=None)
-def status_name(code: int) -> str:
-  return {v: k for k, v in STATUS_CODES.items()}[code]
