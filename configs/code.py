@@ -13,16 +13,32 @@ Shorter, e.g. for a smoke test:
       --config.total_steps=3 --config.eval_every=0 --config.eval.num_prompts=8
 
 Any key can be overridden on the command line (`--config.optim.lr=3e-4`).
+
+Paper-scale presets (MOPD spec section 5) need a Hugging Face checkpoint and a data
+cache directory, and fail at start-up without them:
+
+  python -m mopd_jax.main --config=configs/code.py:qwen3_4b --workdir=/tmp/q4b \
+      --config.model.checkpoint=/ckpt/Qwen3-4B --config.data.cache_dir=/tmp/q4b_data
+
+  # External teacher (classic OPD with peer context): Qwen3-14B teaches Qwen3-4B.
+  python -m mopd_jax.main --config=configs/code.py:qwen3_4b_teacher_qwen3_14b \
+      --workdir=/tmp/opd --config.model.checkpoint=/ckpt/Qwen3-4B \
+      --config.teacher.checkpoint=/ckpt/Qwen3-14B --config.data.cache_dir=/tmp/opd_data
+
+The presets train on the demo code task until a LiveCodeBench-style data task exists.
 """
 
 import ml_collections
 
 
+PRESETS = ("demo", "qwen3_4b", "qwen3_4b_teacher_qwen3_14b")
+
+
 def get_config(arg=None):
-  """arg: None (local demo). Named paper-scale presets arrive with checkpoint import."""
-  if arg not in (None, "", "demo"):
-    raise ValueError(f"Unknown preset {arg!r} for configs/code.py; available: 'demo' "
-                     "(the default).")
+  """arg: None / 'demo' (local CPU demo) or one of the paper-scale PRESETS."""
+  arg = arg or "demo"
+  if arg not in PRESETS:
+    raise ValueError(f"Unknown preset {arg!r} for configs/code.py; available: {PRESETS}.")
   c = ml_collections.ConfigDict()
   c.seed = 42
   c.total_steps = 60
@@ -34,6 +50,7 @@ def get_config(arg=None):
   # Model: 'demo' = the built-in base model (built and cached on first use).
   c.model = ml_collections.ConfigDict()
   c.model.checkpoint = "demo"
+  c.model.preset = ""  # if set, the checkpoint must have this preset's shapes
   c.model.cache_dir = ml_collections.config_dict.placeholder(str)
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
@@ -80,7 +97,9 @@ def get_config(arg=None):
   c.loss.rollout_correction_clip = 2.0
 
   c.teacher = ml_collections.ConfigDict()
-  c.teacher.mode = "ema"
+  c.teacher.mode = "ema"  # ema | frozen | external
+  c.teacher.checkpoint = ml_collections.config_dict.placeholder(str)  # external only
+  c.teacher.param_dtype = "bfloat16"  # external teacher's parameters
   # Paper: 0.05 at lr 1e-5 on 4B models. The demo's tiny model takes 10x larger steps;
   # with 0.05 its self-teacher drifts with the student after ~50 steps (see README).
   c.teacher.ema_rate = 0.01
@@ -103,4 +122,37 @@ def get_config(arg=None):
   # Mesh ('data', 'fsdp', 'tensor'); one -1 takes the remaining devices.
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)
+  if arg != "demo":
+    _paper_scale(c, arg)
   return c
+
+
+def _paper_scale(c, arg):
+  """MOPD spec section 5: Qwen3-4B student, 2S1F, B=32 x G=8, lr 1e-5, bf16."""
+  placeholder = ml_collections.config_dict.placeholder
+  c.model.checkpoint = placeholder(str)  # required: a Hugging Face checkpoint directory
+  c.model.preset = "qwen3-4b"
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"
+  c.data.cache_dir = placeholder(str)  # required: prompts tokenised with its tokenizer
+  c.data.batch_size = 32
+  c.data.max_prompt_len = 2048
+  c.rollout.num_samples = 8
+  c.rollout.max_response_len = 4096
+  c.peers.peer_cap = 2048
+  c.loss.chunk_size = 32
+  c.teacher.ema_rate = 0.05
+  c.optim.lr = 1e-5
+  c.optim.warmup_steps = 10
+  c.total_steps = 200
+  c.checkpoint_every = 50
+  c.eval_every = 5
+  c.eval.num_prompts = 64
+  c.eval.num_samples = 8
+  c.eval.temperature = 0.6
+  c.eval.top_p = 0.95
+  c.mesh.shape = (1, -1, 1)  # FSDP over all devices
+  if arg == "qwen3_4b_teacher_qwen3_14b":
+    c.teacher.mode = "external"
+    c.teacher.checkpoint = placeholder(str)  # required: Qwen3-14B checkpoint directory
+    c.teacher.param_dtype = "bfloat16"

@@ -61,6 +61,9 @@ def validate(config):
   _check(config, "model.dtype", _one_of(("float32", "bfloat16")), "'float32' or 'bfloat16'")
   _check(config, "model.param_dtype", _one_of(("float32", "bfloat16")),
          "'float32' or 'bfloat16'")
+  if _get(config, "model.checkpoint") is None:
+    raise ConfigError("config.model.checkpoint is required for this preset: pass "
+                      "--config.model.checkpoint=PATH to a Hugging Face checkpoint directory.")
   _check(config, "model.checkpoint", lambda v: isinstance(v, str) and v,
          "'demo' or a checkpoint path")
   _check(config, "data.task", _one_of(("demo_code",)), "one of ('demo_code',)")
@@ -94,6 +97,12 @@ def validate(config):
   _check(config, "teacher.mode", _one_of(teacher.TEACHER_MODES),
          f"one of {teacher.TEACHER_MODES}")
   _check(config, "teacher.ema_rate", _num(0.0, 1.0), "a number in [0, 1]")
+  _check(config, "teacher.param_dtype", _one_of(("float32", "bfloat16")),
+         "'float32' or 'bfloat16'")
+  if config.teacher.mode == "external" and not config.teacher.checkpoint:
+    raise ConfigError("config.teacher.checkpoint is required when config.teacher.mode = "
+                      "'external': pass --config.teacher.checkpoint=PATH to a Hugging Face "
+                      "checkpoint directory.")
   _check(config, "optim.lr", _num(0.0, lo_open=True), "a number > 0")
   _check(config, "optim.warmup_steps", _int(0), "a non-negative integer")
   _check(config, "optim.b1", _num(0.0, 1.0), "a number in [0, 1)")

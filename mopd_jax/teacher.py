@@ -1,7 +1,8 @@
-"""The teacher: an EMA copy of the student (default) or a frozen copy (rate 0).
+"""The teacher: an EMA copy of the student (default), a frozen copy (rate 0), or an
+external model with the same vocabulary (classic on-policy distillation; frozen).
 
-The teacher's parameters are kept in float32 whatever the student's parameter dtype, so
-that small EMA rates (0.05 by default) are not lost to bf16 rounding.
+A self-teacher's parameters are kept in float32 whatever the student's parameter dtype,
+so that small EMA rates (0.05 by default) are not lost to bf16 rounding.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-TEACHER_MODES = ("ema", "frozen")
+TEACHER_MODES = ("ema", "frozen", "external")
 
 
 def init_teacher(student_params):

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mopd_jax import (checkpointing, config_validation, demo_base, metrics as metrics_lib,
-                      peer_context, sharding, teacher, train_step)
+                      peer_context, sharding, teacher, tokenizers, train_step)
 from mopd_jax.data import pipeline
-from mopd_jax.models import transformer
+from mopd_jax.models import presets, transformer
 from mopd_jax.sampling import Sampler
 from mopd_jax.verifiers import callback, code
 
@@ -119,6 +119,7 @@ class Setup:
   optimizer: Any
   schedule: Any
   base_params: Any
+  external_teacher_params: Any  # None for a self-teacher
   state_shapes: Any
   shardings: Any
   train_batches: pipeline.PromptBatches
@@ -131,14 +132,16 @@ class Setup:
     param_dtype = transformer.dtype_from_name(self.model_cfg.param_dtype)
     optimizer = self.optimizer
 
-    def init(params):
+    def init(params, external_teacher):
       params = jax.tree.map(lambda x: x.astype(param_dtype), params)
       return train_step.TrainState(
           step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-          teacher_params=teacher.init_teacher(params),
+          teacher_params=(teacher.init_teacher(params) if external_teacher is None
+                          else external_teacher),
           rng=jax.random.PRNGKey(config.seed))
 
-    return jax.jit(init, out_shardings=self.shardings)(self.base_params)
+    return jax.jit(init, out_shardings=self.shardings)(self.base_params,
+                                                       self.external_teacher_params)
 
   def train_step(self):
     return train_step.make_train_step(self.step_cfg, self.mesh, self.host_verifier,
@@ -146,6 +149,54 @@ class Setup:
 
   def put_batch(self, batch):
     return jax.device_put(batch, train_step.batch_shardings(self.mesh))
+
+
+def _load_model(config, mesh):
+  """(model config, params, tokenizer, data cache dir, SentencePiece path or None)."""
+  if config.model.checkpoint == "demo":
+    base_dir = config.model.cache_dir or demo_base.default_dir()
+    model_cfg, params, tok = demo_base.ensure(base_dir)
+    return (model_cfg, params, tok, os.path.join(base_dir, "data"),
+            os.path.join(base_dir, "tokenizer.model"))
+  from mopd_jax.models import hf_import  # pylint: disable=import-outside-toplevel
+  path = config.model.checkpoint
+  model_cfg, params = hf_import.load(path, dtype=config.model.param_dtype, mesh=mesh)
+  if config.model.preset:
+    _check_preset(config.model.preset, model_cfg, path)
+  tok = tokenizers.HFTokenizer(path)
+  if not config.data.cache_dir:
+    raise config_validation.ConfigError(
+        "config.data.cache_dir is required with a Hugging Face checkpoint: the prompts "
+        "are tokenised with its tokenizer into that directory.")
+  return model_cfg, params, tok, config.data.cache_dir, None
+
+
+def _check_preset(name, loaded, path):
+  """The checkpoint must have the shapes of the preset the config was written for."""
+  expected = presets.get(name)
+  fields = ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim",
+            "mlp_dim", "tie_embeddings")
+  diff = {f: (getattr(expected, f), getattr(loaded, f)) for f in fields
+          if getattr(expected, f) != getattr(loaded, f)}
+  if diff:
+    raise config_validation.ConfigError(
+        f"Checkpoint {path!r} does not have the shapes of preset {name!r}: "
+        + ", ".join(f"{k} preset={a} checkpoint={b}" for k, (a, b) in diff.items())
+        + ". Set --config.model.preset='' to skip this check.")
+
+
+def _load_external_teacher(config, mesh, student_cfg):
+  if config.teacher.mode != "external":
+    return None, None
+  from mopd_jax.models import hf_import  # pylint: disable=import-outside-toplevel
+  teacher_cfg, params = hf_import.load(config.teacher.checkpoint,
+                                       dtype=config.teacher.param_dtype, mesh=mesh)
+  if teacher_cfg.vocab_size != student_cfg.vocab_size:
+    raise config_validation.ConfigError(
+        f"The external teacher's vocabulary ({teacher_cfg.vocab_size} tokens, "
+        f"{config.teacher.checkpoint}) differs from the student's "
+        f"({student_cfg.vocab_size} tokens): teacher and student must share a vocabulary.")
+  return dataclasses.replace(teacher_cfg, dtype=config.model.dtype, remat=False), params
 
 
 def setup(config, *, score_batch=None, devices=None) -> Setup:
@@ -165,20 +216,14 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
   logging.info("Mesh %s over %d %s devices.", dict(mesh.shape), mesh.size,
                mesh.devices.flat[0].platform)
 
-  # ---------------------------------------------------------------- Model and tokenizer.
-  if config.model.checkpoint != "demo":
-    raise config_validation.ConfigError(
-        f"Invalid config.model.checkpoint = {config.model.checkpoint!r}: this build "
-        "supports only 'demo' (Hugging Face import is a separate feature).")
-  base_dir = config.model.cache_dir or demo_base.default_dir()
-  base_cfg, base_params, tok = demo_base.ensure(base_dir)
+  # ---------------------------------------------------------------- Models and tokenizer.
+  base_cfg, base_params, tok, cache_dir, spm_path = _load_model(config, mesh)
   model_cfg = dataclasses.replace(base_cfg, dtype=config.model.dtype,
                                   param_dtype=config.model.param_dtype,
                                   remat=config.model.remat)
+  teacher_cfg, teacher_params = _load_external_teacher(config, mesh, model_cfg)
 
   # ---------------------------------------------------------------- Data.
-  cache_dir = config.data.cache_dir or os.path.join(base_dir, "data")
-  spm_path = os.path.join(base_dir, "tokenizer.model")
   train_split = pipeline.load_split(cache_dir, "train", spm_path, tok)
   heldout_split = pipeline.load_split(cache_dir, "heldout", spm_path, tok)
   train_batches = pipeline.PromptBatches(
@@ -204,14 +249,24 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
       lambda: jax.tree.map(lambda x: jnp.asarray(x, param_dtype), base_params))
   param_shardings = sharding.logical_to_shardings(
       transformer.param_logical_axes(model_cfg), param_shapes, mesh)
-  state_shapes = jax.eval_shape(lambda p: train_step.TrainState(
+  teacher_shardings = None
+  if teacher_params is not None:
+    teacher_shardings = sharding.logical_to_shardings(
+        transformer.param_logical_axes(teacher_cfg), jax.eval_shape(lambda: teacher_params),
+        mesh)
+  state_shapes = jax.eval_shape(lambda p, t: train_step.TrainState(
       step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
-      teacher_params=teacher.init_teacher(p), rng=jax.random.PRNGKey(0)), param_shapes)
-  shardings = train_step.state_shardings(state_shapes, param_shardings, mesh, optimizer)
-  return Setup(mesh=mesh, tokenizer=tok, model_cfg=model_cfg,
-               step_cfg=step_config(config, model_cfg, tok), optimizer=optimizer,
-               schedule=schedule,
+      teacher_params=teacher.init_teacher(p) if t is None else t,
+      rng=jax.random.PRNGKey(0)), param_shapes, teacher_params)
+  shardings = train_step.state_shardings(state_shapes, param_shardings, mesh, optimizer,
+                                         teacher_shardings)
+  step_cfg = dataclasses.replace(step_config(config, model_cfg, tok),
+                                 teacher_model=teacher_cfg)
+  return Setup(mesh=mesh, tokenizer=tok, model_cfg=model_cfg, step_cfg=step_cfg,
+               optimizer=optimizer, schedule=schedule,
                base_params=jax.device_put(base_params, param_shardings),
+               external_teacher_params=(None if teacher_params is None else
+                                        jax.device_put(teacher_params, teacher_shardings)),
                state_shapes=state_shapes, shardings=shardings,
                train_batches=train_batches, eval_batches=eval_batches,
                host_verifier=host_verifier, pieces=peer_context.tokenize_pieces(tok))

@@ -87,6 +87,8 @@ class StepConfig:
   rollout_correction_clip: float = 2.0  # 0 disables the correction
   teacher_mode: str = "ema"
   ema_rate: float = 0.05
+  # External teacher (classic OPD): its own shapes, same vocabulary. None = self-teacher.
+  teacher_model: transformer.ModelConfig | None = None
 
   @property
   def sampler(self) -> Sampler:
@@ -98,6 +100,10 @@ class StepConfig:
   @property
   def ema(self) -> float:
     return self.ema_rate if self.teacher_mode == "ema" else 0.0
+
+  @property
+  def teacher_cfg(self) -> transformer.ModelConfig:
+    return self.teacher_model or self.model
 
 
 def make_optimizer(lr: float, warmup_steps: int, b1: float, b2: float,
@@ -176,9 +182,9 @@ def update(cfg: StepConfig, optimizer, pieces, state: TrainState, batch,
 
   # Teacher (no gradient).
   teacher_params = jax.lax.stop_gradient(state.teacher_params)
-  teacher_hidden = _response_hidden(cfg.model, teacher_params, teacher_tokens,
+  teacher_hidden = _response_hidden(cfg.teacher_cfg, teacher_params, teacher_tokens,
                                     teacher_mask, rollouts.tokens, response_mask)
-  teacher_head = transformer.lm_head(cfg.model, teacher_params)
+  teacher_head = transformer.lm_head(cfg.teacher_cfg, teacher_params)
 
   def loss_fn(params):
     student_hidden = _response_hidden(cfg.model, params, prompt_tokens, prompt_mask,
@@ -248,13 +254,17 @@ def _verify(cfg, mesh, host_fn, batch, out: SampleOutput) -> Rollouts:
                   feedback=feedback, feedback_lengths=feedback_lengths)
 
 
-def state_shardings(state_shapes, param_shardings, mesh, optimizer):
-  """Shardings of a TrainState: params and teacher as the rules say, the rest replicated."""
+def state_shardings(state_shapes, param_shardings, mesh, optimizer,
+                    teacher_shardings=None):
+  """Shardings of a TrainState: params and teacher as the rules say, the rest replicated.
+
+  teacher_shardings: for an external teacher with its own shapes; default: the student's.
+  """
   rep = sharding.replicated(mesh)
   opt = optax.tree_map_params(optimizer, lambda _, s: s, state_shapes.opt_state,
                               param_shardings, transform_non_params=lambda _: rep)
   return TrainState(step=rep, params=param_shardings, opt_state=opt,
-                    teacher_params=param_shardings, rng=rep)
+                    teacher_params=teacher_shardings or param_shardings, rng=rep)
 
 
 def batch_shardings(mesh):

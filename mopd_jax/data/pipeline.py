@@ -9,12 +9,14 @@ with its example id) and counted in `report`, never dropped silently.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 import numpy as np
 
-from mopd_jax.data import cache
+from mopd_jax import tokenizers
+from mopd_jax.data import cache, demo_problems
 
 
 def left_pad(prompts, insert_index, max_len: int, pad_id: int):
@@ -74,16 +76,40 @@ class PromptBatches:
     return self.rows(self._rows[:count])
 
 
-def load_split(cache_dir: str, split: str, spm_path: str, tokenizer):
-  """Reads the tokenised cache of `split`, building it with seqio if it is missing.
+def tokenize_split(split: str, tokenizer) -> cache.TokenizedSplit:
+  """The demo split tokenised directly with `tokenizer` (any chat template, no seqio).
 
-  TensorFlow is imported only when the cache has to be built.
+  Used for Hugging Face tokenizers, whose chat templates are rendered by
+  `tokenizers.encode_chat_prompt`; the SentencePiece demo goes through seqio instead.
+  """
+  ids, prompts, inserts, refs = [], [], [], []
+  for i in demo_problems.problem_ids(split):
+    problem = demo_problems.get_problem(int(i))
+    tokens, insert = tokenizers.encode_chat_prompt(tokenizer, problem.prompt)
+    ids.append(int(i))
+    prompts.append(np.asarray(tokens, np.int32))
+    inserts.append(insert)
+    refs.append(json.dumps(problem.tests))
+  return cache.TokenizedSplit(
+      example_id=np.asarray(ids, np.int64), prompts=prompts,
+      insert_index=np.asarray(inserts, np.int32), references=refs,
+      meta={"task": "demo_code", "split": split, "vocab_size": tokenizer.vocab_size})
+
+
+def load_split(cache_dir: str, split: str, spm_path, tokenizer):
+  """Reads the tokenised cache of `split`, building it if it is missing.
+
+  With a SentencePiece model (`spm_path`) the cache is built by the seqio task
+  (TensorFlow is imported only then); without one, by `tokenize_split`.
   """
   path = os.path.join(cache_dir, f"{split}.npz")
   if not os.path.exists(path):
-    from mopd_jax.data import seqio_tasks  # pylint: disable=import-outside-toplevel
-    task = seqio_tasks.register_demo_task(spm_path)
-    cache.write(path, seqio_tasks.tokenize_split(task, split, tokenizer))
+    if spm_path is None:
+      cache.write(path, tokenize_split(split, tokenizer))
+    else:
+      from mopd_jax.data import seqio_tasks  # pylint: disable=import-outside-toplevel
+      task = seqio_tasks.register_demo_task(spm_path)
+      cache.write(path, seqio_tasks.tokenize_split(task, split, tokenizer))
   data = cache.read(path)
   if data.meta.get("vocab_size") != tokenizer.vocab_size:
     raise ValueError(
