@@ -1,20 +1,32 @@
 """Tokenizers behind one small interface, and the chat format of prompts.
 
 Interface (`Tokenizer`): `encode(text) -> list[int]`, `decode(ids) -> str`, `vocab_size`,
-`pad_id`, `eos_id`, `stop_ids`. The demo uses a SentencePiece model trained reproducibly
-from the demo corpus (pad=0, eos=1, unk=2, no bos).
+`pad_id`, `eos_id`, `stop_ids`. Two implementations:
 
-Chat format. A prompt is rendered as `prefix + user_text + suffix`, where the suffix ends
-with the generation prompt. `encode_chat_prompt` returns the token ids and the *insertion
-index*: the number of tokens before the suffix. The teacher's peer context is inserted
-there, so that the generation prompt always stays last.
+- `SentencePieceTokenizer`: the demo's model, trained reproducibly from the demo corpus
+  (pad=0, eos=1, unk=2, no bos).
+- `HFTokenizer`: a Hugging Face tokenizer directory (`tokenizer.json`, `tokenizer_config.json`
+  and optionally `special_tokens_map.json`, `generation_config.json`, `chat_template.jinja`),
+  read with the `tokenizers` library; its chat templates are rendered with `jinja2`. Both
+  libraries are imported only when such a tokenizer is used; `transformers` is never needed.
+
+Chat formats. A prompt is either `ChatFormat`'s `prefix + user_text + suffix` (the suffix ends
+with the generation prompt) or the rendering of a Hugging Face chat template
+(`apply_chat_template`). `encode_chat_prompt` returns the token ids and the *insertion index*:
+the number of tokens up to the end of the last user message's content. The teacher's peer
+context is inserted there, so that the end of the user turn and the generation prompt always
+stay last.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import functools
 import io
-from typing import Iterable, Protocol, Sequence
+import json
+import os
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import sentencepiece as spm
 
@@ -50,7 +62,8 @@ class SentencePieceTokenizer:
     if self.pad_id < 0 or self.eos_id < 0:
       raise ValueError(
           f"SentencePiece model needs pad and eos ids; got pad={self.pad_id}, "
-          f"eos={self.eos_id}.")
+          f"eos={self.eos_id}."
+      )
     self.stop_ids = (self.eos_id,)
 
   @classmethod
@@ -74,7 +87,10 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
       model_writer=out,
       vocab_size=vocab_size,
       model_type="bpe",
-      pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+      pad_id=PAD_ID,
+      eos_id=EOS_ID,
+      unk_id=UNK_ID,
+      bos_id=-1,
       user_defined_symbols=list(_USER_SYMBOLS),
       normalization_rule_name="identity",
       remove_extra_whitespaces=False,
@@ -89,6 +105,350 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
   return out.getvalue()
 
 
+# Named special tokens of a Hugging Face tokenizer config; chat templates see them as variables.
+_SPECIAL_TOKEN_NAMES = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+# Appended to the last user message to find the end of its content in a rendered chat template
+# (private-use characters, which no tokenizer or template treats specially).
+_END_OF_USER_TEXT = "\ue000end-of-user-text\ue001"
+
+
+class HFTokenizer:
+  """A Hugging Face fast tokenizer (`tokenizers` library) and its configuration.
+
+  Behaviour compared with `transformers.AutoTokenizer` loaded from the same directory:
+
+  - `encode(text)` equals `encode(text, add_special_tokens=False)`: no bos, eos or other
+    post-processor tokens are added, and special tokens written in the text (e.g. `<|im_end|>`)
+    become their ids. Truncation and padding stored in `tokenizer.json` are switched off.
+  - `decode(ids)` drops `pad_id` and every id in `stop_ids`, then equals transformers'
+    `decode(remaining_ids, skip_special_tokens=...)`. No clean-up of tokenization spaces is done
+    (transformers skips it for BPE models as well); ids without a token decode to nothing.
+  - `vocab_size` is the model-facing size: the largest id of the vocabulary and the added
+    tokens, plus one (`len(tokenizer)` in transformers when ids have no gaps). A checkpoint's
+    embedding table may be larger.
+  - `eos_id`: the id of `eos_token`, else the first `eos_token_id` of `generation_config.json`.
+    `stop_ids`: `eos_id`, then the `eos_token_id` of `generation_config.json` (an int or a
+    list), without repeats; for Qwen3, `<|im_end|>` and `<|endoftext|>`.
+  - `pad_id`: the id of `pad_token`, else `pad_token_id` of `generation_config.json`, else
+    `eos_id` (transformers leaves `pad_token_id` unset in that case).
+  - Named special tokens are read from `tokenizer_config.json`; names it leaves unset are read
+    from `special_tokens_map.json`. The eos and pad tokens must be in `tokenizer.json`
+    (transformers would add a missing token under a new id; here that is an error).
+
+  Attributes:
+    vocab_size: Model-facing vocabulary size, see above.
+    pad_id: Padding id, see above.
+    eos_id: End-of-sequence id, see above.
+    stop_ids: Ids that end a generation, `eos_id` first.
+    special_tokens: Named special tokens as strings (`bos_token`, `eos_token`, ...).
+    chat_templates: Jinja chat template sources by name; a single template is named "default".
+    source: The directory the tokenizer was loaded from.
+  """
+
+  def __init__(self, directory: str):
+    """Loads a Hugging Face tokenizer directory.
+
+    Reads `tokenizer.json` (required), `tokenizer_config.json`, `special_tokens_map.json` and
+    `generation_config.json`. Chat templates in `chat_template.jinja` (named "default") and
+    `additional_chat_templates/NAME.jinja` replace those of `tokenizer_config.json` (a string,
+    or a list of `{"name": ..., "template": ...}`), as in transformers.
+
+    Args:
+      directory: The directory holding the files.
+
+    Raises:
+      FileNotFoundError: `tokenizer.json` is missing.
+      ValueError: No eos token is configured, a configured eos or pad token is not in the
+        vocabulary, or an id in `generation_config.json` is outside the vocabulary.
+      TypeError: A configuration entry has the wrong type.
+    """
+    import tokenizers as hf_tokenizers  # pylint: disable=import-outside-toplevel
+
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+          f"No tokenizer.json in {directory!r}: an HFTokenizer needs a Hugging Face fast "
+          "tokenizer directory."
+      )
+    self.source = directory
+    self._backend = hf_tokenizers.Tokenizer.from_file(path)
+    self._backend.no_truncation()
+    self._backend.no_padding()
+    vocab = self._backend.get_vocab(with_added_tokens=True)
+    if not vocab:
+      raise ValueError(f"The tokenizer of {directory} has an empty vocabulary.")
+    self.vocab_size = max(vocab.values()) + 1
+    config = _read_json(directory, "tokenizer_config.json")
+    special_tokens_map = _read_json(directory, "special_tokens_map.json")
+    generation_config = _read_json(directory, "generation_config.json")
+
+    self.special_tokens = {}
+    for name in _SPECIAL_TOKEN_NAMES:
+      value = config.get(name)
+      if value is None:
+        value = special_tokens_map.get(name)
+      if value is not None:
+        self.special_tokens[name] = _token_content(name, value, directory)
+
+    eos_ids = self._generation_ids(generation_config, "eos_token_id")
+    pad_ids = self._generation_ids(generation_config, "pad_token_id")
+    if "eos_token" in self.special_tokens:
+      self.eos_id = self.token_id(self.special_tokens["eos_token"])
+    elif eos_ids:
+      self.eos_id = eos_ids[0]
+    else:
+      raise ValueError(
+          f"The tokenizer of {directory} has no eos token: neither 'eos_token' in "
+          "tokenizer_config.json or special_tokens_map.json nor 'eos_token_id' in "
+          "generation_config.json is set."
+      )
+    self.stop_ids = tuple(dict.fromkeys([self.eos_id, *eos_ids]))
+    if "pad_token" in self.special_tokens:
+      self.pad_id = self.token_id(self.special_tokens["pad_token"])
+    elif pad_ids:
+      self.pad_id = pad_ids[0]
+    else:
+      self.pad_id = self.eos_id
+
+    self.chat_templates = _load_chat_templates(directory, config)
+
+  def encode(self, text: str) -> list[int]:
+    return self._backend.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+    """Text of `ids` without pad and stop tokens.
+
+    Args:
+      ids: Token ids (ints or numpy integers).
+      skip_special_tokens: Also drop every other added token marked special (as transformers'
+        `decode(..., skip_special_tokens=True)`); tokens such as Qwen3's `<think>` are not
+        special and stay.
+
+    Returns:
+      The decoded text.
+    """
+    dropped = {self.pad_id, *self.stop_ids}
+    kept = [int(i) for i in ids if int(i) not in dropped]
+    return self._backend.decode(kept, skip_special_tokens=skip_special_tokens)
+
+  def token_id(self, token: str) -> int:
+    """The id of a token of the vocabulary (e.g. `"<|im_end|>"`); ValueError when absent."""
+    token_id = self._backend.token_to_id(token)
+    if token_id is None:
+      raise ValueError(f"Token {token!r} is not in the vocabulary of {self.source}.")
+    return token_id
+
+  def _generation_ids(self, generation_config: Mapping[str, Any], key: str) -> list[int]:
+    value = generation_config.get(key)
+    if value is None:
+      return []
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+      raise TypeError(
+          f"{key} in generation_config.json of {self.source} must be an int or a list of ints; "
+          f"got {value!r}."
+      )
+    outside = [v for v in values if not 0 <= v < self.vocab_size]
+    if outside:
+      raise ValueError(
+          f"{key} in generation_config.json of {self.source} has ids {outside} outside the "
+          f"vocabulary [0, {self.vocab_size})."
+      )
+    return values
+
+
+def _token_content(name: str, value: Any, source: str) -> str:
+  if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+    return value["content"]
+  if isinstance(value, str):
+    return value
+  raise TypeError(
+      f"{name} of {source} must be a string or an object with a 'content' string; got {value!r}."
+  )
+
+
+def _load_chat_templates(directory: str, config: Mapping[str, Any]) -> dict[str, str]:
+  """Template files if there are any, else the `chat_template` entry of the config."""
+  templates = {}
+  default_template = os.path.join(directory, "chat_template.jinja")
+  if os.path.isfile(default_template):
+    templates["default"] = _read_text(default_template)
+  extra_dir = os.path.join(directory, "additional_chat_templates")
+  if os.path.isdir(extra_dir):
+    for name in sorted(os.listdir(extra_dir)):
+      if name.endswith(".jinja"):
+        templates[name[: -len(".jinja")]] = _read_text(os.path.join(extra_dir, name))
+  if templates:
+    return templates
+  value = config.get("chat_template")
+  if value is None:
+    return {}
+  if isinstance(value, str):
+    return {"default": value}
+  if isinstance(value, list) and all(
+      isinstance(t, Mapping)
+      and isinstance(t.get("name"), str)
+      and isinstance(t.get("template"), str)
+      for t in value
+  ):
+    return {t["name"]: t["template"] for t in value}
+  raise TypeError(
+      f"chat_template in tokenizer_config.json of {directory} must be a string or a list of "
+      f"{{'name': ..., 'template': ...}} objects; got {value!r:.200}."
+  )
+
+
+def _read_text(path: str) -> str:
+  with open(path, encoding="utf-8") as f:
+    return f.read()
+
+
+def _read_json(directory: str, name: str) -> dict[str, Any]:
+  """The JSON object in `directory/name`; empty when the file does not exist."""
+  path = os.path.join(directory, name)
+  if not os.path.isfile(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    value = json.load(f)
+  if not isinstance(value, dict):
+    raise TypeError(f"{path} must hold a JSON object; got {type(value).__name__}.")
+  return value
+
+
+@functools.lru_cache(maxsize=32)
+def _compile_chat_template(source: str) -> Any:
+  """A chat template compiled in the sandboxed environment that transformers uses."""
+  # pylint: disable=import-outside-toplevel
+  import jinja2
+  from jinja2 import ext, nodes, sandbox
+
+  class GenerationBlocks(ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (marks assistant text) renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+      lineno = next(parser.stream).lineno
+      body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+      return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+      return caller()
+
+  def raise_exception(message):
+    raise jinja2.TemplateError(message)
+
+  def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+  def strftime_now(fmt):
+    return datetime.datetime.now().strftime(fmt)
+
+  env = sandbox.ImmutableSandboxedEnvironment(
+      trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlocks, ext.loopcontrols]
+  )
+  env.filters["tojson"] = tojson
+  env.globals["raise_exception"] = raise_exception
+  env.globals["strftime_now"] = strftime_now
+  return env.from_string(source)
+
+
+def apply_chat_template(
+    tokenizer: HFTokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    chat_template: str | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    documents: Sequence[Mapping[str, Any]] | None = None,
+    **kwargs: Any,
+) -> str:
+  """Renders a conversation with the tokenizer's chat template.
+
+  Equals transformers' `AutoTokenizer.apply_chat_template(messages, tokenize=False,
+  add_generation_prompt=..., tools=..., documents=..., **kwargs)`: the template runs in a
+  sandboxed jinja2 environment with `trim_blocks` and `lstrip_blocks`, the `loopcontrols`
+  extension, `{% generation %}` blocks, a `tojson` filter that keeps non-ASCII text, and the
+  globals `raise_exception` and `strftime_now`. It sees `messages` (copies without the keys
+  whose value is None), `tools`, `documents`, `add_generation_prompt`, the named special tokens
+  (`bos_token`, `eos_token`, ...) and `kwargs` (e.g. Qwen3's `enable_thinking`), which override
+  special tokens of the same name.
+
+  Differences from transformers: the generation prompt is on by default (prompts are rendered
+  for sampling); `chat_template` only names one of the tokenizer's templates; `tools` are JSON
+  schemas (no Python functions); messages are passed as given (transformers 5 also copies a
+  `thinking` or `reasoning` key to `reasoning_content`).
+
+  Args:
+    tokenizer: The tokenizer whose templates and special tokens are used.
+    messages: The conversation, mappings with at least `role` and `content`.
+    add_generation_prompt: Whether to end with the header of an assistant turn.
+    chat_template: Name of the template; by default "tool_use" when `tools` are given and the
+      tokenizer has such a template, else "default".
+    tools: Tool schemas for templates that support tool use.
+    documents: Documents for templates that support retrieval.
+    **kwargs: Further template variables.
+
+  Returns:
+    The rendered conversation.
+
+  Raises:
+    ValueError: The conversation is empty or the template does not exist.
+    TypeError: A message is not a mapping.
+    jinja2.TemplateError: The template rejects the conversation (`raise_exception`).
+  """
+  template = _select_chat_template(tokenizer, chat_template, tools)
+  if not messages:
+    raise ValueError("Cannot render an empty conversation.")
+  plain = []
+  for i, message in enumerate(messages):
+    if not isinstance(message, Mapping):
+      raise TypeError(f"Message {i} must be a mapping with 'role' and 'content'; got {message!r}.")
+    plain.append({k: v for k, v in message.items() if v is not None})
+  variables = {**tokenizer.special_tokens, **kwargs}
+  return _compile_chat_template(template).render(
+      messages=plain,
+      tools=tools,
+      documents=documents,
+      add_generation_prompt=add_generation_prompt,
+      **variables,
+  )
+
+
+def encode_chat(
+    tokenizer: HFTokenizer, messages: Sequence[Mapping[str, Any]], **kwargs: Any
+) -> list[int]:
+  """Token ids of `apply_chat_template(tokenizer, messages, **kwargs)`.
+
+  Equals transformers' `apply_chat_template(..., tokenize=True, return_dict=False)`.
+  """
+  return tokenizer.encode(apply_chat_template(tokenizer, messages, **kwargs))
+
+
+def _select_chat_template(tokenizer: HFTokenizer, name: str | None, tools: Any) -> str:
+  templates = tokenizer.chat_templates
+  if not templates:
+    raise ValueError(f"The tokenizer of {tokenizer.source} has no chat template.")
+  if name is None:
+    name = "tool_use" if tools is not None and "tool_use" in templates else "default"
+  if name not in templates:
+    raise ValueError(
+        f"The tokenizer of {tokenizer.source} has no chat template named {name!r}; it has "
+        f"{sorted(templates)}."
+    )
+  return templates[name]
+
+
 @dataclasses.dataclass(frozen=True)
 class ChatFormat:
   """`prefix + user_text + suffix`; the suffix ends with the generation prompt."""
@@ -100,8 +460,88 @@ class ChatFormat:
     return self.prefix + user_text + self.suffix
 
 
-def encode_chat_prompt(tokenizer: Tokenizer, user_text: str,
-                       chat: ChatFormat = ChatFormat()) -> tuple[list[int], int]:
-  """Token ids of the rendered prompt and the insertion index of the peer context."""
-  head = tokenizer.encode(chat.prefix) + tokenizer.encode(user_text)
-  return head + tokenizer.encode(chat.suffix), len(head)
+def encode_chat_prompt(
+    tokenizer: Tokenizer,
+    user_text: str,
+    chat: ChatFormat | None = None,
+    *,
+    system: str | None = None,
+    history: Sequence[Mapping[str, Any]] = (),
+    **template_kwargs: Any,
+) -> tuple[list[int], int]:
+  """Token ids of a rendered prompt and the insertion index of the peer context.
+
+  With a `ChatFormat` (the default for tokenizers without a chat template), the ids are
+  `encode(prefix) + encode(user_text) + encode(suffix)` and the index is the length of the
+  first two parts.
+
+  With a chat template (the default for an `HFTokenizer` that has one), the conversation
+  `[system] + history + [user]` is rendered by `apply_chat_template` (generation prompt on).
+  The rendering is split at the end of the last user message's content: the conversation is
+  rendered once more with a private-use marker appended to that content, and the text before
+  and after the marker are `head` and `tail`. The ids are `encode(head) + encode(tail)` and the
+  index is `len(encode(head))`: the peer context goes right after the user's text, before the
+  end-of-turn token and the generation prompt.
+
+  The split forces a token boundary at the insertion index. The ids equal `encode(full
+  rendering)` whenever the tail starts with an added token that does not strip whitespace on
+  its left (ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`), because added tokens are split off
+  before the tokenizer model runs; otherwise text that would merge into one token across the
+  boundary is tokenized on each side.
+
+  Args:
+    tokenizer: Any `Tokenizer`; an `HFTokenizer` for chat templates.
+    user_text: The last user message.
+    chat: A `ChatFormat` to use instead of the tokenizer's chat template.
+    system: System prompt (chat templates only).
+    history: Messages between the system prompt and the user message (chat templates only).
+    **template_kwargs: Passed to `apply_chat_template` (e.g. `enable_thinking=False`,
+      `chat_template`, `tools`).
+
+  Returns:
+    `(ids, insertion_index)`.
+
+  Raises:
+    ValueError: `system`, `history` or template arguments with a `ChatFormat`; `user_text`
+      containing the marker; a template that does not print the marker exactly once, or that
+      changes the end of the user text (e.g. `| trim` with trailing whitespace; strip the text
+      first then).
+  """
+  if chat is None and not getattr(tokenizer, "chat_templates", None):
+    chat = ChatFormat()
+  if chat is not None:
+    if system is not None or history or template_kwargs:
+      raise ValueError(
+          "A ChatFormat prompt has only the user text; got system="
+          f"{system!r}, {len(history)} history messages and template arguments "
+          f"{sorted(template_kwargs)}."
+      )
+    head = tokenizer.encode(chat.prefix) + tokenizer.encode(user_text)
+    return head + tokenizer.encode(chat.suffix), len(head)
+
+  if _END_OF_USER_TEXT in user_text:
+    raise ValueError(f"The user text contains the reserved marker {_END_OF_USER_TEXT!r}.")
+  messages = [{"role": "system", "content": system}] if system is not None else []
+  messages += list(history)
+
+  def render(content):
+    return apply_chat_template(
+        tokenizer, messages + [{"role": "user", "content": content}], **template_kwargs
+    )
+
+  marked = render(user_text + _END_OF_USER_TEXT)
+  if marked.count(_END_OF_USER_TEXT) != 1:
+    raise ValueError(
+        f"The chat template of {tokenizer.source} printed the end-of-user-text marker "
+        f"{marked.count(_END_OF_USER_TEXT)} times instead of once; it must print the last user "
+        "message's content unchanged."
+    )
+  head, tail = marked.split(_END_OF_USER_TEXT)
+  if head + tail != render(user_text):
+    raise ValueError(
+        f"The chat template of {tokenizer.source} changes the end of the last user message "
+        "(e.g. trims whitespace), so the peer context has no exact insertion point; strip the "
+        f"user text first (it ends with {user_text[-20:]!r})."
+    )
+  head_ids = tokenizer.encode(head)
+  return head_ids + tokenizer.encode(tail), len(head_ids)

@@ -40,7 +40,7 @@ def test_fused_step_traces_once_and_matches_split_pipeline(setup, split_step):
   step = s.train_step()
   state = s.init_state(config)
   split_state = s.init_state(config)
-  for i in range(3):  # chex.assert_max_traces(n=1) inside raises on a retrace
+  for i in range(3):  # the step raises if it is traced a second time
     batch = s.put_batch(s.train_batches.batch(i))
     before = jax.device_get(state.params)
     state, m = step(state, batch)
