@@ -140,3 +140,15 @@ def test_default_config_is_valid_and_unknown_preset_fails():
   config_validation.validate(load_config())
   with pytest.raises(ValueError, match="Unknown preset 'nope'"):
     load_config(arg="nope")
+
+
+@pytest.mark.parametrize("preset", ["qwen3_4b", "qwen3_4b_teacher_qwen3_14b"])
+def test_paper_scale_presets_require_checkpoints(preset):
+  with pytest.raises(config_validation.ConfigError, match="--config.model.checkpoint=PATH"):
+    config_validation.validate(load_config(arg=preset))
+  config = load_config(arg=preset, **{"model.checkpoint": "/ckpt/student"})
+  if preset.endswith("14b"):
+    with pytest.raises(config_validation.ConfigError, match="--config.teacher.checkpoint"):
+      config_validation.validate(config)
+  else:
+    config_validation.validate(config)

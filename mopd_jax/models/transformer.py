@@ -1,9 +1,9 @@
 """Decoder-only transformer of the Qwen3 / Llama family, as pure functions.
 
 RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP, optional
-RMSNorm on queries and keys (Qwen3), tied or untied embeddings. Every parameter
-carries logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`)
-that `mopd_jax.sharding` maps onto mesh axes.
+RMSNorm on queries and keys (Qwen3), q/k/v biases (Qwen2.5), Llama 3.x RoPE scaling,
+tied or untied embeddings. Every parameter carries logical axis names (`embed`, `heads`,
+`kv_heads`, `head_dim`, `mlp`, `vocab`) that `mopd_jax.sharding` maps onto mesh axes.
 
 Two entry points share one code path:
 - full-sequence forward (training, teacher scoring): `hidden_states(..., cache=None)`.
@@ -35,6 +35,33 @@ def dtype_from_name(name: str):
 
 
 @dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+  """Llama 3.x ("llama3") RoPE scaling: long wavelengths are stretched by `factor`.
+
+  With L = original_max_position_embeddings, rotary frequencies whose wavelength is shorter
+  than L / high_freq_factor are kept, those longer than L / low_freq_factor are divided by
+  `factor`, and those in between are interpolated smoothly.
+  """
+
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position_embeddings: int
+
+  def __post_init__(self):
+    if self.factor <= 0 or self.original_max_position_embeddings <= 0:
+      raise ValueError(
+          f"RoPE scaling needs a positive factor and original_max_position_embeddings, got "
+          f"factor={self.factor!r}, "
+          f"original_max_position_embeddings={self.original_max_position_embeddings!r}.")
+    if not 0 < self.low_freq_factor < self.high_freq_factor:
+      raise ValueError(
+          f"RoPE scaling needs 0 < low_freq_factor < high_freq_factor, got "
+          f"low_freq_factor={self.low_freq_factor!r}, "
+          f"high_freq_factor={self.high_freq_factor!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shapes and numerics of a decoder. Hashable: usable as a static jit argument."""
 
@@ -53,6 +80,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype of activations and matmuls
   remat: bool = True  # rematerialise each block in the backward pass
+  rope_scaling: Llama3RopeScaling | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "embed_dim", "num_heads",
@@ -68,6 +96,11 @@ class ModelConfig:
       raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}.")
     dtype_from_name(self.param_dtype)
     dtype_from_name(self.dtype)
+    if isinstance(self.rope_scaling, dict):  # as read back from `dataclasses.asdict` JSON
+      object.__setattr__(self, "rope_scaling", Llama3RopeScaling(**self.rope_scaling))
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, Llama3RopeScaling):
+      raise ValueError(
+          f"model.rope_scaling must be None or a Llama3RopeScaling, got {self.rope_scaling!r}.")
 
   @property
   def num_params(self) -> int:
@@ -94,10 +127,24 @@ def causal_mask(token_mask: jax.Array) -> jax.Array:
   return causal[None] & token_mask[:, None, :] & token_mask[:, :, None]
 
 
-def _apply_rope(x, positions, theta):
+def _rope_frequencies(head_dim, theta, scaling):
+  """float32 [head_dim / 2] rotary frequencies (radians per position)."""
+  freq = theta ** (-jnp.arange(head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim)
+  if scaling is None:
+    return freq
+  context = scaling.original_max_position_embeddings
+  wavelength = 2 * jnp.pi / freq
+  long_wave = wavelength > context / scaling.low_freq_factor
+  short_wave = wavelength < context / scaling.high_freq_factor
+  smooth = ((context / wavelength - scaling.low_freq_factor) /
+            (scaling.high_freq_factor - scaling.low_freq_factor))
+  between = (1 - smooth) * freq / scaling.factor + smooth * freq
+  return jnp.where(long_wave, freq / scaling.factor, jnp.where(short_wave, freq, between))
+
+
+def _apply_rope(x, positions, theta, scaling=None):
   """x [B, T, H, D]; rotate-half convention (as in Llama / Qwen checkpoints)."""
-  half = x.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+  freq = _rope_frequencies(x.shape[-1], theta, scaling)
   angles = positions[..., None].astype(jnp.float32) * freq  # [B, T, D/2]
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]
@@ -146,8 +193,8 @@ class Attention(nn.Module):
     if cfg.qk_norm:
       q = RMSNorm(cfg.norm_eps, pdtype, "head_dim", name="q_norm")(q)
       k = RMSNorm(cfg.norm_eps, pdtype, "head_dim", name="k_norm")(k)
-    q = _apply_rope(q, positions, cfg.rope_theta)
-    k = _apply_rope(k, positions, cfg.rope_theta)
+    q = _apply_rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
+    k = _apply_rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
 
     new_cache = None
     if cache is not None:
