@@ -83,7 +83,7 @@ def test_os_exit_scores_zero():
   program = "import os\ndef add3(x):\n    print('PASS')\n    os._exit(0)"
   result = code.score(fenced(program), CALL_REF)
   assert result.reward == 0.0 and result.status == "ok"
-  assert "exited before reporting" in result.feedback
+  assert "exited before returning: exit status 0" in result.feedback
 
 
 def test_eq_overriding_return_value_scores_zero():
@@ -176,3 +176,90 @@ def test_score_batch_keeps_order():
 def test_result_rejects_unknown_status():
   with pytest.raises(ValueError, match="'passed'"):
     Result(1.0, status="passed")
+
+
+def test_int_outputs_are_exact_float_outputs_tolerant():
+  big = 3**100
+  ref = {"fn_name": "f", "inputs": [[100]], "outputs": [big]}
+  assert code.score(fenced("def f(n):\n    return 3 ** n"), ref).reward == 1.0
+  assert code.score(fenced("def f(n):\n    return 3.0 ** n"), ref).reward == 0.0
+  ref = {"fn_name": "f", "inputs": [[3]], "outputs": [3]}
+  assert code.score(fenced("def f(n):\n    return float(n)"), ref).reward == 1.0
+  ref = {"fn_name": "f", "inputs": [[3]], "outputs": [3.0]}
+  assert code.score(fenced("def f(n):\n    return n"), ref).reward == 1.0
+
+
+def test_leetcode_style_solution_class():
+  ref = {"fn_name": "addThree", "inputs": [[1], [2]], "outputs": [4, 5]}
+  program = "class Solution:\n    def addThree(self, x):\n        return x + 3"
+  assert code.score(fenced(program), ref).reward == 1.0
+  other = "class Solution:\n    def other(self, x):\n        return x + 3"
+  assert "'addThree' is not defined" in code.score(fenced(other), ref).feedback
+
+
+def test_stdio_reads_fd_zero_and_reports_runtime_errors():
+  ref = {"inputs": ["3\n1 2 3\n"], "outputs": ["6\n"]}
+  assert code.score(fenced("print(sum(map(int, open(0).read().split()[1:])))"), ref).reward == 1.0
+  crash = code.score(fenced("n = int(input())\nprint(int('x'))"), ref)
+  assert crash.reward == 0.0 and crash.status == "ok"
+  assert "exit status 1: ValueError: invalid literal for int()" in crash.feedback
+  exit_code = code.score(fenced("print(6)\nraise SystemExit(3)"), ref)
+  assert exit_code.reward == 0.0 and "SystemExit: 3" in exit_code.feedback
+
+
+def test_each_test_runs_in_a_fresh_process_sharing_one_working_directory():
+  ref = {"fn_name": "f", "inputs": [[1], [1]], "outputs": [1, 1]}
+  program = "seen = []\ndef f(x):\n    seen.append(x)\n    return len(seen)"
+  assert code.score(fenced(program), ref).reward == 1.0  # Module state starts afresh.
+  counter = "open('count', 'a').write('x')\nprint(len(open('count').read()))"
+  two_tests = code.score(fenced(counter), {"inputs": ["", ""], "outputs": ["1", "2"]})
+  assert two_tests.reward == 1.0  # Files persist across the tests of one response...
+  assert code.score(fenced(counter), {"inputs": [""], "outputs": ["1"]}).reward == 1.0  # ...only.
+
+
+def test_output_over_the_limit_fails():
+  ref = {"inputs": [""], "outputs": ["x"]}
+  result = code.score(fenced("print('x' * (2 << 20))"), ref)
+  assert result.reward == 0.0 and "output too large" in result.feedback
+
+
+def test_score_batch_deadline_cuts_unfinished_responses():
+  sleeper = fenced("import time\ntime.sleep(30)")
+  good = fenced("print(input())")
+  ref = {"inputs": ["hi\n"], "outputs": ["hi"]}
+  responses = [good, good, sleeper, sleeper, sleeper, sleeper]
+  start = time.monotonic()
+  results, stats = code.score_batch_with_stats(
+      responses, [ref] * 6, max_workers=2, time_limit_s=5.0, deadline_s=1.5
+  )
+  elapsed = time.monotonic() - start
+  assert elapsed < 1.5 + 1.0
+  assert [r.reward for r in results] == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+  assert [r.status for r in results[2:]] == ["timeout"] * 4
+  assert stats["verify/timeouts"] == 4.0
+  with pytest.raises(ValueError, match="deadline_s must be positive"):
+    code.score_batch(responses, [ref] * 6, deadline_s=0)
+
+
+def test_score_batch_with_stats_counts_outcomes():
+  responses = [
+      fenced("def add3(x):\n    return x + 3"),
+      "no code here",
+      fenced("def add3(x:\n    return x"),
+      fenced("def add3(x):\n    while True:\n        pass"),
+      fenced("def add3(x):\n    return x + 3"),
+  ]
+  references = [CALL_REF, CALL_REF, CALL_REF, CALL_REF, {"inputs": "not a list"}]
+  results, stats = code.score_batch_with_stats(responses, references, time_limit_s=0.5)
+  assert [r.status for r in results] == ["ok", "format_error", "format_error", "timeout", "error"]
+  assert stats["verify/timeouts"] == 1.0
+  assert stats["verify/errors"] == 1.0
+  assert stats["verify/format_errors"] == 2.0
+  assert 0.3 < stats["verify/mean_time_s"] < 1.5  # The timeout (1.5 s) dominates the mean.
+  assert set(stats) == {
+      "verify/timeouts",
+      "verify/errors",
+      "verify/format_errors",
+      "verify/mean_time_s",
+  }
+  assert code.score_batch_with_stats([], [])[1]["verify/mean_time_s"] == 0.0

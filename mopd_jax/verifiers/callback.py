@@ -36,8 +36,13 @@ class HostVerifier:
   feedback_lengths int32 [n]).
   """
 
-  def __init__(self, score_batch: Callable[[Sequence[str], Sequence], list[Result]],
-               references: Mapping[int, object], tokenizer, feedback_len: int):
+  def __init__(
+      self,
+      score_batch: Callable[[Sequence[str], Sequence], list[Result]],
+      references: Mapping[int, object],
+      tokenizer,
+      feedback_len: int,
+  ):
     self.score_batch = score_batch
     self.references = references
     self.tokenizer = tokenizer
@@ -63,8 +68,8 @@ class HostVerifier:
         rewards[row] = np.clip(np.float32(res.reward), 0.0, 1.0)
         status[row] = STATUS_CODES.get(res.status, STATUS_CODES["error"])
         if self.feedback_len and res.feedback:
-          fb = self.tokenizer.encode(res.feedback)[:self.feedback_len]
-          feedback[row, :len(fb)] = fb
+          fb = self.tokenizer.encode(res.feedback)[: self.feedback_len]
+          feedback[row, : len(fb)] = fb
           feedback_lengths[row] = len(fb)
     except Exception:  # pylint: disable=broad-except
       # Nothing a model output can cause may crash the trainer: score 0, count it.
@@ -83,10 +88,12 @@ def verify_on_device(mesh, host_fn, ids, tokens, lengths, *, feedback_len: int):
 
   def per_device(ids, tokens, lengths):
     n = ids.shape[0]
-    shapes = (jax.ShapeDtypeStruct((n,), jnp.float32),
-              jax.ShapeDtypeStruct((n,), jnp.int32),
-              jax.ShapeDtypeStruct((n, feedback_len), jnp.int32),
-              jax.ShapeDtypeStruct((n,), jnp.int32))
+    shapes = (
+        jax.ShapeDtypeStruct((n,), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+        jax.ShapeDtypeStruct((n, feedback_len), jnp.int32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
 
     def call(_):
       return io_callback(host_fn, shapes, ids, tokens, lengths, ordered=False)
@@ -100,6 +107,11 @@ def verify_on_device(mesh, host_fn, ids, tokens, lengths, *, feedback_len: int):
 
   row = P(sharding.BATCH_AXES)
   row2 = P(sharding.BATCH_AXES, None)
-  fn = jax.shard_map(per_device, mesh=mesh, in_specs=(row, row2, row),
-                     out_specs=(row, row, row2, row), check_vma=False)
+  fn = jax.shard_map(
+      per_device,
+      mesh=mesh,
+      in_specs=(row, row2, row),
+      out_specs=(row, row, row2, row),
+      check_vma=False,
+  )
   return fn(ids, tokens, lengths)

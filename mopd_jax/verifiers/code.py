@@ -1,41 +1,44 @@
-"""Unit-test verifier for Python code responses (first version, not a hardened sandbox).
+"""Unit-test verifier for Python code responses, run in the process sandbox.
 
 A response is scored by extracting its longest fenced code block and running it against
-the reference tests in ONE child Python process (`run_harness`, the single function to
-swap for a stronger sandbox). Two reference formats are supported:
+the reference tests in `sandbox.SandboxPool` (see sandbox.py for the isolation). Two
+reference formats are supported:
 
 - call-based, {"fn_name": name, "inputs": [[arg, ...] or {kwarg: value}, ...],
-  "outputs": [value, ...]}: the function is called on every input and its return value,
-  converted to plain data by a JSON round trip in the child, is compared with the output
-  (ints exactly, floats with a small tolerance);
+  "outputs": [value, ...]}: the function (a module-level function, or a method of a
+  LeetCode-style `class Solution`) is called on every input; its return value, turned
+  into plain data by a JSON round trip, is compared in the parent with the output (int
+  outputs exactly, float outputs with a small tolerance, bools strictly);
 - stdin/stdout, {"inputs": [text, ...], "outputs": [text, ...]}: the program runs once per
-  input with that text on stdin, and its whitespace-normalised stdout is compared.
+  input with that text on stdin (fd 0: `input()`, `sys.stdin` and `open(0)` all work),
+  and its whitespace-normalised stdout is compared.
 
-Trust model: the child receives the inputs but never the expected outputs; it reports raw
-results as one JSON document after a random per-call nonce line, and the parent does all
-the comparisons. So a program cannot pass by printing "pass" messages, forging a report,
-overriding `__eq__`, or exiting early (no report means every test failed). The child runs
-in a fresh temporary directory with an empty environment, isolated mode (`-I -S`), its
-own process group (killed afterwards), and core, file-size and address-space limits.
+Every test runs in its own fresh process, forked inside the sandbox from a harness that
+never executes the program itself: the program is loaded and run there with a wall-clock
+limit of `time_limit_s + 1` s (the process group is then killed) and the address-space
+limit of the sandbox (1 GiB). After a test times out, the remaining tests are not run.
+
+Trust model: the sandbox receives the program and the inputs, never the expected
+outputs; the harness reports raw results (return values, stdout) as one JSON document
+and the parent does all the comparisons. So a program cannot pass by printing "pass"
+messages, forging or tampering with the report, overriding `__eq__`, or exiting early
+(a test whose process reports nothing, or exits with an error, fails).
 """
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
-import dataclasses
-import functools
 import json
 import math
 import os
 import re
-import secrets
-import signal
-import subprocess
-import sys
-import tempfile
+import threading
+import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+from mopd_jax.verifiers import sandbox
 from mopd_jax.verifiers.result import Result
 
 _FENCE = re.compile(r"```[ \t]*[\w+#.-]*[ \t]*\n(.*?)```", re.DOTALL)
@@ -43,144 +46,212 @@ _MAX_FEEDBACK_CHARS = 2000
 _MAX_SHOWN_CHARS = 300
 _MAX_SHOWN_FAILURES = 2
 _MAX_WALL_CLOCK_S = 30.0
-_MAX_RESULT_CHARS = 1 << 20
-_MAX_STDOUT_BYTES = 64 << 20
-_MAX_MEMORY_BYTES = 2 << 30
+_HARNESS_SLACK_S = 1.0
+_MAX_OUTPUT_BYTES = 1 << 20
 _FLOAT_REL_TOL = 1e-6
 _FLOAT_ABS_TOL = 1e-9
 
-# Runs in the child. Reads one JSON payload from stdin, runs the tests and writes
-# "\n<nonce>\n<json document>\n" to a private duplicate of the original stdout.
+# Runs inside the sandbox (executed once per worker; the imports below are preloaded for
+# every program). `run` reads the payload, runs each test in a fresh child process and
+# writes {"results": [...]} or {"syntax_error": ...} to `report_fd`.
 _HARNESS = r"""
-import builtins, io, json, os, signal, sys
-
-
-class _Timeout(BaseException):
-  pass
-
-
-def _on_alarm(signum, frame):
-  raise _Timeout()
+import bisect, collections, decimal, fractions, functools, heapq, itertools, math, operator
+import random, statistics, string, typing
+import json, os, re, resource, select, signal, sys, traceback
 
 
 def _describe(exc):
   return f"{type(exc).__name__}: {exc}"[:500]
 
 
-def _set_limits(max_file_bytes, max_memory_bytes):
-  try:
-    import resource
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
-    resource.setrlimit(resource.RLIMIT_AS, (max_memory_bytes, max_memory_bytes))
-  except (ImportError, ValueError, OSError):
-    pass
+def _write_all(fd, data):
+  view = memoryview(data)
+  while view:
+    view = view[os.write(fd, view):]
 
 
-def _guarded(action, limit_s):
-  try:
-    signal.setitimer(signal.ITIMER_REAL, limit_s)
+def _memfd(data=b""):
+  fd = os.memfd_create("io")
+  _write_all(fd, data)
+  os.lseek(fd, 0, os.SEEK_SET)
+  return fd
+
+
+def _read_back(fd, limit):
+  os.lseek(fd, 0, os.SEEK_SET)
+  chunks, size = [], 0
+  while size <= limit:
+    chunk = os.read(fd, limit + 1 - size)
+    if not chunk:
+      break
+    chunks.append(chunk)
+    size += len(chunk)
+  return b"".join(chunks)
+
+
+def _reap():
+  while True:
     try:
-      return {"ok": True, "value": action()}
+      if os.waitpid(-1, os.WNOHANG)[0] == 0:
+        return
+    except ChildProcessError:
+      return
+
+
+def _fork_test(body, fds, limit_s):
+  # Runs body() in a new process group with fds as 0, 1, 2[, 3]; the wait status, or
+  # None if it was killed after limit_s seconds.
+  pid = os.fork()
+  if pid == 0:
+    code = 1
+    try:
+      os.setpgid(0, 0)
+      cpu_s = min(int(limit_s) + 1, resource.getrlimit(resource.RLIMIT_CPU)[1])
+      resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
+      for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+      os.closerange(len(fds), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+      code = body()
     finally:
-      signal.setitimer(signal.ITIMER_REAL, 0)
-  except _Timeout:
-    return {"ok": False, "timeout": True, "error": f"time limit exceeded ({limit_s} s)"}
-  except BaseException as exc:
-    return {"ok": False, "error": _describe(exc)}
+      os._exit(code)
+  pidfd = os.pidfd_open(pid)
+  try:
+    finished = select.select([pidfd], [], [], limit_s)[0]
+  finally:
+    os.close(pidfd)
+  if not finished:
+    for kill in (os.killpg, os.kill):
+      try:
+        kill(pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+  status = os.waitpid(pid, 0)[1]
+  _reap()
+  return status if finished else None
 
 
-def _run_until_timeout(actions, limit_s):
-  results = []
-  for action in actions:
-    if any(result.get("timeout") for result in results):
-      results.append({"ok": False, "error": "not run after a timeout"})
-    else:
-      results.append(_guarded(action, limit_s))
-  return results
+def _exit_error(status, stderr):
+  if os.WIFSIGNALED(status):
+    number = os.WTERMSIG(status)
+    name = signal.Signals(number).name if number in signal.valid_signals() else number
+    error = f"killed by signal {name}"
+    if number == signal.SIGXCPU:
+      error += " (CPU time limit)"
+  else:
+    error = f"exit status {os.WEXITSTATUS(status)}"
+  lines = stderr.decode("utf-8", "replace").strip().splitlines()
+  return f"{error}: {lines[-1][:300]}" if lines else error
 
 
-def _plain(value, max_chars):
-  text = json.dumps(value)
-  if len(text) > max_chars:
-    raise ValueError(f"result too large ({len(text)} characters)")
-  return json.loads(text)
-
-
-def _call_tests(program, fn_name, inputs, limit_s, max_chars):
-  sys.stdout = io.StringIO()
-  namespace = {"__name__": "solution", "__builtins__": builtins}
-  loaded = _guarded(lambda: exec(program, namespace), limit_s)
-  if not loaded["ok"]:
-    return [loaded] * len(inputs)
+def _resolve(namespace, fn_name):
   fn = namespace.get(fn_name)
-  if not callable(fn):
-    return [{"ok": False, "error": f"function {fn_name!r} is not defined"}] * len(inputs)
-  calls = [(lambda a=args: _plain(fn(**a), max_chars)) if isinstance(args, dict)
-           else (lambda a=args: _plain(fn(*a), max_chars)) for args in inputs]
-  return _run_until_timeout(calls, limit_s)
+  if callable(fn):
+    return fn
+  solution = namespace.get("Solution")
+  if isinstance(solution, type) and callable(getattr(solution, fn_name, None)):
+    return getattr(solution(), fn_name)
+  raise NameError(f"function {fn_name!r} is not defined")
 
 
-def _run_stdio(program, text, max_chars):
-  raw = io.BytesIO()
-  sys.stdin = io.TextIOWrapper(io.BytesIO(text.encode("utf-8")), encoding="utf-8")
-  sys.stdout = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
+def _call_test(program, fn_name, args, limit_s, max_bytes):
+  def body():
+    try:
+      namespace = {"__name__": "solution"}
+      exec(program, namespace)
+      fn = _resolve(namespace, fn_name)
+      value = fn(**args) if isinstance(args, dict) else fn(*args)
+      data = json.dumps({"ok": True, "value": value}).encode("utf-8")
+    except BaseException as exc:
+      data = json.dumps({"ok": False, "error": _describe(exc)}).encode("utf-8")
+    if len(data) > max_bytes:
+      data = json.dumps({"ok": False, "error": f"result too large ({len(data)} bytes)"})
+      data = data.encode("utf-8")
+    _write_all(3, data)
+    return 0
+
+  devnull, result = os.open(os.devnull, os.O_RDWR), _memfd()
   try:
-    exec(program, {"__name__": "__main__", "__builtins__": builtins})
-  except SystemExit as exc:
-    if exc.code not in (None, 0):
-      raise
-  sys.stdout.flush()
-  output = raw.getvalue().decode("utf-8", "replace")
-  if len(output) > max_chars:
-    raise ValueError(f"output too large ({len(output)} characters)")
-  return output
+    status = _fork_test(body, (devnull, devnull, devnull, result), limit_s)
+    if status is None:
+      return {"ok": False, "timeout": True, "error": f"time limit exceeded ({limit_s} s)"}
+    data = _read_back(result, max_bytes)
+    if not data:
+      return {"ok": False, "error": "exited before returning: " + _exit_error(status, b"")}
+    try:
+      document = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+      return {"ok": False, "error": f"unreadable result: {_describe(exc)}"}
+    return document if isinstance(document, dict) else {"ok": False, "error": "bad result"}
+  finally:
+    os.close(devnull)
+    os.close(result)
 
 
-def _stdio_tests(program, inputs, limit_s, max_chars):
-  runs = [lambda t=text: _run_stdio(program, t, max_chars) for text in inputs]
-  return _run_until_timeout(runs, limit_s)
+def _stdio_test(program, text, limit_s, max_bytes):
+  def body():
+    handles = (open(0, "r", encoding="utf-8", errors="replace", closefd=False),
+               open(1, "w", encoding="utf-8", closefd=False),
+               open(2, "w", encoding="utf-8", closefd=False))
+    sys.stdin, sys.stdout, sys.stderr = handles
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = handles
+    code = 0
+    try:
+      exec(program, {"__name__": "__main__"})
+    except SystemExit as exc:
+      if exc.code not in (None, 0):
+        handles[2].write(f"SystemExit: {exc.code}\n")
+        code = 1
+    except BaseException:
+      traceback.print_exc(file=handles[2])
+      code = 1
+    for handle in handles[1:]:
+      try:
+        handle.flush()
+      except BaseException:
+        pass
+    return code
 
-
-def _main():
-  report = os.fdopen(os.dup(1), "wb")
-  payload = json.loads(sys.stdin.buffer.read().decode("utf-8"))
-  sys.stdin = io.StringIO("")
-  _set_limits(payload["max_file_bytes"], payload["max_memory_bytes"])
-  signal.signal(signal.SIGALRM, _on_alarm)
-  limit_s, max_chars = payload["time_limit_s"], payload["max_result_chars"]
+  fds = (_memfd(text.encode("utf-8")), _memfd(), _memfd())
   try:
-    program = compile(payload["code"], "<solution>", "exec")
+    status = _fork_test(body, fds, limit_s)
+    if status is None:
+      return {"ok": False, "timeout": True, "error": f"time limit exceeded ({limit_s} s)"}
+    output = _read_back(fds[1], max_bytes)
+    if len(output) > max_bytes:
+      return {"ok": False, "error": f"output too large (over {max_bytes} bytes)"}
+    if status != 0:
+      return {"ok": False, "error": _exit_error(status, _read_back(fds[2], 4096))}
+    return {"ok": True, "value": output.decode("utf-8", "replace")}
+  finally:
+    for fd in fds:
+      os.close(fd)
+
+
+def run(payload, report_fd):
+  spec = json.loads(payload)
+  try:
+    program = compile(spec["code"], "<solution>", "exec")
   except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError) as exc:
     document = {"syntax_error": _describe(exc)}
   else:
-    if payload["fn_name"] is None:
-      results = _stdio_tests(program, payload["inputs"], limit_s, max_chars)
-    else:
-      results = _call_tests(program, payload["fn_name"], payload["inputs"], limit_s,
-                            max_chars)
+    results = []
+    for test_input in spec["inputs"]:
+      if any(result.get("timeout") for result in results):
+        results.append({"ok": False, "error": "not run after a timeout"})
+      elif spec["fn_name"] is None:
+        results.append(_stdio_test(program, test_input, spec["limit_s"], spec["max_bytes"]))
+      else:
+        results.append(_call_test(program, spec["fn_name"], test_input, spec["limit_s"],
+                                  spec["max_bytes"]))
     document = {"results": results}
-  report.write(f"\n{payload['nonce']}\n{json.dumps(document)}\n".encode("ascii"))
-  report.flush()
-  os._exit(0)
-
-
-_main()
+  _write_all(report_fd, json.dumps(document).encode("utf-8"))
 """
 
-
-@dataclasses.dataclass(frozen=True)
-class HarnessRun:
-  """What the child process left behind: its (capped) stdout and stderr tail."""
-
-  stdout: bytes
-  stderr: bytes
-  returncode: int | None
-  timed_out: bool
+_pool: sandbox.SandboxPool | None = None
+_pool_lock = threading.Lock()
 
 
-@dataclasses.dataclass(frozen=True)
-class _Reference:
+class _Reference(NamedTuple):
   """Validated tests: `fn_name` is None for stdin/stdout tests."""
 
   fn_name: str | None
@@ -188,53 +259,32 @@ class _Reference:
   outputs: list
 
 
+def default_pool(min_workers: int | None = None) -> sandbox.SandboxPool:
+  """The process-wide sandbox pool of the verifier, started on first use.
+
+  It has os.cpu_count() workers, grown to `min_workers` if that is larger, and is closed
+  at interpreter exit.
+  """
+  global _pool
+  with _pool_lock:
+    wanted = max(min_workers or 1, os.cpu_count() or 1)
+    if _pool is None:
+      _pool = sandbox.SandboxPool(_HARNESS, num_workers=wanted)
+      atexit.register(_pool.close)
+    else:
+      _pool.ensure_workers(wanted)
+    return _pool
+
+
+def isolation_report() -> dict:
+  """Which isolation mechanisms the verifier's sandbox has active (see sandbox.py)."""
+  return default_pool().isolation
+
+
 def extract_code(response: str) -> str | None:
   """The longest non-empty ``` fenced code block of `response` (any language tag)."""
   blocks = [block for block in _FENCE.findall(response) if block.strip()]
   return max(blocks, key=len) if blocks else None
-
-
-def _kill_group(pid: int) -> None:
-  """Kills the process group led by `pid` (the child and anything it spawned)."""
-  try:
-    os.killpg(pid, signal.SIGKILL)
-  except (ProcessLookupError, PermissionError):
-    pass
-
-
-def _tail(file, num_bytes: int) -> bytes:
-  """The last `num_bytes` bytes of a binary file object."""
-  size = file.seek(0, os.SEEK_END)
-  file.seek(max(0, size - num_bytes))
-  return file.read()
-
-
-def run_harness(payload: bytes, timeout_s: float) -> HarnessRun:
-  """Runs the harness on `payload` in a fresh child Python, killed after `timeout_s`."""
-  with tempfile.TemporaryDirectory(
-      ignore_cleanup_errors=True
-  ) as workdir, tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
-    child = subprocess.Popen(
-        [sys.executable, "-I", "-S", "-c", _HARNESS],
-        stdin=subprocess.PIPE,
-        stdout=stdout,
-        stderr=stderr,
-        cwd=workdir,
-        env={},
-        start_new_session=True,
-    )
-    try:
-      child.communicate(payload, timeout=timeout_s)
-      timed_out = False
-    except subprocess.TimeoutExpired:
-      timed_out = True
-    finally:
-      _kill_group(child.pid)
-      child.wait()
-    stdout.seek(0)
-    return HarnessRun(
-        stdout.read(_MAX_STDOUT_BYTES), _tail(stderr, _MAX_SHOWN_CHARS), child.returncode, timed_out
-    )
 
 
 def _parse_reference(reference: Any) -> _Reference:
@@ -259,21 +309,15 @@ def _parse_reference(reference: Any) -> _Reference:
   return _Reference(fn_name, inputs, outputs)
 
 
-def _wall_clock_limit(time_limit_s: float, num_tests: int) -> float:
-  """Child wall-clock budget: (per-test limit + 1 s) per test, capped."""
-  per_test = time_limit_s + 1.0
-  return max(per_test, min(per_test * num_tests, _MAX_WALL_CLOCK_S))
+def _run_budget(time_limit_s: float, num_tests: int) -> float:
+  """Wall-clock budget of one response: (limit + 1 s) per test, capped, plus slack."""
+  return min((time_limit_s + 1.0) * num_tests, _MAX_WALL_CLOCK_S) + _HARNESS_SLACK_S
 
 
-def _parse_document(stdout: bytes, nonce: str, num_tests: int) -> dict | None:
-  """The child's report after the last `nonce` line; None if absent or malformed."""
-  text = stdout.decode("utf-8", "replace")
-  start = text.rfind(f"\n{nonce}\n")
-  if start < 0:
-    return None
-  line = text[start + len(nonce) + 2 :].split("\n", 1)[0]
+def _parse_document(report: bytes, num_tests: int) -> dict | None:
+  """The harness report; None if absent or malformed."""
   try:
-    document = json.loads(line)
+    document = json.loads(report.decode("utf-8"))
   except (ValueError, RecursionError):
     return None
   if not isinstance(document, dict):
@@ -295,11 +339,15 @@ def _close(got: float, expected: float) -> bool:
 
 
 def _same(got: Any, expected: Any) -> bool:
-  """Equality of plain JSON data: bools strict, ints exact, floats with a tolerance."""
+  """Equality of plain JSON data: bools strict, int expectations exact, floats with a tolerance.
+
+  An int expectation needs a number exactly equal to it (3 or 3.0 for 3, but no float
+  approximation of a large integer); a float expectation accepts any close number.
+  """
   if isinstance(got, bool) or isinstance(expected, bool):
     return type(got) is type(expected) and got == expected
   if isinstance(got, (int, float)) and isinstance(expected, (int, float)):
-    if isinstance(got, int) and isinstance(expected, int):
+    if isinstance(expected, int):
       return got == expected
     return _close(got, expected)
   if isinstance(got, list) and isinstance(expected, list):
@@ -339,8 +387,7 @@ def _failure(index: int, reference: _Reference, result: dict) -> str:
   if result.get("ok") is True and "value" in result:
     outcome = f"got: {_show(result['value'])}"
   else:
-    error = str(result.get("error", "unknown error"))
-    outcome = f"error: {_clip(error, _MAX_SHOWN_CHARS)}"
+    outcome = f"error: {_clip(str(result.get('error', 'unknown error')), _MAX_SHOWN_CHARS)}"
   return (
       f"Test {index + 1}/{len(reference.inputs)} failed\n"
       f"input: {_show(reference.inputs[index])}\n"
@@ -349,7 +396,7 @@ def _failure(index: int, reference: _Reference, result: dict) -> str:
 
 
 def _grade(document: dict, reference: _Reference) -> Result:
-  """Result of a well-formed child report."""
+  """Result of a well-formed harness report."""
   if "syntax_error" in document:
     return Result(0.0, _clip(document["syntax_error"], _MAX_FEEDBACK_CHARS), 0.0, "format_error")
   results = document["results"]
@@ -368,40 +415,47 @@ def _grade(document: dict, reference: _Reference) -> Result:
   )
 
 
-def _score(response: str, reference: Any, time_limit_s: float) -> Result:
-  """`score` without the catch-all."""
+def _score(
+    response: str,
+    reference: Any,
+    time_limit_s: float,
+    deadline: float | None,
+    pool: sandbox.SandboxPool,
+) -> Result:
+  """`score` without the catch-all; `deadline` is a time.monotonic() value or None."""
   if not isinstance(time_limit_s, (int, float)) or not 0 < time_limit_s <= _MAX_WALL_CLOCK_S:
     raise ValueError(f"time_limit_s must be in (0, {_MAX_WALL_CLOCK_S}], got {time_limit_s!r}")
   tests = _parse_reference(reference)
   code = extract_code(response)
   if code is None:
     return Result(0.0, "No fenced code block found in the response.", 0.0, "format_error")
-  nonce = secrets.token_hex(16)
   payload = json.dumps(
       {
-          "nonce": nonce,
           "code": code,
           "fn_name": tests.fn_name,
           "inputs": tests.inputs,
-          "time_limit_s": float(time_limit_s),
-          "max_result_chars": _MAX_RESULT_CHARS,
-          "max_file_bytes": _MAX_STDOUT_BYTES,
-          "max_memory_bytes": _MAX_MEMORY_BYTES,
+          "limit_s": float(time_limit_s) + 1.0,
+          "max_bytes": _MAX_OUTPUT_BYTES,
       }
   ).encode("utf-8")
-  wall_s = _wall_clock_limit(time_limit_s, len(tests.inputs))
-  run = run_harness(payload, wall_s)
+  try:
+    run = pool.run(payload, _run_budget(time_limit_s, len(tests.inputs)), deadline=deadline)
+  except TimeoutError:
+    return Result(0.0, "Not verified: the batch deadline passed first.", 0.0, "timeout")
   if run.timed_out:
-    return Result(0.0, f"Time limit exceeded: killed after {wall_s:.1f} s.", 0.0, "timeout")
-  document = _parse_document(run.stdout, nonce, len(tests.inputs))
+    return Result(0.0, f"Time limit exceeded: killed after {run.wall_s:.1f} s.", 0.0, "timeout")
+  document = _parse_document(run.report, len(tests.inputs))
   if document is None:
-    stderr = run.stderr.decode("utf-8", "replace").strip()
     feedback = (
-        f"The program exited before reporting test results (exit status "
-        f"{run.returncode}); all tests failed.\n{stderr}"
+        f"The program ended the test harness before it reported results (exit "
+        f"status {run.exit_code}); all tests failed."
     )
-    return Result(0.0, _clip(feedback.strip(), _MAX_FEEDBACK_CHARS), 0.0, "ok")
+    return Result(0.0, feedback, 0.0, "ok")
   return _grade(document, tests)
+
+
+def _verifier_error(exc: Exception) -> Result:
+  return Result(0.0, _clip(f"Verifier error: {type(exc).__name__}: {exc}", 500), 0.0, "error")
 
 
 def score(response: str, reference: Any, *, time_limit_s: float = 1.0) -> Result:
@@ -410,7 +464,8 @@ def score(response: str, reference: Any, *, time_limit_s: float = 1.0) -> Result
   Args:
     response: the model response; its longest fenced code block is the program.
     reference: the tests dict (see the module docstring) or its JSON text.
-    time_limit_s: wall-clock limit per test, in (0, 30] seconds.
+    time_limit_s: the problem's time limit, in (0, 30] seconds; each test may take this
+      plus 1 s of wall-clock time.
 
   Returns:
     reward 1.0 iff every test passes, accuracy = fraction passed, feedback on up to two
@@ -418,9 +473,63 @@ def score(response: str, reference: Any, *, time_limit_s: float = 1.0) -> Result
     reference included) gives Result(0.0, status="error") with the reason as feedback.
   """
   try:
-    return _score(response, reference, time_limit_s)
+    return _score(response, reference, time_limit_s, None, default_pool())
   except Exception as exc:  # pylint: disable=broad-except  # Reported, never raised.
-    return Result(0.0, _clip(f"Verifier error: {type(exc).__name__}: {exc}", 500), 0.0, "error")
+    return _verifier_error(exc)
+
+
+def score_batch_with_stats(
+    responses: Sequence[str],
+    references: Sequence,
+    *,
+    max_workers: int | None = None,
+    time_limit_s: float = 1.0,
+    deadline_s: float | None = None,
+) -> tuple[list[Result], dict[str, float]]:
+  """`score_batch` and its statistics.
+
+  Returns:
+    (results in input order, stats) with stats
+      verify/timeouts: responses with status "timeout" (including those the deadline cut);
+      verify/errors: responses the verifier failed on (status "error", e.g. a sandbox crash);
+      verify/format_errors: responses without a code block or with a syntax error;
+      verify/mean_time_s: mean wall-clock seconds spent on one response.
+  """
+  if len(responses) != len(references):
+    raise ValueError(f"Got {len(responses)} responses but {len(references)} references.")
+  if max_workers is not None and max_workers < 1:
+    raise ValueError(f"max_workers must be positive, got {max_workers}.")
+  if deadline_s is not None and not deadline_s > 0:
+    raise ValueError(f"deadline_s must be positive or None, got {deadline_s!r}.")
+  results, times = [], []
+  if responses:
+    workers = min(max_workers or os.cpu_count() or 1, len(responses))
+    deadline = None if deadline_s is None else time.monotonic() + deadline_s
+    try:
+      pool = default_pool(workers)
+    except Exception as exc:  # pylint: disable=broad-except  # Reported, never raised.
+      pool, results = None, [_verifier_error(exc)] * len(responses)
+
+    def verify(response, reference):
+      start = time.monotonic()
+      try:
+        result = _score(response, reference, time_limit_s, deadline, pool)
+      except Exception as exc:  # pylint: disable=broad-except  # Reported, never raised.
+        result = _verifier_error(exc)
+      return result, time.monotonic() - start
+
+    if pool is not None:
+      with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as executor:
+        for result, seconds in executor.map(verify, responses, references):
+          results.append(result)
+          times.append(seconds)
+  statuses = [result.status for result in results]
+  return results, {
+      "verify/timeouts": float(statuses.count("timeout")),
+      "verify/errors": float(statuses.count("error")),
+      "verify/format_errors": float(statuses.count("format_error")),
+      "verify/mean_time_s": sum(times) / len(times) if times else 0.0,
+  }
 
 
 def score_batch(
@@ -429,19 +538,26 @@ def score_batch(
     *,
     max_workers: int | None = None,
     time_limit_s: float = 1.0,
+    deadline_s: float | None = None,
 ) -> list[Result]:
-  """`score` of each (response, reference) pair on a thread pool, in input order.
+  """`score` of each (response, reference) pair, `max_workers` at a time, in input order.
 
-  `max_workers` defaults to os.cpu_count(). Raises ValueError when the sequences differ
-  in length or `max_workers` is not positive; individual failures become "error" Results.
+  Args:
+    responses: model responses.
+    references: their tests (see the module docstring).
+    max_workers: concurrent sandboxed runs; defaults to os.cpu_count() (the sandbox pool
+      grows to this size).
+    time_limit_s: the problems' time limit (see `score`).
+    deadline_s: if set, a global deadline for the batch in seconds: responses still
+      unverified when it passes score 0 with status "timeout".
+
+  Raises ValueError when the sequences differ in length, `max_workers` is not positive or
+  `deadline_s` is not positive; individual failures become "error" Results.
   """
-  if len(responses) != len(references):
-    raise ValueError(f"Got {len(responses)} responses but {len(references)} references.")
-  if max_workers is not None and max_workers < 1:
-    raise ValueError(f"max_workers must be positive, got {max_workers}.")
-  if not responses:
-    return []
-  workers = min(max_workers or os.cpu_count() or 1, len(responses))
-  grade = functools.partial(score, time_limit_s=time_limit_s)
-  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-    return list(pool.map(grade, responses, references))
+  return score_batch_with_stats(
+      responses,
+      references,
+      max_workers=max_workers,
+      time_limit_s=time_limit_s,
+      deadline_s=deadline_s,
+  )[0]
