@@ -73,6 +73,9 @@ def get_config(arg=None):
   c.verifier = ml_collections.ConfigDict()
   c.verifier.time_limit_s = 1.0
   c.verifier.max_workers = ml_collections.config_dict.placeholder(int)
+  # After this many seconds per verification call, unfinished responses score 0 (counted
+  # as timeouts). None: no batch deadline beyond the per-response limits.
+  c.verifier.batch_deadline_s = 120.0
   c.verifier.success_threshold = 1.0
 
   # Peer context: 2S1F with condition "always" (the paper's best configuration).

@@ -75,6 +75,8 @@ def validate(config):
   _check(config, "rollout.top_k", _int(0), "a non-negative integer (0 = off)")
   _check(config, "rollout.top_p", _num(0.0, 1.0, lo_open=True), "a number in (0, 1]")
   _check(config, "verifier.time_limit_s", _num(0.0, lo_open=True), "a number > 0")
+  _check(config, "verifier.batch_deadline_s", lambda v: v is None or _num(0.0, lo_open=True)(v),
+         "None or a number > 0")
   _check(config, "verifier.success_threshold", _num(0.0, 1.0), "a number in [0, 1]")
   _check(config, "peers.failure_condition", _one_of(peer_context.FAILURE_CONDITIONS),
          f"one of {peer_context.FAILURE_CONDITIONS}")

@@ -78,6 +78,7 @@ class Evaluator:
                                       self.batch["prompt_mask"], self.key))
     ids = np.repeat(self.batch["example_id"], self.k)
     rewards, status, _, _ = self.host(ids, out.tokens, out.lengths)
+    self.host.pop_timing()  # evaluation time is not a training-step statistic
     success = (rewards >= self.threshold).reshape(-1, self.k)
     k = self.k
     return {
@@ -236,7 +237,8 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
   if score_batch is None:
     def score_batch(texts, refs):
       return code.score_batch(texts, refs, max_workers=config.verifier.max_workers,
-                              time_limit_s=config.verifier.time_limit_s)
+                              time_limit_s=config.verifier.time_limit_s,
+                              deadline_s=config.verifier.batch_deadline_s)
   host_verifier = callback.HostVerifier(score_batch, references, tok,
                                         feedback_len=config.peers.feedback_len)
 
@@ -329,6 +331,7 @@ def run(config, workdir: str) -> dict:
       dt = time.time() - t0
       step_times.append(dt)
       m["train/lr"] = float(s.schedule(step - 1))
+      m.update(s.host_verifier.pop_timing())
       m["train/step_time_s"] = dt
       if m["train/skipped_nonfinite"]:
         logging.warning("Step %d: non-finite loss or gradient norm (loss=%s, grad_norm=%s);"

@@ -51,7 +51,8 @@ def _finish(base_dir, workdir):
 
 def _comparable(workdir):
   rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  return [{k: v for k, v in r.items() if k != "train/step_time_s"} for r in rows]
+  # Wall-clock timings differ between runs; everything else must be identical.
+  return [{k: v for k, v in r.items() if not k.endswith("time_s")} for r in rows]
 
 
 @pytest.fixture(scope="module")

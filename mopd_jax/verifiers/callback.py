@@ -14,6 +14,8 @@ failure of the verifier gives reward 0 with status ERROR and is counted in the m
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Callable, Mapping, Sequence
 
 import jax
@@ -48,11 +50,24 @@ class HostVerifier:
     self.tokenizer = tokenizer
     self.feedback_len = feedback_len
     self.calls = 0
+    # Host-side timing since the last `pop_timing` (calls may come from several threads).
+    self._lock = threading.Lock()
+    self._seconds = 0.0
+    self._rows = 0
+
+  def pop_timing(self) -> dict:
+    """Wall time spent verifying since the last call, total and per response."""
+    with self._lock:
+      seconds, rows = self._seconds, self._rows
+      self._seconds, self._rows = 0.0, 0
+    return {"verify/host_time_s": seconds,
+            "verify/mean_time_s": seconds / rows if rows else 0.0}
 
   def texts(self, tokens, lengths) -> list[str]:
     return [self.tokenizer.decode(row[:n]) for row, n in zip(tokens, lengths)]
 
   def __call__(self, ids, tokens, lengths):
+    start = time.perf_counter()
     self.calls += 1
     n = len(ids)
     rewards = np.zeros((n,), np.float32)
@@ -76,6 +91,9 @@ class HostVerifier:
       logging.exception("Verifier failed on a batch of %d rows; scoring them 0.", n)
       rewards[:] = 0.0
       status[:] = STATUS_CODES["error"]
+    with self._lock:
+      self._seconds += time.perf_counter() - start
+      self._rows += n
     return rewards, status, feedback, feedback_lengths
 
 
