@@ -19,7 +19,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mopd_jax.verifiers.result import Result
+from mopd_jax.verifiers.result import Result, error_result, score_each
 
 _OPEN_TAG = re.compile(r"<answer>", re.IGNORECASE)
 _CLOSE_TAG = re.compile(r"</answer>", re.IGNORECASE)
@@ -94,16 +94,9 @@ def score(response: str, reference: Any) -> Result:
   try:
     return _score(response, reference)
   except Exception as exc:  # pylint: disable=broad-except  # Reported, never raised.
-    message = f"Verifier error: {type(exc).__name__}: {exc}"
-    return Result(0.0, message[:_MAX_FEEDBACK_CHARS], 0.0, "error")
+    return error_result(exc, _MAX_FEEDBACK_CHARS)
 
 
 def score_batch(responses: Sequence[str], references: Sequence) -> list[Result]:
-  """`score` of each (response, reference) pair, in input order.
-
-  Raises ValueError when the sequences differ in length; individual failures become "error"
-  Results.
-  """
-  if len(responses) != len(references):
-    raise ValueError(f"Got {len(responses)} responses but {len(references)} references.")
-  return [score(response, reference) for response, reference in zip(responses, references)]
+  """`score` of each (response, reference) pair, in input order (see `result.score_each`)."""
+  return score_each(score, responses, references)

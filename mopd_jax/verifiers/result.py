@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
 
 STATUSES = ("ok", "format_error", "timeout", "error")
 
@@ -31,3 +33,20 @@ class Result:
   def __post_init__(self):
     if self.status not in STATUSES:
       raise ValueError(f"Unknown status {self.status!r}; allowed: {STATUSES}.")
+
+
+def error_result(exc: Exception, max_chars: int) -> Result:
+  """Reward 0 with status "error": how a verifier reports its own failure (never raised)."""
+  return Result(0.0, f"Verifier error: {type(exc).__name__}: {exc}"[:max_chars], 0.0, "error")
+
+
+def score_each(score: Callable[[str, Any], Result], responses: Sequence[str],
+               references: Sequence) -> list[Result]:
+  """`score` of each (response, reference) pair, in input order.
+
+  Raises ValueError when the sequences differ in length; a verifier that never raises
+  turns individual failures into "error" Results itself.
+  """
+  if len(responses) != len(references):
+    raise ValueError(f"Got {len(responses)} responses but {len(references)} references.")
+  return [score(response, reference) for response, reference in zip(responses, references)]
