@@ -57,7 +57,7 @@ import time
 from mopd_jax.verifiers import sandbox_worker
 
 # Limits, SandboxError and SandboxRun are defined with the worker, which runs standalone, and
-# are part of this module's interface, as is _process_table (used by the tests).
+# are part of this module's interface.
 from mopd_jax.verifiers.sandbox_worker import (
     _PATH,
     _REPLY,
@@ -67,7 +67,6 @@ from mopd_jax.verifiers.sandbox_worker import (
     SandboxRun,
     _kill_until_gone,
     _pids_of_uid,
-    _process_table,
     _read_frame,
     _write_frame,
 )
