@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mopd_jax import peer_context, sharding, teacher, train_step
+from mopd_jax import peer_context, settings, sharding, teacher, train_step
 from mopd_jax.models import transformer
 
 
@@ -32,11 +32,14 @@ def compile_step(*, vocab=151_936, response_len=1024, prompts=2, samples=8, chun
   model = transformer.ModelConfig(vocab_size=vocab, num_layers=layers, embed_dim=embed,
                                   num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=4 * embed,
                                   qk_norm=True, tie_embeddings=True)
-  cfg = train_step.StepConfig(model=model, num_samples=samples, max_response_len=response_len,
-                              stop_ids=(1,), pad_id=0, peer_cap=peer_cap, chunk_size=chunk,
-                              loss_top_k=100)
+  cfg = train_step.StepConfig(
+      model=model,
+      sampling=settings.SamplingSettings(num_samples=samples, max_response_len=response_len),
+      peers=settings.PeerSettings(peer_cap=peer_cap),
+      loss=settings.LossSettings(chunk_size=chunk, top_k=100),
+      teacher=settings.TeacherSettings(), stop_ids=(1,), pad_id=0)
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  optimizer, _ = train_step.make_optimizer(1e-5, 10, 0.9, 0.999, 0.01, 1.0)
+  optimizer, _ = train_step.make_optimizer(settings.OptimSettings())
   params = jax.eval_shape(lambda: transformer.init_params(model, jax.random.PRNGKey(0)))
   state = jax.eval_shape(lambda p: train_step.TrainState(
       step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),

@@ -12,7 +12,8 @@ Shorter, e.g. for a smoke test:
   python -m mopd_jax.main --config=configs/code.py --workdir=/tmp/mopd_smoke \
       --config.total_steps=3 --config.eval_every=0 --config.eval.num_prompts=8
 
-Any key can be overridden on the command line (`--config.optim.lr=3e-4`).
+Any key can be overridden on the command line (`--config.optim.lr=3e-4`); every key,
+its default and what it allows are defined once, in `mopd_jax/settings.py`.
 
 Paper-scale presets (MOPD spec section 5) need a Hugging Face checkpoint and a data
 cache directory, and fail at start-up without them:
@@ -30,100 +31,59 @@ The presets train on the demo code task until a LiveCodeBench-style data task ex
 
 import ml_collections
 
+from mopd_jax import settings
+
 
 PRESETS = ("demo", "qwen3_4b", "qwen3_4b_teacher_qwen3_14b")
 
 
 def get_config(arg=None):
-  """arg: None / 'demo' (local CPU demo) or one of the paper-scale PRESETS."""
+  """arg: None / 'demo' (local CPU demo) or one of the paper-scale PRESETS.
+
+  Every section starts from the defaults in `mopd_jax.settings` (the paper's settings,
+  MOPD spec section 5); the demo shrinks the model, the lengths and the batch.
+  """
   arg = arg or "demo"
   if arg not in PRESETS:
     raise ValueError(f"Unknown preset {arg!r} for configs/code.py; available: {PRESETS}.")
-  c = ml_collections.ConfigDict()
-  c.seed = 42
-  c.total_steps = 60
-  c.checkpoint_every = 20
-  c.keep_checkpoints = 3
-  c.eval_every = 30
-  c.log_every = 1
+  c = settings.base_config(seed=42, total_steps=60, checkpoint_every=20,
+                           keep_checkpoints=3, eval_every=30, log_every=1)
 
   # Model: 'demo' = the built-in base model (built and cached on first use).
-  c.model = ml_collections.ConfigDict()
   c.model.checkpoint = "demo"
-  c.model.preset = ""  # if set, the checkpoint must have this preset's shapes
-  c.model.cache_dir = ml_collections.config_dict.placeholder(str)
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
-  c.model.remat = True
 
-  c.data = ml_collections.ConfigDict()
   c.data.task = "demo_code"
-  c.data.cache_dir = ml_collections.config_dict.placeholder(str)
-  c.data.batch_size = 16  # prompts per step; rows = batch_size * rollout.num_samples
+  c.data.batch_size = 16  # prompts per step; rows = batch_size * sampling.num_samples
   c.data.max_prompt_len = 48
 
   # Student sampling during training (MOPD spec: temperature 1, top_p 1, top_k off).
-  c.rollout = ml_collections.ConfigDict()
-  c.rollout.num_samples = 4  # G rollouts per prompt (paper: 8)
-  c.rollout.max_response_len = 40
-  c.rollout.temperature = 1.0
-  c.rollout.top_k = 0
-  c.rollout.top_p = 1.0
-
-  c.verifier = ml_collections.ConfigDict()
-  c.verifier.time_limit_s = 1.0
-  c.verifier.max_workers = ml_collections.config_dict.placeholder(int)
-  # After this many seconds per verification call, unfinished responses score 0 (counted
-  # as timeouts). None: no batch deadline beyond the per-response limits.
-  c.verifier.batch_deadline_s = 120.0
-  c.verifier.success_threshold = 1.0
+  c.sampling.num_samples = 4  # G rollouts per prompt (paper: 8)
+  c.sampling.max_response_len = 40
 
   # Peer context: 2S1F with condition "always" (the paper's best configuration).
-  c.peers = ml_collections.ConfigDict()
-  c.peers.include_primary = True
-  c.peers.include_another = True
-  c.peers.include_failure = True
   c.peers.failure_condition = "always"
-  c.peers.exclude_self_success = True
-  c.peers.include_feedback = False
-  c.peers.feedback_only_without_solution = True
   c.peers.peer_cap = 40  # tokens per peer block
-  c.peers.feedback_len = 64
 
-  c.loss = ml_collections.ConfigDict()
   c.loss.alpha = 0.5
   c.loss.top_k = 100
-  c.loss.add_tail = True
-  c.loss.aggregation = "token-mean"
   c.loss.chunk_size = 64
-  c.loss.full_logit = True
-  c.loss.rollout_correction_clip = 2.0
 
-  c.teacher = ml_collections.ConfigDict()
   c.teacher.mode = "ema"  # ema | frozen | external
-  c.teacher.checkpoint = ml_collections.config_dict.placeholder(str)  # external only
-  c.teacher.param_dtype = "bfloat16"  # external teacher's parameters
   # Paper: 0.05 at lr 1e-5 on 4B models. The demo's tiny model takes 10x larger steps;
   # with 0.05 its self-teacher drifts with the student after ~50 steps (see README).
   c.teacher.ema_rate = 0.01
 
-  c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4
   c.optim.warmup_steps = 5
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.weight_decay = 0.01
-  c.optim.grad_clip = 1.0
 
-  c.eval = ml_collections.ConfigDict()
   c.eval.num_prompts = 96
   c.eval.num_samples = 4
   c.eval.temperature = 1.0
   c.eval.top_p = 1.0
-  c.eval.top_k = 0
 
   # Mesh ('data', 'fsdp', 'tensor'); one -1 takes the remaining devices.
-  c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)
   if arg != "demo":
     _paper_scale(c, arg)
@@ -137,11 +97,10 @@ def _paper_scale(c, arg):
   c.model.preset = "qwen3-4b"
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
-  c.data.cache_dir = placeholder(str)  # required: prompts tokenised with its tokenizer
   c.data.batch_size = 32
   c.data.max_prompt_len = 2048
-  c.rollout.num_samples = 8
-  c.rollout.max_response_len = 4096
+  c.sampling.num_samples = 8
+  c.sampling.max_response_len = 4096
   c.peers.peer_cap = 2048
   c.loss.chunk_size = 32
   c.teacher.ema_rate = 0.05

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mopd_jax import (checkpointing, config_validation, demo_base, metrics as metrics_lib,
-                      peer_context, sharding, teacher, tokenizers, train_step)
+from mopd_jax import (checkpointing, demo_base, metrics as metrics_lib, peer_context,
+                      settings, sharding, teacher, tokenizers, train_step)
 from mopd_jax.data import pipeline
 from mopd_jax.models import presets, transformer
 from mopd_jax.sampling import Sampler
@@ -31,28 +31,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
   return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def step_config(config, model_cfg, tok) -> train_step.StepConfig:
-  return train_step.StepConfig(
-      model=model_cfg, num_samples=config.rollout.num_samples,
-      max_response_len=config.rollout.max_response_len, stop_ids=tuple(tok.stop_ids),
-      pad_id=tok.pad_id, temperature=config.rollout.temperature,
-      top_k=config.rollout.top_k, top_p=config.rollout.top_p,
-      success_threshold=config.verifier.success_threshold,
-      include_primary=config.peers.include_primary,
-      include_another=config.peers.include_another,
-      include_failure=config.peers.include_failure,
-      failure_condition=config.peers.failure_condition,
-      exclude_self_success=config.peers.exclude_self_success,
-      include_feedback=config.peers.include_feedback,
-      feedback_only_without_solution=config.peers.feedback_only_without_solution,
-      peer_cap=config.peers.peer_cap, feedback_len=config.peers.feedback_len,
-      alpha=config.loss.alpha, loss_top_k=config.loss.top_k,
-      add_tail=config.loss.add_tail, aggregation=config.loss.aggregation,
-      chunk_size=config.loss.chunk_size, full_logit=config.loss.full_logit,
-      rollout_correction_clip=config.loss.rollout_correction_clip,
-      teacher_mode=config.teacher.mode, ema_rate=config.teacher.ema_rate)
-
-
 class Evaluator:
   """Held-out evaluation through the split pipeline: jit(sample) -> host verify.
 
@@ -60,17 +38,17 @@ class Evaluator:
   only through the parameters.
   """
 
-  def __init__(self, config, model_cfg, tok, batches, host_verifier, seed):
-    e = config.eval
-    self.sampler = Sampler(model=model_cfg, max_new_tokens=config.rollout.max_response_len,
+  def __init__(self, st: settings.Settings, model_cfg, tok, batches, host_verifier):
+    e = st.eval
+    self.sampler = Sampler(model=model_cfg, max_new_tokens=st.sampling.max_response_len,
                            stop_ids=tuple(tok.stop_ids), pad_id=tok.pad_id,
                            temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
                            num_samples=e.num_samples)
     self.batch = batches.first(e.num_prompts)
     self.k = e.num_samples
     self.host = host_verifier
-    self.threshold = config.verifier.success_threshold
-    self.key = jax.random.fold_in(jax.random.PRNGKey(seed), 1_000_003)
+    self.threshold = st.verifier.success_threshold
+    self.key = jax.random.fold_in(jax.random.PRNGKey(st.run.seed), 1_000_003)
     self._sample = jax.jit(self.sampler.__call__)
 
   def __call__(self, params) -> dict:
@@ -113,6 +91,7 @@ class _StopFlag:
 class Setup:
   """Everything a run builds before its first step (also used by tests and benchmarks)."""
 
+  settings: settings.Settings
   mesh: Any
   tokenizer: Any
   model_cfg: transformer.ModelConfig
@@ -128,7 +107,7 @@ class Setup:
   host_verifier: callback.HostVerifier
   pieces: peer_context.TemplatePieces
 
-  def init_state(self, config):
+  def init_state(self):
     """The initial TrainState, created directly on its shardings."""
     param_dtype = transformer.dtype_from_name(self.model_cfg.param_dtype)
     optimizer = self.optimizer
@@ -139,7 +118,7 @@ class Setup:
           step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
           teacher_params=(teacher.init_teacher(params) if external_teacher is None
                           else external_teacher),
-          rng=jax.random.PRNGKey(config.seed))
+          rng=jax.random.PRNGKey(self.settings.run.seed))
 
     return jax.jit(init, out_shardings=self.shardings)(self.base_params,
                                                        self.external_teacher_params)
@@ -152,24 +131,24 @@ class Setup:
     return jax.device_put(batch, train_step.batch_shardings(self.mesh))
 
 
-def _load_model(config, mesh):
+def _load_model(st: settings.Settings, mesh):
   """(model config, params, tokenizer, data cache dir, SentencePiece path or None)."""
-  if config.model.checkpoint == "demo":
-    base_dir = config.model.cache_dir or demo_base.default_dir()
+  if st.model.checkpoint == "demo":
+    base_dir = st.model.cache_dir or demo_base.default_dir()
     model_cfg, params, tok = demo_base.ensure(base_dir)
     return (model_cfg, params, tok, os.path.join(base_dir, "data"),
             os.path.join(base_dir, "tokenizer.model"))
   from mopd_jax.models import hf_import  # pylint: disable=import-outside-toplevel
-  path = config.model.checkpoint
-  model_cfg, params = hf_import.load(path, dtype=config.model.param_dtype, mesh=mesh)
-  if config.model.preset:
-    _check_preset(config.model.preset, model_cfg, path)
+  path = st.model.checkpoint
+  model_cfg, params = hf_import.load(path, dtype=st.model.param_dtype, mesh=mesh)
+  if st.model.preset:
+    _check_preset(st.model.preset, model_cfg, path)
   tok = tokenizers.HFTokenizer(path)
-  if not config.data.cache_dir:
-    raise config_validation.ConfigError(
+  if not st.data.cache_dir:
+    raise settings.ConfigError(
         "config.data.cache_dir is required with a Hugging Face checkpoint: the prompts "
         "are tokenised with its tokenizer into that directory.")
-  return model_cfg, params, tok, config.data.cache_dir, None
+  return model_cfg, params, tok, st.data.cache_dir, None
 
 
 def _check_preset(name, loaded, path):
@@ -180,72 +159,72 @@ def _check_preset(name, loaded, path):
   diff = {f: (getattr(expected, f), getattr(loaded, f)) for f in fields
           if getattr(expected, f) != getattr(loaded, f)}
   if diff:
-    raise config_validation.ConfigError(
+    raise settings.ConfigError(
         f"Checkpoint {path!r} does not have the shapes of preset {name!r}: "
         + ", ".join(f"{k} preset={a} checkpoint={b}" for k, (a, b) in diff.items())
         + ". Set --config.model.preset='' to skip this check.")
 
 
-def _load_external_teacher(config, mesh, student_cfg):
-  if config.teacher.mode != "external":
+def _load_external_teacher(st: settings.Settings, mesh, student_cfg):
+  if st.teacher.mode != "external":
     return None, None
   from mopd_jax.models import hf_import  # pylint: disable=import-outside-toplevel
-  teacher_cfg, params = hf_import.load(config.teacher.checkpoint,
-                                       dtype=config.teacher.param_dtype, mesh=mesh)
+  teacher_cfg, params = hf_import.load(st.teacher.checkpoint,
+                                       dtype=st.teacher.param_dtype, mesh=mesh)
   if teacher_cfg.vocab_size != student_cfg.vocab_size:
-    raise config_validation.ConfigError(
+    raise settings.ConfigError(
         f"The external teacher's vocabulary ({teacher_cfg.vocab_size} tokens, "
-        f"{config.teacher.checkpoint}) differs from the student's "
+        f"{st.teacher.checkpoint}) differs from the student's "
         f"({student_cfg.vocab_size} tokens): teacher and student must share a vocabulary.")
-  return dataclasses.replace(teacher_cfg, dtype=config.model.dtype, remat=False), params
+  return dataclasses.replace(teacher_cfg, dtype=st.model.dtype, remat=False), params
 
 
 def setup(config, *, score_batch=None, devices=None) -> Setup:
   """Validates `config` and builds mesh, model, data, verifier and state shardings.
 
+  config: a run ConfigDict (validated into `settings.Settings` here) or the Settings.
+
   score_batch: (texts, references) -> list[Result]; defaults to the code verifier.
   """
-  config_validation.validate(config)
+  st = config if isinstance(config, settings.Settings) else settings.from_config(config)
 
   # ---------------------------------------------------------------- Mesh.
-  mesh = sharding.make_mesh(config.mesh.shape, devices)
+  mesh = sharding.make_mesh(st.mesh.shape, devices)
   divisor = sharding.batch_divisor(mesh)
-  if config.data.batch_size % divisor:
-    raise config_validation.ConfigError(
-        f"config.data.batch_size={config.data.batch_size} must be divisible by the "
+  if st.data.batch_size % divisor:
+    raise settings.ConfigError(
+        f"config.data.batch_size={st.data.batch_size} must be divisible by the "
         f"data x fsdp mesh size {divisor} (mesh {dict(mesh.shape)}).")
   logging.info("Mesh %s over %d %s devices.", dict(mesh.shape), mesh.size,
                mesh.devices.flat[0].platform)
 
   # ---------------------------------------------------------------- Models and tokenizer.
-  base_cfg, base_params, tok, cache_dir, spm_path = _load_model(config, mesh)
-  model_cfg = dataclasses.replace(base_cfg, dtype=config.model.dtype,
-                                  param_dtype=config.model.param_dtype,
-                                  remat=config.model.remat)
-  teacher_cfg, teacher_params = _load_external_teacher(config, mesh, model_cfg)
+  base_cfg, base_params, tok, cache_dir, spm_path = _load_model(st, mesh)
+  model_cfg = dataclasses.replace(base_cfg, dtype=st.model.dtype,
+                                  param_dtype=st.model.param_dtype,
+                                  remat=st.model.remat)
+  teacher_cfg, teacher_params = _load_external_teacher(st, mesh, model_cfg)
 
   # ---------------------------------------------------------------- Data.
   train_split = pipeline.load_split(cache_dir, "train", spm_path, tok)
   heldout_split = pipeline.load_split(cache_dir, "heldout", spm_path, tok)
   train_batches = pipeline.PromptBatches(
-      train_split, batch_size=config.data.batch_size,
-      max_prompt_len=config.data.max_prompt_len, seed=config.seed, pad_id=tok.pad_id)
+      train_split, batch_size=st.data.batch_size,
+      max_prompt_len=st.data.max_prompt_len, seed=st.run.seed, pad_id=tok.pad_id)
   eval_batches = pipeline.PromptBatches(
-      heldout_split, batch_size=config.eval.num_prompts,
-      max_prompt_len=config.data.max_prompt_len, seed=config.seed, pad_id=tok.pad_id)
+      heldout_split, batch_size=st.eval.num_prompts,
+      max_prompt_len=st.data.max_prompt_len, seed=st.run.seed, pad_id=tok.pad_id)
   references = {**train_split.reference_table(), **heldout_split.reference_table()}
   if score_batch is None:
     def score_batch(texts, refs):
-      return code.score_batch(texts, refs, max_workers=config.verifier.max_workers,
-                              time_limit_s=config.verifier.time_limit_s,
-                              deadline_s=config.verifier.batch_deadline_s)
+      return code.score_batch(texts, refs, max_workers=st.verifier.max_workers,
+                              time_limit_s=st.verifier.time_limit_s,
+                              deadline_s=st.verifier.batch_deadline_s)
   host_verifier = callback.HostVerifier(score_batch, references, tok,
-                                        feedback_len=config.peers.feedback_len)
+                                        feedback_len=st.peers.feedback_len)
 
   # ---------------------------------------------------------------- Shardings.
-  optimizer, schedule = train_step.make_optimizer(
-      config.optim.lr, config.optim.warmup_steps, config.optim.b1, config.optim.b2,
-      config.optim.weight_decay, config.optim.grad_clip)
+  optimizer, schedule = train_step.make_optimizer(st.optim)
   param_dtype = transformer.dtype_from_name(model_cfg.param_dtype)
   param_shapes = jax.eval_shape(
       lambda: jax.tree.map(lambda x: jnp.asarray(x, param_dtype), base_params))
@@ -262,9 +241,8 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
       rng=jax.random.PRNGKey(0)), param_shapes, teacher_params)
   shardings = train_step.state_shardings(state_shapes, param_shardings, mesh, optimizer,
                                          teacher_shardings)
-  step_cfg = dataclasses.replace(step_config(config, model_cfg, tok),
-                                 teacher_model=teacher_cfg)
-  return Setup(mesh=mesh, tokenizer=tok, model_cfg=model_cfg, step_cfg=step_cfg,
+  step_cfg = train_step.StepConfig.from_settings(st, model_cfg, tok, teacher_cfg)
+  return Setup(settings=st, mesh=mesh, tokenizer=tok, model_cfg=model_cfg, step_cfg=step_cfg,
                optimizer=optimizer, schedule=schedule,
                base_params=jax.device_put(base_params, param_shardings),
                external_teacher_params=(None if teacher_params is None else
@@ -278,12 +256,13 @@ def run(config, workdir: str) -> dict:
   """Runs training as configured; returns the summary (also written to summary.json)."""
   wall_start = time.time()
   s = setup(config)
+  st = s.settings
   os.makedirs(workdir, exist_ok=True)
 
   # ---------------------------------------------------------------- State: init or restore.
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    every=config.checkpoint_every,
-                                    keep=config.keep_checkpoints)
+                                    every=st.run.checkpoint_every,
+                                    keep=st.run.keep_checkpoints)
   resume_step = ckpt.latest_step()
   if resume_step is not None:
     state, meta = ckpt.restore(resume_step,
@@ -291,7 +270,7 @@ def run(config, workdir: str) -> dict:
     logging.info("Resumed from step %d (data position %d).", resume_step,
                  meta["data_position"])
   else:
-    state = s.init_state(config)
+    state = s.init_state()
   start_step = int(state.step)
 
   # ---------------------------------------------------------------- Step (compiled once).
@@ -300,8 +279,7 @@ def run(config, workdir: str) -> dict:
       state, s.put_batch(s.train_batches.batch(start_step))).compile()
   compile_time = time.time() - compile_start
   logging.info("Compiled the train step in %.1fs.", compile_time)
-  evaluator = Evaluator(config, s.model_cfg, s.tokenizer, s.eval_batches, s.host_verifier,
-                        config.seed)
+  evaluator = Evaluator(st, s.model_cfg, s.tokenizer, s.eval_batches, s.host_verifier)
 
   # ---------------------------------------------------------------- Loop.
   writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
@@ -318,11 +296,11 @@ def run(config, workdir: str) -> dict:
   step_times, last_metrics = [], {}
   stop = _StopFlag()
   stop.install()
-  progress = metrics_lib.Progress(config.total_steps)
+  progress = metrics_lib.Progress(st.run.total_steps)
   interrupted = False
   try:
     step = start_step
-    while step < config.total_steps:
+    while step < st.run.total_steps:
       t0 = time.time()
       batch = s.put_batch(s.train_batches.batch(step))
       state, m = compiled(state, batch)
@@ -337,13 +315,13 @@ def run(config, workdir: str) -> dict:
         logging.warning("Step %d: non-finite loss or gradient norm (loss=%s, grad_norm=%s);"
                         " the update was skipped.", step, m["train/loss"],
                         m["train/grad_norm"])
-      if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
+      if st.run.eval_every and step % st.run.eval_every == 0 and step < st.run.total_steps:
         m.update(evaluator(state.params))
-      if step % config.log_every == 0 or step == config.total_steps:
+      if step % st.run.log_every == 0 or step == st.run.total_steps:
         writer.write(step, m)
       last_metrics = m
       progress.update(step, float(m["train/reward_mean"]), float(m["train/loss"]), dt)
-      meta = {"data_position": step, "seed": config.seed}
+      meta = {"data_position": step, "seed": st.run.seed}
       if ckpt.should_save(step):
         ckpt.save(step, state, meta)
       if stop.signum is not None:
@@ -364,7 +342,7 @@ def run(config, workdir: str) -> dict:
   eval_after = evaluator(state.params)
   writer.write(int(state.step), eval_after)
   writer.close()
-  ckpt.save(int(state.step), state, {"data_position": int(state.step), "seed": config.seed})
+  ckpt.save(int(state.step), state, {"data_position": int(state.step), "seed": st.run.seed})
   ckpt.close()
   summary = {
       "steps": int(state.step),

@@ -20,6 +20,7 @@ Lp - 1 + t (student) and Ltp - 1 + t (teacher) in every row.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mopd_jax import losses, peer_context, sharding, teacher
+from mopd_jax import losses, peer_context, settings, sharding, teacher
 from mopd_jax.models import transformer
 from mopd_jax.sampling import Sampler, SampleOutput
 from mopd_jax.verifiers import callback
@@ -58,63 +59,56 @@ class Rollouts:
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """Static settings of the step (hashable)."""
+  """Static settings of the step (hashable): the sections of `mopd_jax.settings` it
+  uses, the model's shapes and the tokenizer's special ids."""
 
   model: transformer.ModelConfig
-  num_samples: int
-  max_response_len: int
+  sampling: settings.SamplingSettings
+  peers: settings.PeerSettings
+  loss: settings.LossSettings
+  teacher: settings.TeacherSettings
   stop_ids: tuple[int, ...]
   pad_id: int
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
   success_threshold: float = 1.0
-  include_primary: bool = True
-  include_another: bool = True
-  include_failure: bool = True
-  failure_condition: str = "always"
-  exclude_self_success: bool = True
-  include_feedback: bool = False
-  feedback_only_without_solution: bool = True
-  peer_cap: int = 64
-  feedback_len: int = 0
-  alpha: float = 0.5
-  loss_top_k: int | None = 100
-  add_tail: bool = True
-  aggregation: str = "token-mean"
-  chunk_size: int = 32
-  full_logit: bool = True
-  rollout_correction_clip: float = 2.0  # 0 disables the correction
-  teacher_mode: str = "ema"
-  ema_rate: float = 0.05
   # External teacher (classic OPD): its own shapes, same vocabulary. None = self-teacher.
   teacher_model: transformer.ModelConfig | None = None
 
-  @property
-  def sampler(self) -> Sampler:
-    return Sampler(model=self.model, max_new_tokens=self.max_response_len,
-                   stop_ids=self.stop_ids, pad_id=self.pad_id,
-                   temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                   num_samples=self.num_samples)
+  @classmethod
+  def from_settings(cls, s: settings.Settings, model, tokenizer, teacher_model=None):
+    return cls(model=model, sampling=s.sampling, peers=s.peers, loss=s.loss,
+               teacher=s.teacher, stop_ids=tuple(tokenizer.stop_ids),
+               pad_id=tokenizer.pad_id, success_threshold=s.verifier.success_threshold,
+               teacher_model=teacher_model)
 
   @property
-  def ema(self) -> float:
-    return self.ema_rate if self.teacher_mode == "ema" else 0.0
+  def num_samples(self) -> int:
+    return self.sampling.num_samples
+
+  @property
+  def sampler(self) -> Sampler:
+    sp = self.sampling
+    return Sampler(model=self.model, max_new_tokens=sp.max_response_len,
+                   stop_ids=self.stop_ids, pad_id=self.pad_id,
+                   temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
+                   num_samples=sp.num_samples)
 
   @property
   def teacher_cfg(self) -> transformer.ModelConfig:
     return self.teacher_model or self.model
 
 
-def make_optimizer(lr: float, warmup_steps: int, b1: float, b2: float,
-                   weight_decay: float, grad_clip: float):
-  """AdamW after global-norm clipping; linear warm-up then constant learning rate."""
+def make_optimizer(optim: settings.OptimSettings):
+  """AdamW after global-norm clipping; linear warm-up then constant learning rate.
+
+  Returns (optimizer, schedule).
+  """
+  lr, warmup_steps = optim.lr, optim.warmup_steps
   schedule = optax.join_schedules(
       [optax.linear_schedule(0.0, lr, max(warmup_steps, 1)), optax.constant_schedule(lr)],
       [max(warmup_steps, 1)]) if warmup_steps > 0 else optax.constant_schedule(lr)
   return optax.chain(
-      optax.clip_by_global_norm(grad_clip),
-      optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay),
+      optax.clip_by_global_norm(optim.grad_clip),
+      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay),
   ), schedule
 
 
@@ -142,66 +136,99 @@ def _response_hidden(model_cfg, params, prompt_tokens, prompt_mask, responses,
   return hidden[:, lp - 1:lp - 1 + lr]
 
 
-def update(cfg: StepConfig, optimizer, pieces, state: TrainState, batch,
-           rollouts: Rollouts, peer_key):
-  """Peer context -> teacher scoring -> distillation loss -> optimizer and EMA step."""
-  g = cfg.num_samples
+@flax.struct.dataclass
+class TeacherInputs:
+  """Stage 1's output: peers, teacher prompts and the masks the loss uses."""
+
+  prompt_tokens: jax.Array  # int32 [N, Lp], student prompts, left-padded
+  prompt_mask: jax.Array  # bool [N, Lp]
+  teacher_tokens: jax.Array  # int32 [N, Ltp], teacher prompts, left-padded
+  teacher_mask: jax.Array  # bool [N, Ltp]
+  response_mask: jax.Array  # bool [N, Lr], True on response tokens (EOS included)
+  rollout_mask: jax.Array  # bool [N], the rollout got at least one context block
+  success: jax.Array  # bool [B, G]
+
+  @property
+  def loss_mask(self):
+    return self.response_mask & self.rollout_mask[:, None]
+
+
+def build_teacher_inputs(cfg: StepConfig, pieces, batch, rollouts: Rollouts,
+                         peer_key) -> TeacherInputs:
+  """Stage 1: select peers per group and assemble every rollout's teacher prompt."""
+  g, pc = cfg.num_samples, cfg.peers
   b = batch["prompt_tokens"].shape[0]
   n, lr = rollouts.tokens.shape
   rep = lambda x: jnp.repeat(x, g, axis=0)  # noqa: E731
   prompt_tokens, prompt_mask = rep(batch["prompt_tokens"]), rep(batch["prompt_mask"])
   prompt_mask = prompt_mask.astype(bool)
 
-  # Peers.
   success = (rollouts.rewards >= cfg.success_threshold).reshape(b, g)
   selection = peer_context.select_peers(
-      success, peer_key, include_primary=cfg.include_primary,
-      include_another=cfg.include_another, include_failure=cfg.include_failure,
-      failure_condition=cfg.failure_condition,
-      exclude_self_success=cfg.exclude_self_success)
+      success, peer_key, include_primary=pc.include_primary,
+      include_another=pc.include_another, include_failure=pc.include_failure,
+      failure_condition=pc.failure_condition,
+      exclude_self_success=pc.exclude_self_success)
   rows = jax.tree.map(lambda x: x.reshape(n), peer_context.to_row_indices(selection))
   text_lengths = rollouts.lengths - rollouts.finished.astype(jnp.int32)  # drop EOS
   rollout_mask = selection.mask.reshape(n)
   feedback_kwargs = {}
-  if cfg.include_feedback:
+  if pc.include_feedback:
     # The rollout's own verifier feedback, only without a (shown) primary solution
     # when feedback_only_without_solution; it counts as a block for the loss mask.
     use = rollouts.feedback_lengths > 0
-    if cfg.feedback_only_without_solution:
+    if pc.feedback_only_without_solution:
       use &= rows.primary < 0
     rollout_mask |= use
     feedback_kwargs = dict(feedback_tokens=rollouts.feedback,
                            feedback_lengths=jnp.where(use, rollouts.feedback_lengths, 0),
-                           feedback_cap=cfg.feedback_len)
+                           feedback_cap=pc.feedback_len)
   teacher_tokens, teacher_mask = peer_context.assemble_teacher_prompts(
       prompt_tokens, prompt_mask, rep(batch["insert_index"]), rollouts.tokens,
-      text_lengths, rows, pieces, peer_cap=cfg.peer_cap, pad_id=cfg.pad_id,
+      text_lengths, rows, pieces, peer_cap=pc.peer_cap, pad_id=cfg.pad_id,
       **feedback_kwargs)
   response_mask = jnp.arange(lr)[None, :] < rollouts.lengths[:, None]
-  loss_mask = response_mask & rollout_mask[:, None]
+  return TeacherInputs(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
+                       teacher_tokens=teacher_tokens, teacher_mask=teacher_mask,
+                       response_mask=response_mask, rollout_mask=rollout_mask,
+                       success=success)
 
-  # Teacher (no gradient).
-  teacher_params = jax.lax.stop_gradient(state.teacher_params)
-  teacher_hidden = _response_hidden(cfg.teacher_cfg, teacher_params, teacher_tokens,
-                                    teacher_mask, rollouts.tokens, response_mask)
-  teacher_head = transformer.lm_head(cfg.teacher_cfg, teacher_params)
 
-  def loss_fn(params):
-    student_hidden = _response_hidden(cfg.model, params, prompt_tokens, prompt_mask,
-                                      rollouts.tokens, response_mask)
-    per_token, student_logp, teacher_logp = losses.chunked_distillation(
-        student_hidden, teacher_hidden, transformer.lm_head(cfg.model, params),
-        teacher_head, rollouts.tokens, alpha=cfg.alpha, top_k=cfg.loss_top_k,
-        add_tail=cfg.add_tail, temperature=cfg.temperature if cfg.temperature > 0 else 1.0,
-        chunk_size=cfg.chunk_size, full_logit=cfg.full_logit)
-    if cfg.rollout_correction_clip > 0:
-      per_token = per_token * losses.rollout_correction_weights(
-          student_logp, rollouts.logprobs, cfg.rollout_correction_clip)
-    loss = losses.aggregate(per_token, loss_mask, cfg.aggregation)
-    return loss, (jax.lax.stop_gradient(student_logp), teacher_logp)
+def score_with_teacher(cfg: StepConfig, teacher_params, inputs: TeacherInputs,
+                       rollouts: Rollouts):
+  """Stage 2: the teacher's hidden states [N, Lr, D] on the response positions, and its
+  LM head, under stop-gradient."""
+  teacher_params = jax.lax.stop_gradient(teacher_params)
+  hidden = _response_hidden(cfg.teacher_cfg, teacher_params, inputs.teacher_tokens,
+                            inputs.teacher_mask, rollouts.tokens, inputs.response_mask)
+  return hidden, transformer.lm_head(cfg.teacher_cfg, teacher_params)
 
-  (loss, (student_logp, teacher_logp)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+
+def distillation_loss(cfg: StepConfig, params, inputs: TeacherInputs, rollouts: Rollouts,
+                      teacher_hidden, teacher_head):
+  """Stage 3: the student's forward and the aggregated top-k divergence.
+
+  Returns (loss, (student log-prob of each response token, teacher's)), both [N, Lr].
+  """
+  lc = cfg.loss
+  student_hidden = _response_hidden(cfg.model, params, inputs.prompt_tokens,
+                                    inputs.prompt_mask, rollouts.tokens,
+                                    inputs.response_mask)
+  per_token, student_logp, teacher_logp = losses.chunked_distillation(
+      student_hidden, teacher_hidden, transformer.lm_head(cfg.model, params),
+      teacher_head, rollouts.tokens, alpha=lc.alpha, top_k=lc.top_k,
+      add_tail=lc.add_tail, temperature=lc.temperature, chunk_size=lc.chunk_size,
+      full_logit=lc.full_logit)
+  if lc.rollout_correction_clip > 0:
+    per_token = per_token * losses.rollout_correction_weights(
+        student_logp, rollouts.logprobs, lc.rollout_correction_clip)
+  loss = losses.aggregate(per_token, inputs.loss_mask, lc.aggregation)
+  return loss, (jax.lax.stop_gradient(student_logp), teacher_logp)
+
+
+def apply_update(cfg: StepConfig, optimizer, state: TrainState, loss, grads):
+  """Stage 4: optimizer step and EMA teacher, both skipped on a non-finite loss or
+  gradient norm. Returns (new state, grad norm, finite)."""
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -212,22 +239,27 @@ def update(cfg: StepConfig, optimizer, pieces, state: TrainState, batch,
       step=state.step + 1,
       params=keep(new_params, state.params),
       opt_state=keep(new_opt_state, state.opt_state),
-      teacher_params=teacher.ema_update(state.teacher_params, state.params, cfg.ema,
-                                        finite),
+      # EMA mixes in the student *before* this update (the teacher lags by one step).
+      teacher_params=teacher.ema_update(state.teacher_params, state.params,
+                                        cfg.teacher.ema, finite),
   )
-  # EMA mixes in the student *before* this update (the teacher lags by one step).
+  return new_state, grad_norm, finite
 
-  fmask = response_mask.astype(jnp.float32)
+
+def step_metrics(inputs: TeacherInputs, rollouts: Rollouts, loss, grad_norm, finite,
+                 student_logp, teacher_logp):
+  """Stage 5: scalar metrics of the step."""
+  fmask = inputs.response_mask.astype(jnp.float32)
   ntok = jnp.maximum(fmask.sum(), 1.0)
-  teacher_len = teacher_mask.sum(-1).astype(jnp.float32)
-  status = rollouts.status
-  metrics = {
+  teacher_len = inputs.teacher_mask.sum(-1).astype(jnp.float32)
+  status, success = rollouts.status, inputs.success
+  return {
       "train/loss": loss,
       "train/grad_norm": grad_norm,
       "train/skipped_nonfinite": (~finite).astype(jnp.float32),
       "train/reward_mean": rollouts.rewards.mean(),
       "train/success_rate": success.mean(),
-      "train/reprompt_fraction": rollout_mask.mean(),
+      "train/reprompt_fraction": inputs.rollout_mask.mean(),
       "train/group_mixed_fraction": (success.any(1) & ~success.all(1)).mean(),
       "train/response_len_mean": rollouts.lengths.mean(),
       "train/finished_fraction": rollouts.finished.mean(),
@@ -242,13 +274,27 @@ def update(cfg: StepConfig, optimizer, pieces, state: TrainState, batch,
       "verify/timeouts": (status == callback.STATUS_CODES["timeout"]).sum(),
       "verify/errors": (status == callback.STATUS_CODES["error"]).sum(),
   }
-  return new_state, metrics
+
+
+def update(cfg: StepConfig, optimizer, pieces, state: TrainState, batch,
+           rollouts: Rollouts, peer_key):
+  """Everything after verification, in the order it runs: peers and teacher prompts ->
+  teacher scoring -> loss and gradient -> optimizer and EMA update -> metrics."""
+  inputs = build_teacher_inputs(cfg, pieces, batch, rollouts, peer_key)
+  teacher_hidden, teacher_head = score_with_teacher(cfg, state.teacher_params, inputs,
+                                                    rollouts)
+  loss_fn = functools.partial(distillation_loss, cfg)
+  (loss, (student_logp, teacher_logp)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, inputs, rollouts, teacher_hidden, teacher_head)
+  new_state, grad_norm, finite = apply_update(cfg, optimizer, state, loss, grads)
+  return new_state, step_metrics(inputs, rollouts, loss, grad_norm, finite, student_logp,
+                                 teacher_logp)
 
 
 def _verify(cfg, mesh, host_fn, batch, out: SampleOutput) -> Rollouts:
   ids = jnp.repeat(batch["example_id"], cfg.num_samples, axis=0)
   rewards, status, feedback, feedback_lengths = callback.verify_on_device(
-      mesh, host_fn, ids, out.tokens, out.lengths, feedback_len=max(cfg.feedback_len, 1))
+      mesh, host_fn, ids, out.tokens, out.lengths, feedback_len=max(cfg.peers.feedback_len, 1))
   return Rollouts(tokens=out.tokens, logprobs=out.logprobs, lengths=out.lengths,
                   finished=out.finished, rewards=rewards, status=status,
                   feedback=feedback, feedback_lengths=feedback_lengths)

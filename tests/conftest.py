@@ -40,8 +40,8 @@ def load_config(name="code", arg=None, **overrides):
 def tiny_config(base_dir, **overrides):
   """A small, fast run config on the tiny base model."""
   settings = {
-      "model.cache_dir": base_dir, "data.batch_size": 4, "rollout.num_samples": 4,
-      "rollout.max_response_len": 28, "peers.peer_cap": 28, "eval.num_prompts": 8,
+      "model.cache_dir": base_dir, "data.batch_size": 4, "sampling.num_samples": 4,
+      "sampling.max_response_len": 28, "peers.peer_cap": 28, "eval.num_prompts": 8,
       "eval.num_samples": 2, "total_steps": 3, "checkpoint_every": 0, "eval_every": 0,
       "loss.chunk_size": 8,
   }

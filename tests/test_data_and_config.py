@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from mopd_jax import config_validation, tokenizers
+from mopd_jax import settings, tokenizers
 from mopd_jax.data import cache, demo_problems, pipeline
 from tests.conftest import load_config
 
@@ -120,35 +120,35 @@ def test_cache_round_trip(tmp_path):
     ("loss.aggregation", "mean", "config.loss.aggregation = 'mean'.*token-mean"),
     ("peers.failure_condition", "sometimes", "failure_condition.*when_no_solution"),
     ("teacher.mode", "average", "config.teacher.mode = 'average'.*ema"),
-    ("rollout.top_p", 0.0, r"rollout\.top_p = 0\.0.*\(0, 1\]"),
+    ("sampling.top_p", 0.0, r"sampling\.top_p = 0\.0.*\(0, 1\]"),
     ("data.batch_size", 0, "data.batch_size = 0.*positive"),
     ("mesh.shape", (2, 2), "mesh.shape"),
     ("loss.top_k", 0, "loss.top_k = 0.*None"),
 ])
 def test_invalid_config_names_key_and_allowed_values(key, value, match):
-  with pytest.raises(config_validation.ConfigError, match=match):
-    config_validation.validate(load_config(**{key: value}))
+  with pytest.raises(settings.ConfigError, match=match):
+    settings.from_config(load_config(**{key: value}))
 
 
 def test_non_full_logit_requires_reverse_kl():
-  with pytest.raises(config_validation.ConfigError, match="alpha must be 1.0"):
-    config_validation.validate(load_config(**{"loss.full_logit": False}))
-  config_validation.validate(load_config(**{"loss.full_logit": False, "loss.alpha": 1.0}))
+  with pytest.raises(settings.ConfigError, match="alpha must be 1.0"):
+    settings.from_config(load_config(**{"loss.full_logit": False}))
+  settings.from_config(load_config(**{"loss.full_logit": False, "loss.alpha": 1.0}))
 
 
 def test_default_config_is_valid_and_unknown_preset_fails():
-  config_validation.validate(load_config())
+  settings.from_config(load_config())
   with pytest.raises(ValueError, match="Unknown preset 'nope'"):
     load_config(arg="nope")
 
 
 @pytest.mark.parametrize("preset", ["qwen3_4b", "qwen3_4b_teacher_qwen3_14b"])
 def test_paper_scale_presets_require_checkpoints(preset):
-  with pytest.raises(config_validation.ConfigError, match="--config.model.checkpoint=PATH"):
-    config_validation.validate(load_config(arg=preset))
+  with pytest.raises(settings.ConfigError, match="--config.model.checkpoint=PATH"):
+    settings.from_config(load_config(arg=preset))
   config = load_config(arg=preset, **{"model.checkpoint": "/ckpt/student"})
   if preset.endswith("14b"):
-    with pytest.raises(config_validation.ConfigError, match="--config.teacher.checkpoint"):
-      config_validation.validate(config)
+    with pytest.raises(settings.ConfigError, match="--config.teacher.checkpoint"):
+      settings.from_config(config)
   else:
-    config_validation.validate(config)
+    settings.from_config(config)

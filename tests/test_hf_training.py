@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers_lib = pytest.importorskip("tokenizers")
 
-from mopd_jax import config_validation, train  # noqa: E402
+from mopd_jax import settings, train  # noqa: E402
 from mopd_jax.data import demo_problems  # noqa: E402
 from mopd_jax.metrics import read_jsonl  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
@@ -95,7 +95,7 @@ def test_external_teacher_run_from_hf_checkpoints(checkpoints, tmp_path):
 def test_teacher_vocabulary_mismatch_names_both_sizes(checkpoints):
   config = _config(checkpoints, **{"teacher.mode": "external",
                                    "teacher.checkpoint": str(checkpoints / "other_vocab")})
-  with pytest.raises(config_validation.ConfigError) as err:
+  with pytest.raises(settings.ConfigError) as err:
     train.setup(config)
   student_vocab = json.load(open(checkpoints / "student" / "config.json"))["vocab_size"]
   assert f"{student_vocab + 16} tokens" in str(err.value)
@@ -103,10 +103,10 @@ def test_teacher_vocabulary_mismatch_names_both_sizes(checkpoints):
 
 
 def test_preset_shape_check_names_the_differences(checkpoints):
-  with pytest.raises(config_validation.ConfigError, match="embed_dim preset=2560 checkpoint=32"):
+  with pytest.raises(settings.ConfigError, match="embed_dim preset=2560 checkpoint=32"):
     train.setup(_config(checkpoints, **{"model.preset": "qwen3-4b"}))
 
 
 def test_hf_checkpoint_needs_a_data_cache_dir(checkpoints):
-  with pytest.raises(config_validation.ConfigError, match="data.cache_dir is required"):
+  with pytest.raises(settings.ConfigError, match="data.cache_dir is required"):
     train.setup(_config(checkpoints, **{"data.cache_dir": None}))

@@ -27,7 +27,7 @@ for name, shape, devices in (("one", (1, 1, 1), jax.devices()[:1]),
                              ("eight", (2, 2, 2), jax.devices())):
   config = tiny_config(sys.argv[1], **{"mesh.shape": shape})
   s = train.setup(config, score_batch=scorer, devices=devices)
-  state = s.init_state(config)
+  state = s.init_state()
   step = s.train_step()
   rows_seen.clear()
   metrics = []

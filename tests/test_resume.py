@@ -17,8 +17,8 @@ TOTAL = 8
 
 
 def _command(base_dir, workdir):
-  flags = {"model.cache_dir": base_dir, "data.batch_size": 4, "rollout.num_samples": 4,
-           "rollout.max_response_len": 28, "peers.peer_cap": 28, "eval.num_prompts": 8,
+  flags = {"model.cache_dir": base_dir, "data.batch_size": 4, "sampling.num_samples": 4,
+           "sampling.max_response_len": 28, "peers.peer_cap": 28, "eval.num_prompts": 8,
            "eval.num_samples": 2, "total_steps": TOTAL, "checkpoint_every": 2,
            "eval_every": 4, "loss.chunk_size": 8}
   return ([sys.executable, "-m", "mopd_jax.main", "--config=configs/code.py",

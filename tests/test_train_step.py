@@ -38,8 +38,8 @@ def _tree_allclose(a, b, **kw):
 def test_fused_step_traces_once_and_matches_split_pipeline(setup, split_step):
   config, s = setup
   step = s.train_step()
-  state = s.init_state(config)
-  split_state = s.init_state(config)
+  state = s.init_state()
+  split_state = s.init_state()
   for i in range(3):  # the step raises if it is traced a second time
     batch = s.put_batch(s.train_batches.batch(i))
     before = jax.device_get(state.params)
@@ -59,7 +59,7 @@ def test_fused_step_traces_once_and_matches_split_pipeline(setup, split_step):
 
 def test_ema_teacher_update_formula(setup, split_step):
   config, s = setup
-  state = s.init_state(config)
+  state = s.init_state()
   # Make teacher and student differ first, so the mix is visible.
   state = state.replace(teacher_params=jax.tree.map(lambda t: t * 0.5, state.teacher_params))
   old_t, old_s = jax.device_get((state.teacher_params, state.params))
@@ -71,7 +71,7 @@ def test_ema_teacher_update_formula(setup, split_step):
 
 def test_nonfinite_loss_skips_update_and_is_reported(setup, split_step):
   config, s = setup
-  state = s.init_state(config)
+  state = s.init_state()
   state = state.replace(teacher_params=jax.tree.map(lambda t: t * jnp.nan,
                                                     state.teacher_params))
   before = jax.device_get(state)
@@ -92,8 +92,8 @@ def test_verifier_exception_scores_zero_and_is_counted(tiny_base_dir):
   s = train.setup(config, score_batch=broken)
   step = train_step.make_split_step(s.step_cfg, s.mesh, s.host_verifier, s.optimizer,
                                     s.pieces, s.shardings)
-  state, m = step(s.init_state(config), s.put_batch(s.train_batches.batch(0)))
-  n = config.data.batch_size * config.rollout.num_samples
+  state, m = step(s.init_state(), s.put_batch(s.train_batches.batch(0)))
+  n = config.data.batch_size * config.sampling.num_samples
   assert m["train/reward_mean"] == 0.0 and m["verify/errors"] == n
   # All-failure groups still get 1F contexts and a finite update.
   assert np.isfinite(float(m["train/loss"]))
@@ -103,7 +103,7 @@ def test_step_loss_equals_unchunked_reference(setup):
   """Recompute the step's loss from full logits with the public per-token divergence."""
   config, s = setup
   cfg = s.step_cfg
-  state = s.init_state(config)
+  state = s.init_state()
   batch = s.train_batches.batch(1)
   sample_key, peer_key = train_step.step_keys(state)
   out = jax.device_get(cfg.sampler(state.params, batch["prompt_tokens"],
@@ -126,7 +126,7 @@ def test_step_loss_equals_unchunked_reference(setup):
   pmask = np.repeat(batch["prompt_mask"], g, 0)
   t_tokens, t_mask = peer_context.assemble_teacher_prompts(
       prompt, pmask, np.repeat(batch["insert_index"], g), out.tokens,
-      out.lengths - out.finished, rows, s.pieces, peer_cap=cfg.peer_cap, pad_id=0)
+      out.lengths - out.finished, rows, s.pieces, peer_cap=cfg.peers.peer_cap, pad_id=0)
   rmask = np.arange(lr)[None] < out.lengths[:, None]
 
   def response_logits(params, p_tokens, p_mask):
@@ -138,10 +138,10 @@ def test_step_loss_equals_unchunked_reference(setup):
 
   student = response_logits(state.params, prompt, pmask)
   teacher = response_logits(state.teacher_params, t_tokens, t_mask)
-  per_token = losses.per_token_divergence(student, teacher, alpha=cfg.alpha,
-                                          top_k=cfg.loss_top_k, add_tail=cfg.add_tail)
+  per_token = losses.per_token_divergence(student, teacher, alpha=cfg.loss.alpha,
+                                          top_k=cfg.loss.top_k, add_tail=cfg.loss.add_tail)
   logp = jnp.take_along_axis(jax.nn.log_softmax(student), out.tokens[..., None], -1)[..., 0]
-  weights = jnp.minimum(jnp.exp(logp - out.logprobs), cfg.rollout_correction_clip)
+  weights = jnp.minimum(jnp.exp(logp - out.logprobs), cfg.loss.rollout_correction_clip)
   mask = rmask & np.asarray(sel.mask).reshape(n)[:, None]
   expected = float((per_token * weights * mask).sum() / max(mask.sum(), 1))
   np.testing.assert_allclose(float(metrics["train/loss"]), expected, rtol=1e-4)
@@ -160,7 +160,7 @@ def test_feedback_path_reprompts_all_failure_groups(tiny_base_dir):
   s = train.setup(config, score_batch=all_fail)
   step = train_step.make_split_step(s.step_cfg, s.mesh, s.host_verifier, s.optimizer,
                                     s.pieces, s.shardings)
-  _, m = step(s.init_state(config), s.put_batch(s.train_batches.batch(0)))
+  _, m = step(s.init_state(), s.put_batch(s.train_batches.batch(0)))
   assert m["train/reprompt_fraction"] == 1.0  # feedback counts as a block
   feedback_tokens = min(len(s.tokenizer.encode("expected 7 got 9")), 12)  # capped
   header = len(s.pieces.feedback_header) + len(s.pieces.closing)
@@ -173,6 +173,6 @@ def test_feedback_path_reprompts_all_failure_groups(tiny_base_dir):
   s_off = train.setup(config_off, score_batch=all_fail)
   step_off = train_step.make_split_step(s_off.step_cfg, s_off.mesh, s_off.host_verifier,
                                         s_off.optimizer, s_off.pieces, s_off.shardings)
-  _, m_off = step_off(s_off.init_state(config_off), s_off.put_batch(
+  _, m_off = step_off(s_off.init_state(), s_off.put_batch(
       s_off.train_batches.batch(0)))
   assert m_off["train/reprompt_fraction"] == 0.0 and float(m_off["train/loss"]) == 0.0

@@ -1,0 +1,363 @@
+"""Run settings: one frozen dataclass per config section, each knob defined once.
+
+A knob is a dataclass field made with `knob(default, ok, allowed, doc)`: its default, its
+check and the sentence that names what is allowed sit together. `section(name)` turns a
+dataclass's defaults into the `ConfigDict` section that a config file starts from (so a
+new knob appears in every config file and on the command line without further edits),
+and `from_config(config)` builds and validates every section once, at start-up:
+
+    config.loss    -> LossSettings        config.peers   -> PeerSettings
+    config.sampling-> SamplingSettings    config.teacher -> TeacherSettings
+    config.optim   -> OptimSettings       config.algorithm -> AlgorithmSettings
+    config.model   -> ModelSettings       config.data    -> DataSettings
+    config.verifier-> VerifierSettings    config.eval    -> EvalSettings
+    config.mesh    -> MeshSettings        top-level keys -> RunSettings
+
+The dataclasses are hashable, so the step takes them as static configuration. Every
+error is a `ConfigError` that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import ml_collections
+
+from mopd_jax import losses, peer_context, teacher
+
+
+class ConfigError(ValueError):
+  """An invalid run setting; the message names the key, the value and what is allowed."""
+
+
+# ------------------------------------------------------------------ Checks.
+
+def _int(lo=None):
+  return lambda v: (isinstance(v, int) and not isinstance(v, bool)
+                    and (lo is None or v >= lo))
+
+
+def _num(lo=None, hi=None, lo_open=False, hi_open=False):
+  def ok(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+      return False
+    if lo is not None and (v <= lo if lo_open else v < lo):
+      return False
+    return hi is None or (v < hi if hi_open else v <= hi)
+  return ok
+
+
+def _bool(v):
+  return isinstance(v, bool)
+
+
+def _one_of(options):
+  return lambda v: v in options
+
+
+def _optional(ok):
+  return lambda v: v is None or ok(v)
+
+
+def _str(v):
+  return isinstance(v, str)
+
+
+_DTYPES = ("float32", "bfloat16")
+
+
+def knob(default, ok, allowed: str, doc: str = "", *, kind: type | None = None):
+  """A setting: default, validity check, and the phrase naming allowed values.
+
+  kind: the value type of a knob whose default is None, so that the command line can
+  still set it (`--config.data.cache_dir=PATH`).
+  """
+  return dataclasses.field(default=default, metadata={
+      "ok": ok, "allowed": allowed, "doc": doc, "kind": kind})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Section:
+  """Base: validates every knob, then the cross-knob rules of `check`."""
+
+  NAME: ClassVar[str] = ""
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if isinstance(value, list):  # ConfigDict tuples may come back as lists
+        value = tuple(value)
+        object.__setattr__(self, f.name, value)
+      if not f.metadata["ok"](value):
+        raise ConfigError(f"Invalid {self.key(f.name)} = {value!r}: must be "
+                          f"{f.metadata['allowed']}.")
+    self.check()
+
+  def check(self):
+    """Rules that involve several knobs of the section."""
+
+  @classmethod
+  def key(cls, name: str) -> str:
+    return f"config.{cls.NAME}.{name}" if cls.NAME else f"config.{name}"
+
+  @classmethod
+  def from_section(cls, values: dict[str, Any]):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ConfigError(f"Unknown key(s) {[cls.key(k) for k in unknown]}; "
+                        f"{cls.key('')[:-1]} takes {sorted(known)}.")
+    return cls(**values)
+
+
+# ------------------------------------------------------------------ Sections.
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings(_Section):
+  """Top-level keys: seed, length of the run, checkpoint / eval / log cadence."""
+
+  seed: int = knob(42, _int(0), "a non-negative integer")
+  total_steps: int = knob(60, _int(0), "a non-negative integer")
+  checkpoint_every: int = knob(20, _int(0), "a non-negative integer (0 = only on exit)")
+  keep_checkpoints: int = knob(3, _int(1), "a positive integer")
+  eval_every: int = knob(30, _int(0), "a non-negative integer (0 = before and after only)")
+  log_every: int = knob(1, _int(1), "a positive integer")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings(_Section):
+  """The student: 'demo' (the built-in base model) or a Hugging Face checkpoint."""
+
+  NAME: ClassVar[str] = "model"
+  checkpoint: str | None = knob("demo", _optional(lambda v: isinstance(v, str) and v),
+                                "'demo' or a checkpoint path", kind=str)
+  preset: str = knob("", _str, "'' or a preset name of mopd_jax.models.presets",
+                     "If set, the checkpoint must have this preset's shapes.")
+  cache_dir: str | None = knob(None, _optional(_str), "None or a directory", kind=str)
+  dtype: str = knob("float32", _one_of(_DTYPES), "'float32' or 'bfloat16'",
+                    "Compute dtype.")
+  param_dtype: str = knob("float32", _one_of(_DTYPES), "'float32' or 'bfloat16'")
+  remat: bool = knob(True, _bool, "True or False")
+
+  def check(self):
+    if self.checkpoint is None:
+      raise ConfigError("config.model.checkpoint is required for this preset: pass "
+                        "--config.model.checkpoint=PATH to a Hugging Face checkpoint "
+                        "directory.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings(_Section):
+  NAME: ClassVar[str] = "data"
+  task: str = knob("demo_code", _one_of(("demo_code",)), "one of ('demo_code',)")
+  cache_dir: str | None = knob(None, _optional(_str), "None or a directory", kind=str)
+  batch_size: int = knob(16, _int(1), "a positive integer",
+                         "Prompts per step; rows = batch_size * sampling.num_samples.")
+  max_prompt_len: int = knob(48, _int(2), "an integer >= 2")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings(_Section):
+  """Student rollouts during training (MOPD spec: temperature 1, top_p 1, top_k off)."""
+
+  NAME: ClassVar[str] = "sampling"
+  num_samples: int = knob(8, _int(1), "a positive integer", "G rollouts per prompt.")
+  max_response_len: int = knob(4096, _int(1), "a positive integer")
+  temperature: float = knob(1.0, _num(0.0, lo_open=True), "a number > 0")
+  top_k: int = knob(0, _int(0), "a non-negative integer (0 = off)")
+  top_p: float = knob(1.0, _num(0.0, 1.0, lo_open=True), "a number in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifierSettings(_Section):
+  NAME: ClassVar[str] = "verifier"
+  time_limit_s: float = knob(1.0, _num(0.0, lo_open=True), "a number > 0",
+                             "Per test case, on top of one second of start-up.")
+  max_workers: int | None = knob(None, _optional(_int(1)),
+                                 "None (one per core) or a positive integer", kind=int)
+  batch_deadline_s: float | None = knob(
+      120.0, _optional(_num(0.0, lo_open=True)), "None or a number > 0",
+      "After this many seconds per verification call, unfinished responses score 0 "
+      "(counted as timeouts). None: no batch deadline beyond the per-response limits.",
+      kind=float)
+  success_threshold: float = knob(1.0, _num(0.0, 1.0), "a number in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerSettings(_Section):
+  """Peer context (MOPD spec §2); the defaults are 2S1F with condition 'always'."""
+
+  NAME: ClassVar[str] = "peers"
+  include_primary: bool = knob(True, _bool, "True or False")
+  include_another: bool = knob(True, _bool, "True or False")
+  include_failure: bool = knob(True, _bool, "True or False")
+  failure_condition: str = knob("always", _one_of(peer_context.FAILURE_CONDITIONS),
+                                f"one of {peer_context.FAILURE_CONDITIONS}")
+  exclude_self_success: bool = knob(True, _bool, "True or False")
+  include_feedback: bool = knob(False, _bool, "True or False")
+  feedback_only_without_solution: bool = knob(True, _bool, "True or False")
+  peer_cap: int = knob(2048, _int(1), "a positive integer", "Tokens per peer block.")
+  feedback_len: int = knob(64, _int(1), "a positive integer",
+                           "Tokens of the rollout's own verifier feedback.")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings(_Section):
+  """Top-k generalised JSD between student and teacher (MOPD spec §3)."""
+
+  NAME: ClassVar[str] = "loss"
+  alpha: float = knob(0.5, _num(0.0, 1.0), "a number in [0, 1]",
+                      "0 = forward KL, 1 = reverse KL, else generalised JSD.")
+  top_k: int | None = knob(100, _optional(_int(1)),
+                           "None (full vocabulary) or a positive integer", kind=int)
+  add_tail: bool = knob(True, _bool, "True or False")
+  aggregation: str = knob("token-mean", _one_of(losses.AGGREGATION_MODES),
+                          f"one of {losses.AGGREGATION_MODES}")
+  temperature: float = knob(
+      1.0, _num(0.0, lo_open=True), "a number > 0",
+      "Distillation temperature: both sides' logits are divided by it (its own setting, "
+      "separate from the sampling temperature).")
+  chunk_size: int = knob(32, _int(1), "a positive integer",
+                         "Response positions per chunk of the vocabulary projection.")
+  full_logit: bool = knob(True, _bool, "True or False")
+  rollout_correction_clip: float = knob(2.0, _num(0.0), "a number >= 0 (0 = off)")
+
+  def check(self):
+    if not self.full_logit and self.alpha != 1.0:
+      raise ConfigError(
+          f"Invalid config.loss.alpha = {self.alpha!r} with config.loss.full_logit = False: "
+          "the non-full-logit mode is reverse KL only, so alpha must be 1.0.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSettings(_Section):
+  NAME: ClassVar[str] = "teacher"
+  mode: str = knob("ema", _one_of(teacher.TEACHER_MODES), f"one of {teacher.TEACHER_MODES}")
+  checkpoint: str | None = knob(None, _optional(_str), "None or a checkpoint path",
+                                "External teacher only.", kind=str)
+  param_dtype: str = knob("bfloat16", _one_of(_DTYPES), "'float32' or 'bfloat16'",
+                          "The external teacher's parameters.")
+  ema_rate: float = knob(0.05, _num(0.0, 1.0), "a number in [0, 1]")
+
+  def check(self):
+    if self.mode == "external" and not self.checkpoint:
+      raise ConfigError("config.teacher.checkpoint is required when config.teacher.mode = "
+                        "'external': pass --config.teacher.checkpoint=PATH to a Hugging Face "
+                        "checkpoint directory.")
+
+  @property
+  def ema(self) -> float:
+    """The EMA rate the step applies: 0 unless the mode is 'ema'."""
+    return self.ema_rate if self.mode == "ema" else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSettings(_Section):
+  """AdamW after global-norm clipping; linear warm-up, then constant."""
+
+  NAME: ClassVar[str] = "optim"
+  lr: float = knob(1e-5, _num(0.0, lo_open=True), "a number > 0")
+  warmup_steps: int = knob(10, _int(0), "a non-negative integer")
+  b1: float = knob(0.9, _num(0.0, 1.0, hi_open=True), "a number in [0, 1)")
+  b2: float = knob(0.999, _num(0.0, 1.0, hi_open=True), "a number in [0, 1)")
+  weight_decay: float = knob(0.01, _num(0.0), "a number >= 0")
+  grad_clip: float = knob(1.0, _num(0.0, lo_open=True), "a number > 0")
+
+
+ALGORITHMS = ("mopd",)
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmSettings(_Section):
+  NAME: ClassVar[str] = "algorithm"
+  name: str = knob("mopd", _one_of(ALGORITHMS), f"one of {ALGORITHMS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings(_Section):
+  """Held-out evaluation (MOPD spec §5: n=8 samples, temperature 0.6, top_p 0.95)."""
+
+  NAME: ClassVar[str] = "eval"
+  num_prompts: int = knob(64, _int(1), "a positive integer")
+  num_samples: int = knob(8, _int(1), "a positive integer")
+  temperature: float = knob(0.6, _num(0.0), "a number >= 0 (0 = greedy)")
+  top_p: float = knob(0.95, _num(0.0, 1.0, lo_open=True), "a number in (0, 1]")
+  top_k: int = knob(0, _int(0), "a non-negative integer (0 = off)")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings(_Section):
+  NAME: ClassVar[str] = "mesh"
+  shape: tuple[int, ...] = knob(
+      (-1, 1, 1),
+      lambda v: (isinstance(v, tuple) and len(v) == 3
+                 and all(_int()(s) and (s > 0 or s == -1) for s in v)
+                 and sum(s == -1 for s in v) <= 1),
+      "three sizes for ('data', 'fsdp', 'tensor'), each positive or -1 (at most one -1: "
+      "the remaining devices)")
+
+
+SECTIONS = {cls.NAME: cls for cls in (
+    ModelSettings, DataSettings, SamplingSettings, VerifierSettings, PeerSettings,
+    LossSettings, TeacherSettings, OptimSettings, AlgorithmSettings, EvalSettings,
+    MeshSettings)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """All sections of a run config, validated."""
+
+  run: RunSettings
+  model: ModelSettings
+  data: DataSettings
+  sampling: SamplingSettings
+  verifier: VerifierSettings
+  peers: PeerSettings
+  loss: LossSettings
+  teacher: TeacherSettings
+  optim: OptimSettings
+  algorithm: AlgorithmSettings
+  eval: EvalSettings
+  mesh: MeshSettings
+
+  @property
+  def rows(self) -> int:
+    """Sequences per step: prompts x rollouts per prompt."""
+    return self.data.batch_size * self.sampling.num_samples
+
+
+# ------------------------------------------------------------------ ConfigDict <-> settings.
+
+def section(name: str, **overrides) -> ml_collections.ConfigDict:
+  """The ConfigDict of section `name` with its defaults, then `overrides` applied."""
+  cls = SECTIONS[name] if name else RunSettings
+  values = {}
+  for f in dataclasses.fields(cls):
+    value = overrides.pop(f.name, f.default)
+    if value is None and f.metadata["kind"] is not None:
+      value = ml_collections.config_dict.placeholder(f.metadata["kind"])
+    values[f.name] = value
+  if overrides:
+    raise ConfigError(f"Unknown key(s) {[cls.key(k) for k in sorted(overrides)]}.")
+  return ml_collections.ConfigDict(values)
+
+
+def base_config(**run_overrides) -> ml_collections.ConfigDict:
+  """A full config with every section at its defaults (config files start here)."""
+  c = section("", **run_overrides)
+  for name in SECTIONS:
+    c[name] = section(name)
+  return c
+
+
+def from_config(config) -> Settings:
+  """Validates `config` (a ConfigDict or nested dict) and builds every section."""
+  values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  missing = [name for name in SECTIONS if name not in values]
+  if missing:
+    raise ConfigError(f"Config section(s) {missing} are missing; a config needs "
+                      f"{sorted(SECTIONS)}.")
+  built = {name: SECTIONS[name].from_section(dict(values.pop(name))) for name in SECTIONS}
+  return Settings(run=RunSettings.from_section(values), **built)
