@@ -37,7 +37,8 @@ def compile_step(*, vocab=151_936, response_len=1024, prompts=2, samples=8, chun
       sampling=settings.SamplingSettings(num_samples=samples, max_response_len=response_len),
       peers=settings.PeerSettings(peer_cap=peer_cap),
       loss=settings.LossSettings(chunk_size=chunk, top_k=100),
-      teacher=settings.TeacherSettings(), stop_ids=(1,), pad_id=0)
+      teacher=settings.TeacherSettings(), optim=settings.OptimSettings(), stop_ids=(1,),
+      pad_id=0)
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   optimizer, _ = train_step.make_optimizer(settings.OptimSettings())
   params = jax.eval_shape(lambda: transformer.init_params(model, jax.random.PRNGKey(0)))

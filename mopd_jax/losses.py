@@ -472,3 +472,31 @@ def chunked_distillation(
 
   loss, student_logp, teacher_logp = (from_chunks(x) for x in outs)
   return loss, student_logp, jax.lax.stop_gradient(teacher_logp)
+
+
+def aggregation_weights(mask: jax.Array, mode: str) -> jax.Array:
+  """Per-token weights w [N, L] with ``aggregate(x, mask, mode) == sum(x * w)``.
+
+  The weights depend on the mask only, so a loss split over row micro-batches is the
+  sum of each micro-batch's ``sum(x * w)`` with the weights of the whole batch: the
+  gradient accumulated over micro-batches equals the gradient of one batch.
+
+  Args:
+    mask: [N, L] 0/1 mask (bool or numeric).
+    mode: one of ``AGGREGATION_MODES`` (see ``aggregate``).
+
+  Returns:
+    float32 [N, L], zero wherever the mask is zero.
+  """
+  if mode not in AGGREGATION_MODES:
+    raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {AGGREGATION_MODES}")
+  if mask.ndim != 2:
+    raise ValueError(f"mask must be [N, L], got shape {mask.shape}")
+  weight = mask.astype(jnp.float32)  # [N, L]
+  if mode == "token-mean":
+    return weight / jnp.maximum(jnp.sum(weight), 1.0)
+  seq_count = jnp.sum(weight, axis=-1, keepdims=True)  # [N, 1]
+  num_seqs = jnp.maximum(jnp.sum((seq_count > 0.0).astype(jnp.float32)), 1.0)
+  if mode == "seq-mean-token-mean":
+    weight = weight / jnp.maximum(seq_count, 1.0)
+  return weight / num_seqs

@@ -264,6 +264,12 @@ class OptimSettings(_Section):
   b2: float = knob(0.999, _num(0.0, 1.0, hi_open=True), "a number in [0, 1)")
   weight_decay: float = knob(0.01, _num(0.0), "a number >= 0")
   grad_clip: float = knob(1.0, _num(0.0, lo_open=True), "a number > 0")
+  micro_batch_rows: int = knob(
+      0, _int(0), "a non-negative integer (0 = all rows at once)",
+      "Rows per micro-batch of the teacher forward and the student forward/backward; "
+      "gradients are accumulated, so the update equals the one-batch update. Must divide "
+      "data.batch_size * sampling.num_samples and be divisible by the data x fsdp mesh "
+      "size. Sampling always runs as one batch.")
 
 
 ALGORITHMS = ("mopd",)
@@ -321,6 +327,16 @@ class Settings:
   algorithm: AlgorithmSettings
   eval: EvalSettings
   mesh: MeshSettings
+
+  def __post_init__(self):
+    mb = self.optim.micro_batch_rows
+    if mb and self.rows % mb:
+      divisors = [d for d in range(1, self.rows + 1) if self.rows % d == 0]
+      raise ConfigError(
+          f"Invalid config.optim.micro_batch_rows = {mb}: it must divide the "
+          f"{self.rows} rows of a step (data.batch_size {self.data.batch_size} x "
+          f"sampling.num_samples {self.sampling.num_samples}); divisors: {divisors}, "
+          "or 0 for one batch.")
 
   @property
   def rows(self) -> int:

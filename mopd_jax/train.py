@@ -195,6 +195,12 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
     raise settings.ConfigError(
         f"config.data.batch_size={st.data.batch_size} must be divisible by the "
         f"data x fsdp mesh size {divisor} (mesh {dict(mesh.shape)}).")
+  mb = st.optim.micro_batch_rows
+  if mb and mb < st.rows and mb % divisor:
+    raise settings.ConfigError(
+        f"config.optim.micro_batch_rows={mb} must be divisible by the data x fsdp mesh "
+        f"size {divisor} (mesh {dict(mesh.shape)}), so that every micro-batch keeps rows "
+        "on every device.")
   logging.info("Mesh %s over %d %s devices.", dict(mesh.shape), mesh.size,
                mesh.devices.flat[0].platform)
 

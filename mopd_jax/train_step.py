@@ -67,6 +67,7 @@ class StepConfig:
   peers: settings.PeerSettings
   loss: settings.LossSettings
   teacher: settings.TeacherSettings
+  optim: settings.OptimSettings
   stop_ids: tuple[int, ...]
   pad_id: int
   success_threshold: float = 1.0
@@ -76,7 +77,7 @@ class StepConfig:
   @classmethod
   def from_settings(cls, s: settings.Settings, model, tokenizer, teacher_model=None):
     return cls(model=model, sampling=s.sampling, peers=s.peers, loss=s.loss,
-               teacher=s.teacher, stop_ids=tuple(tokenizer.stop_ids),
+               teacher=s.teacher, optim=s.optim, stop_ids=tuple(tokenizer.stop_ids),
                pad_id=tokenizer.pad_id, success_threshold=s.verifier.success_threshold,
                teacher_model=teacher_model)
 
@@ -205,9 +206,11 @@ def score_with_teacher(cfg: StepConfig, teacher_params, inputs: TeacherInputs,
 
 
 def distillation_loss(cfg: StepConfig, params, inputs: TeacherInputs, rollouts: Rollouts,
-                      teacher_hidden, teacher_head):
-  """Stage 3: the student's forward and the aggregated top-k divergence.
+                      teacher_hidden, teacher_head, weights):
+  """Stage 3: the student's forward and the weighted top-k divergence.
 
+  weights: float32 [N, Lr] from `losses.aggregation_weights` of the whole batch, so
+  that the sum of this function over row micro-batches is the batch's loss.
   Returns (loss, (student log-prob of each response token, teacher's)), both [N, Lr].
   """
   lc = cfg.loss
@@ -222,8 +225,70 @@ def distillation_loss(cfg: StepConfig, params, inputs: TeacherInputs, rollouts: 
   if lc.rollout_correction_clip > 0:
     per_token = per_token * losses.rollout_correction_weights(
         student_logp, rollouts.logprobs, lc.rollout_correction_clip)
-  loss = losses.aggregate(per_token, inputs.loss_mask, lc.aggregation)
+  # Masked positions may hold garbage (even inf); they must not leak into the sum.
+  loss = jnp.sum(jnp.where(weights != 0.0, per_token * weights, 0.0))
   return loss, (jax.lax.stop_gradient(student_logp), teacher_logp)
+
+
+def _to_micro_batches(tree, num):
+  """[N, ...] -> [num, N / num, ...] with micro-batch m = rows m, m + num, m + 2 num, ...
+
+  Strided rather than contiguous: rows are sharded over (data, fsdp) in contiguous
+  blocks, so every micro-batch keeps rows on every device.
+  """
+  return jax.tree.map(
+      lambda x: x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1), tree)
+
+
+def _from_micro_batches(tree):
+  return jax.tree.map(
+      lambda x: x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:]), tree)
+
+
+def loss_and_grads(cfg: StepConfig, state: TrainState, inputs: TeacherInputs,
+                   rollouts: Rollouts):
+  """Stages 2 and 3, over row micro-batches when `optim.micro_batch_rows` is set.
+
+  Each micro-batch runs the teacher forward and the student forward + backward; the
+  gradients (float32) and the loss are summed in a `lax.scan`, so only one micro-batch's
+  activations are live at a time. Weights of the whole batch make the sum equal to the
+  one-batch loss and gradient. Returns (loss, grads, student_logp, teacher_logp).
+  """
+  weights = losses.aggregation_weights(inputs.loss_mask, cfg.loss.aggregation)
+  row_inputs = (inputs.prompt_tokens, inputs.prompt_mask, inputs.teacher_tokens,
+                inputs.teacher_mask, inputs.response_mask, inputs.rollout_mask)
+
+  def one(params, row_inputs, rollouts, weights):
+    p_tok, p_mask, t_tok, t_mask, r_mask, ro_mask = row_inputs
+    mb = inputs.replace(prompt_tokens=p_tok, prompt_mask=p_mask, teacher_tokens=t_tok,
+                        teacher_mask=t_mask, response_mask=r_mask, rollout_mask=ro_mask)
+    teacher_hidden, teacher_head = score_with_teacher(cfg, state.teacher_params, mb,
+                                                      rollouts)
+    loss_fn = functools.partial(distillation_loss, cfg)
+    (loss, (s_logp, t_logp)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, mb, rollouts, teacher_hidden, teacher_head, weights)
+    return loss, grads, s_logp, t_logp
+
+  n = rollouts.tokens.shape[0]
+  rows = cfg.optim.micro_batch_rows
+  if not rows or rows >= n:
+    return one(state.params, row_inputs, rollouts, weights)
+  if n % rows:
+    raise ValueError(f"optim.micro_batch_rows={rows} does not divide the {n} rows.")
+  num = n // rows
+  stacked = _to_micro_batches((row_inputs, rollouts, weights), num)
+
+  def body(carry, xs):
+    loss_sum, grad_sum = carry
+    loss, grads, s_logp, t_logp = one(state.params, *xs)
+    grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+    return (loss_sum + loss, grad_sum), (s_logp, t_logp)
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+  (loss, grads), logps = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), stacked)
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+  student_logp, teacher_logp = _from_micro_batches(logps)
+  return loss, grads, student_logp, teacher_logp
 
 
 def apply_update(cfg: StepConfig, optimizer, state: TrainState, loss, grads):
@@ -281,11 +346,7 @@ def update(cfg: StepConfig, optimizer, pieces, state: TrainState, batch,
   """Everything after verification, in the order it runs: peers and teacher prompts ->
   teacher scoring -> loss and gradient -> optimizer and EMA update -> metrics."""
   inputs = build_teacher_inputs(cfg, pieces, batch, rollouts, peer_key)
-  teacher_hidden, teacher_head = score_with_teacher(cfg, state.teacher_params, inputs,
-                                                    rollouts)
-  loss_fn = functools.partial(distillation_loss, cfg)
-  (loss, (student_logp, teacher_logp)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, inputs, rollouts, teacher_hidden, teacher_head)
+  loss, grads, student_logp, teacher_logp = loss_and_grads(cfg, state, inputs, rollouts)
   new_state, grad_norm, finite = apply_update(cfg, optimizer, state, loss, grads)
   return new_state, step_metrics(inputs, rollouts, loss, grad_norm, finite, student_logp,
                                  teacher_logp)
