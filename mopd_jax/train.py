@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mopd_jax import (checkpointing, demo_base, metrics as metrics_lib, peer_context,
-                      settings, sharding, teacher, tokenizers, train_step)
+from mopd_jax import (checkpointing, demo_base, memory_plan, metrics as metrics_lib,
+                      peer_context, settings, sharding, teacher, tokenizers, train_step)
 from mopd_jax.data import pipeline
 from mopd_jax.models import presets, transformer
 from mopd_jax.sampling import Sampler
@@ -129,6 +129,31 @@ class Setup:
 
   def put_batch(self, batch):
     return jax.device_put(batch, train_step.batch_shardings(self.mesh))
+
+  def abstract_inputs(self):
+    """(state, batch) of the step as ShapeDtypeStructs on their shardings."""
+    st = self.settings
+    shape = (st.data.batch_size, st.data.max_prompt_len)
+    shardings = train_step.batch_shardings(self.mesh)
+    batch = {"prompt_tokens": jax.ShapeDtypeStruct(shape, jnp.int32),
+             "prompt_mask": jax.ShapeDtypeStruct(shape, jnp.bool_),
+             "insert_index": jax.ShapeDtypeStruct(shape[:1], jnp.int32),
+             "example_id": jax.ShapeDtypeStruct(shape[:1], jnp.int32)}
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
+             for k, v in batch.items()}
+    return checkpointing.abstract_like(self.state_shapes, self.shardings), batch
+
+  def compile_step(self):
+    """The compiled fused step and its memory plan, from abstract shapes only."""
+    compiled = self.train_step().lower(*self.abstract_inputs()).compile()
+    st = self.settings
+    kv = memory_plan.kv_cache_bytes(
+        self.model_cfg, prompts=st.data.batch_size, rows=st.rows,
+        prompt_len=st.data.max_prompt_len, response_len=st.sampling.max_response_len,
+        batch_devices=sharding.batch_divisor(self.mesh))
+    plan = memory_plan.make_plan(compiled, self.state_shapes, self.shardings, kv,
+                                 self.mesh.devices.flat[0])
+    return compiled, plan
 
 
 def _load_model(st: settings.Settings, mesh):
@@ -265,6 +290,19 @@ def run(config, workdir: str) -> dict:
   st = s.settings
   os.makedirs(workdir, exist_ok=True)
 
+  # ---------------------------------------------------------------- Step and memory plan.
+  # Compiled from abstract shapes before any state exists, so a run that cannot fit
+  # stops here, naming the knobs, instead of failing half-way through allocation.
+  compile_start = time.time()
+  compiled, plan = s.compile_step()
+  compile_time = time.time() - compile_start
+  logging.info("Compiled the train step in %.1fs.", compile_time)
+  logging.info("%s", plan.table())
+  if plan.device_limit is None:
+    logging.info("The %s backend reports no memory limit: the plan is not checked.",
+                 plan.device_kind)
+  memory_plan.check_fits(plan, settings.ConfigError)
+
   # ---------------------------------------------------------------- State: init or restore.
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     every=st.run.checkpoint_every,
@@ -278,13 +316,6 @@ def run(config, workdir: str) -> dict:
   else:
     state = s.init_state()
   start_step = int(state.step)
-
-  # ---------------------------------------------------------------- Step (compiled once).
-  compile_start = time.time()
-  compiled = s.train_step().lower(
-      state, s.put_batch(s.train_batches.batch(start_step))).compile()
-  compile_time = time.time() - compile_start
-  logging.info("Compiled the train step in %.1fs.", compile_time)
   evaluator = Evaluator(st, s.model_cfg, s.tokenizer, s.eval_batches, s.host_verifier)
 
   # ---------------------------------------------------------------- Loop.
@@ -363,6 +394,7 @@ def run(config, workdir: str) -> dict:
       "data": {"train": s.train_batches.report, "heldout": s.eval_batches.report},
       "final_train_metrics": {k: metrics_lib.to_python(v) for k, v in last_metrics.items()},
       "device": f"{s.mesh.size} x {s.mesh.devices.flat[0].device_kind}",
+      "memory_plan": plan.as_dict(),
   }
   _write_json(summary_path, summary)
   if os.path.exists(summary_path + ".partial"):

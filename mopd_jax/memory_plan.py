@@ -1,0 +1,132 @@
+"""Per-device memory plan of a run, made before the training state exists.
+
+The fused step is lowered and compiled from abstract shapes (with their shardings), so
+XLA's memory analysis gives the step's temporary memory before the optimizer state and
+the teacher are allocated (and, in `benchmarks.step_memory`, without any weight at all). The plan adds the persistent state per device:
+
+    parameters      sum over leaves of the shard size (sharding.shard_shape)
+    optimizer state AdamW: two moments of the parameters' shape, plus a step count
+    teacher         float32 copy of the student (self-teacher) or the external model
+    KV cache        layers x 2 (K, V) x kv_heads x head_dim x (B x Lp + N x Lr) x bytes
+                    (prompt KV stored once per prompt, responses per rollout), split over
+                    the data x fsdp devices; it lives inside the step's temporary memory
+    temporary       compiled.memory_analysis().temp_size_in_bytes
+
+and compares the total with the device's memory limit where the backend reports one
+(GPU and TPU do; a CPU does not, and the check is then skipped with a log line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from mopd_jax.models import transformer
+
+
+def tree_bytes_per_device(shapes, shardings=None) -> int:
+  """Bytes one device holds of a pytree of arrays / ShapeDtypeStructs.
+
+  shardings: a matching pytree of shardings; default: each leaf's own `.sharding`
+  (replicated when it has none).
+  """
+  leaves = jax.tree.leaves(shapes)
+  shard_leaves = (jax.tree.leaves(shardings) if shardings is not None
+                  else [getattr(x, "sharding", None) for x in leaves])
+  total = 0
+  for x, s in zip(leaves, shard_leaves):
+    shape = tuple(x.shape) if s is None else tuple(s.shard_shape(tuple(x.shape)))
+    total += math.prod(shape) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def kv_cache_bytes(model: transformer.ModelConfig, *, prompts: int, rows: int,
+                   prompt_len: int, response_len: int, batch_devices: int) -> int:
+  """Per-device bytes of the sampler's KV cache (see the module docstring)."""
+  per_token = (model.num_layers * 2 * model.num_kv_heads * model.head_dim
+               * np.dtype(transformer.dtype_from_name(model.dtype)).itemsize)
+  tokens = prompts * prompt_len + rows * response_len
+  return per_token * tokens // max(batch_devices, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+  params: int
+  opt_state: int
+  teacher: int
+  kv_cache: int  # estimate; part of `temp`
+  temp: int
+  argument: int
+  output: int
+  device_limit: int | None
+  device_kind: str
+
+  @property
+  def total(self) -> int:
+    """Peak estimate: the step's arguments (the whole state and batch) + its temporaries.
+
+    The state is donated, so the outputs reuse the arguments' buffers.
+    """
+    return self.argument + self.temp
+
+  def as_dict(self) -> dict[str, Any]:
+    return {**dataclasses.asdict(self), "total": self.total}
+
+  def table(self) -> str:
+    gib = lambda b: f"{b / 2**30:8.2f} GiB"  # noqa: E731
+    rows = [("parameters", self.params), ("optimizer state", self.opt_state),
+            ("teacher", self.teacher), ("KV cache (in temporary)", self.kv_cache),
+            ("step temporary", self.temp), ("step arguments", self.argument),
+            ("total (arguments + temporary)", self.total)]
+    lines = [f"Memory plan per device ({self.device_kind}):"]
+    lines += [f"  {name:<30s}{gib(value)}" for name, value in rows]
+    lines.append("  device limit                  " + (
+        gib(self.device_limit) if self.device_limit else "    unknown (not reported)"))
+    return "\n".join(lines)
+
+  def fits(self) -> bool:
+    return self.device_limit is None or self.total <= self.device_limit
+
+
+def device_memory_limit(device) -> int | None:
+  """The device's memory limit in bytes, or None where the backend reports none."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None  # some backends raise instead of returning None
+  if not stats:
+    return None
+  return stats.get("bytes_limit") or None
+
+
+def make_plan(compiled, state_shapes, state_shardings, kv_bytes: int, device) -> MemoryPlan:
+  """The plan of a compiled step whose state has `state_shapes` on `state_shardings`."""
+  stats = compiled.memory_analysis()
+  per = lambda field: tree_bytes_per_device(  # noqa: E731
+      getattr(state_shapes, field), getattr(state_shardings, field))
+  return MemoryPlan(
+      params=per("params"), opt_state=per("opt_state"), teacher=per("teacher_params"),
+      kv_cache=kv_bytes,
+      temp=int(stats.temp_size_in_bytes) if stats is not None else 0,
+      argument=int(stats.argument_size_in_bytes) if stats is not None else 0,
+      output=int(stats.output_size_in_bytes) if stats is not None else 0,
+      device_limit=device_memory_limit(device), device_kind=device.device_kind)
+
+
+def check_fits(plan: MemoryPlan, error_cls=ValueError):
+  """Raises `error_cls` naming the knobs that shrink a step that does not fit."""
+  if plan.fits():
+    return
+  raise error_cls(
+      f"The step needs about {plan.total / 2**30:.1f} GiB per device (arguments "
+      f"{plan.argument / 2**30:.1f} GiB + temporary {plan.temp / 2**30:.1f} GiB) but the "
+      f"{plan.device_kind} has {plan.device_limit / 2**30:.1f} GiB. Knobs that shrink it: "
+      "config.optim.micro_batch_rows (fewer rows live at once), config.mesh.shape (more "
+      "fsdp devices split parameters and optimizer state), config.model.remat_policy "
+      "(save fewer activations), config.loss.chunk_size, and the lengths "
+      "config.data.max_prompt_len, config.sampling.max_response_len, config.peers.peer_cap."
+      f"\n{plan.table()}")
