@@ -1,88 +1,150 @@
-r"""Temporary memory of the compiled MOPD step at a real vocabulary size.
+r"""Per-device memory of the fused MOPD step, compiled ahead of time from abstract shapes.
 
-    python -m benchmarks.step_memory            # writes benchmarks/step_memory.json
+    python -m benchmarks.step_memory --preset=qwen3-0.6b --rows=8 --group=8 \
+        --prompt-len=1024 --response-len=2048 --peer-cap=1024
+    python -m benchmarks.step_memory --preset=qwen3-4b --rows=256 --group=8 \
+        --prompt-len=2048 --response-len=4096 --peer-cap=2048 \
+        --mesh=1,8,1 --devices=8 --micro-batch-rows=16
 
-The step never materialises float32 logits [rows, Lr, V]: the divergence is computed
-from hidden states in sequence chunks under remat, so logits exist only as
-[rows, chunk, V] at a time. This compiles (without running) the fused train step for
-Qwen-size vocabulary 151,936, response length 1,024 and 16 rollouts (2 prompts x 8) on
-a shallow model, and reads XLA's `compiled.memory_analysis()`.
+No weight is materialised: parameters, optimizer state and teacher are ShapeDtypeStructs
+on their shardings, the fused step (sample -> verify -> peers -> teacher -> loss ->
+update) is lowered and compiled, and XLA's `compiled.memory_analysis()` gives the
+per-device temporary, argument and output bytes. `--devices=N` fakes N CPU devices
+(it must be given before JAX starts, so this module imports JAX only after parsing).
+Prints one JSON line.
 
-Expected cost: one chunk of student + teacher logits and their log-softmax is about
-rows * chunk * V * 4 bytes * (a few copies), vs rows * Lr * V * 4 = 9.96 GB for one
-whole float32 logits tensor.
+`--rows` counts sequences (prompts x group); `--peer-cap` is the per-block cap of the
+peer context, so the teacher prompt is about prompt + 3 x cap + template tokens (2S1F).
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 
-from mopd_jax import peer_context, settings, sharding, teacher, train_step
-from mopd_jax.models import transformer
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--preset", required=True, help="a preset of mopd_jax.models.presets")
+  p.add_argument("--rows", type=int, required=True, help="sequences per step (B x G)")
+  p.add_argument("--group", type=int, required=True, help="rollouts per prompt (G)")
+  p.add_argument("--prompt-len", type=int, required=True)
+  p.add_argument("--response-len", type=int, required=True)
+  p.add_argument("--peer-cap", type=int, required=True)
+  p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes (-1 = rest)")
+  p.add_argument("--devices", type=int, default=0, help="fake this many CPU devices")
+  p.add_argument("--micro-batch-rows", type=int, default=0)
+  p.add_argument("--attention", default=None, help="model attention kind")
+  p.add_argument("--num-layers", type=int, default=0, help="override the preset's depth")
+  p.add_argument("--remat-policy", default=None, help="model remat policy")
+  p.add_argument("--dtype", default="bfloat16", help="compute dtype")
+  p.add_argument("--param-dtype", default="float32")
+  p.add_argument("--chunk-size", type=int, default=32, help="loss chunk (positions)")
+  p.add_argument("--top-k", type=int, default=100)
+  args = p.parse_args(argv)
+  if args.rows % args.group:
+    p.error(f"--rows={args.rows} must be a multiple of --group={args.group}.")
+  return args
 
 
-def compile_step(*, vocab=151_936, response_len=1024, prompts=2, samples=8, chunk=32,
-                 prompt_len=64, peer_cap=256, layers=2, embed=64):
-  model = transformer.ModelConfig(vocab_size=vocab, num_layers=layers, embed_dim=embed,
-                                  num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=4 * embed,
-                                  qk_norm=True, tie_embeddings=True)
+def compile_step(args) -> dict:
+  """Lowers and compiles the fused step for `args`; returns the memory figures."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from mopd_jax import (memory_plan, peer_context, settings, sharding, teacher,  # pylint: disable=import-outside-toplevel
+                        train_step)
+  from mopd_jax.models import presets, transformer  # pylint: disable=import-outside-toplevel
+
+  model = dataclasses.replace(presets.get(args.preset), dtype=args.dtype,
+                              param_dtype=args.param_dtype)
+  overrides = {}
+  if args.num_layers:
+    overrides["num_layers"] = args.num_layers
+  if args.attention:
+    overrides["attention"] = args.attention
+  if args.remat_policy:
+    overrides["remat_policy"] = args.remat_policy
+  model = dataclasses.replace(model, **overrides)
+  prompts = args.rows // args.group
   cfg = train_step.StepConfig(
       model=model,
-      sampling=settings.SamplingSettings(num_samples=samples, max_response_len=response_len),
-      peers=settings.PeerSettings(peer_cap=peer_cap),
-      loss=settings.LossSettings(chunk_size=chunk, top_k=100),
-      teacher=settings.TeacherSettings(), optim=settings.OptimSettings(), stop_ids=(1,),
-      pad_id=0)
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  optimizer, _ = train_step.make_optimizer(settings.OptimSettings())
-  params = jax.eval_shape(lambda: transformer.init_params(model, jax.random.PRNGKey(0)))
+      sampling=settings.SamplingSettings(num_samples=args.group,
+                                         max_response_len=args.response_len),
+      peers=settings.PeerSettings(peer_cap=args.peer_cap),
+      loss=settings.LossSettings(chunk_size=args.chunk_size, top_k=args.top_k),
+      teacher=settings.TeacherSettings(),
+      optim=settings.OptimSettings(micro_batch_rows=args.micro_batch_rows),
+      stop_ids=(1,), pad_id=0)
+  mesh = sharding.make_mesh(tuple(int(x) for x in args.mesh.split(",")))
+  optimizer, _ = train_step.make_optimizer(cfg.optim)
+  param_dtype = transformer.dtype_from_name(model.param_dtype)
+  params = jax.eval_shape(lambda: jax.tree.map(
+      lambda x: x.astype(param_dtype), transformer.init_params(model, jax.random.PRNGKey(0))))
   state = jax.eval_shape(lambda p: train_step.TrainState(
       step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
       teacher_params=teacher.init_teacher(p), rng=jax.random.PRNGKey(0)), params)
   param_shardings = sharding.logical_to_shardings(transformer.param_logical_axes(model),
                                                   params, mesh)
   shardings = train_step.state_shardings(state, param_shardings, mesh, optimizer)
+  # Template pieces of realistic sizes (header, solution, another, failure, feedback,
+  # closing); their token values do not matter for memory.
   pieces = peer_context.TemplatePieces(*[jnp.arange(n, dtype=jnp.int32) + 3
                                          for n in (6, 2, 8, 14, 18, 10)])
 
   def host(ids, tokens, lengths):
+    del tokens, lengths
     n = len(ids)
     return (np.zeros(n, np.float32), np.zeros(n, np.int32), np.zeros((n, 1), np.int32),
             np.zeros(n, np.int32))
 
   step = train_step.make_train_step(cfg, mesh, host, optimizer, pieces, shardings)
-  batch = {"prompt_tokens": jax.ShapeDtypeStruct((prompts, prompt_len), jnp.int32),
-           "prompt_mask": jax.ShapeDtypeStruct((prompts, prompt_len), jnp.bool_),
-           "insert_index": jax.ShapeDtypeStruct((prompts,), jnp.int32),
-           "example_id": jax.ShapeDtypeStruct((prompts,), jnp.int32)}
+  batch_sh = train_step.batch_shardings(mesh)
+  shape = (prompts, args.prompt_len)
+  batch = {"prompt_tokens": jax.ShapeDtypeStruct(shape, jnp.int32,
+                                                 sharding=batch_sh["prompt_tokens"]),
+           "prompt_mask": jax.ShapeDtypeStruct(shape, jnp.bool_,
+                                               sharding=batch_sh["prompt_mask"]),
+           "insert_index": jax.ShapeDtypeStruct(shape[:1], jnp.int32,
+                                                sharding=batch_sh["insert_index"]),
+           "example_id": jax.ShapeDtypeStruct(shape[:1], jnp.int32,
+                                              sharding=batch_sh["example_id"])}
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                state, shardings)
   start = time.time()
-  compiled = step.lower(state, batch).compile()
-  stats = compiled.memory_analysis()
-  rows = prompts * samples
+  compiled = step.lower(abstract_state, batch).compile()
+  compile_s = time.time() - start
+  kv = memory_plan.kv_cache_bytes(model, prompts=prompts, rows=args.rows,
+                                  prompt_len=args.prompt_len, response_len=args.response_len,
+                                  batch_devices=sharding.batch_divisor(mesh))
+  plan = memory_plan.make_plan(compiled, state, shardings, kv, mesh.devices.flat[0])
   return {
-      "vocab": vocab, "response_len": response_len, "rollouts": rows, "chunk": chunk,
-      "temp_bytes": None if stats is None else int(stats.temp_size_in_bytes),
-      "argument_bytes": None if stats is None else int(stats.argument_size_in_bytes),
-      "float32_logits_bytes": rows * response_len * vocab * 4,
-      "compile_s": time.time() - start,
-      "device": jax.devices()[0].device_kind,
+      "preset": args.preset, "num_layers": model.num_layers, "rows": args.rows,
+      "group": args.group, "prompt_len": args.prompt_len,
+      "response_len": args.response_len, "peer_cap": args.peer_cap,
+      "mesh": dict(mesh.shape), "micro_batch_rows": args.micro_batch_rows,
+      "attention": getattr(model, "attention", "naive"),
+      "temp_bytes": plan.temp, "argument_bytes": plan.argument,
+      "output_bytes": plan.output, "total_bytes_per_device": plan.total,
+      "params_bytes": plan.params, "opt_state_bytes": plan.opt_state,
+      "teacher_bytes": plan.teacher, "kv_cache_bytes": plan.kv_cache,
+      "compile_s": round(compile_s, 2), "device": plan.device_kind,
   }
 
 
-def main():
-  results = [compile_step(chunk=c) for c in (16, 32, 64, 128, 1024)]
-  for r in results:
-    print(f"chunk {r['chunk']:5d}: temp {r['temp_bytes'] / 2**30:.2f} GiB vs one float32 "
-          f"logits tensor {r['float32_logits_bytes'] / 2**30:.2f} GiB "
-          f"(compile {r['compile_s']:.0f}s, {r['device']})")
-  with open(os.path.join(os.path.dirname(__file__), "step_memory.json"), "w") as f:
-    json.dump(results, f, indent=1)
+def main(argv=None):
+  args = parse_args(argv)
+  if args.devices:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={args.devices}")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  print(json.dumps(compile_step(args)))
+  sys.stdout.flush()
 
 
 if __name__ == "__main__":
