@@ -222,3 +222,24 @@ def test_score_batch():
   assert results[2].status == "format_error"
   with pytest.raises(ValueError):
     math_verifier.score_batch(responses, ["1"])
+
+
+@pytest.mark.parametrize("answer, reference, expected", [
+    (r"\gcd(4,6)", "2", CORRECT),
+    (r"\max(1, 2)", "2", CORRECT),
+    (r"\gcd(4,6)", "3", WRONG),
+    (r"\max(1, 2)", "1", WRONG),
+])
+def test_math_verify_grades_notation_the_parser_does_not_know(answer, reference, expected):
+  assert math_verifier.score(boxed(answer), reference) == expected
+
+
+def test_math_verify_is_not_given_expressions_rejected_as_too_large(monkeypatch):
+  from mopd_jax.verifiers import math_worker  # pylint: disable=import-outside-toplevel
+  asked = []
+  monkeypatch.setattr(math_worker.math_verify_grader, "equivalent",
+                      lambda a, r: asked.append((a, r)) or True)
+  assert math_worker.pair_equal(r"\gcd(4,6)", "2") and asked == [(r"\gcd(4,6)", "2")]
+  assert not math_worker.pair_equal(r"10^{10^{10^{10}}}", "1")
+  assert math_worker.pair_equal("x+1", "1+x")
+  assert asked == [(r"\gcd(4,6)", "2")]

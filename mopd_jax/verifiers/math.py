@@ -43,10 +43,14 @@ Equivalence, checked in this order (the first that holds gives reward 1):
    - equations `l = r` (and `\ne`): `l - r` proportional by a nonzero constant; inequalities
      `<`, `\le`, `>`, `\ge`: the same strictness, and proportional by a positive constant.
    Expressions that would be unreasonably expensive are rejected before they are built (and
-   then do not match): more than 1000 characters, nesting deeper than about 30 brackets, a
-   power of a constant whose result would have more than about 200,000 bits, a power of a
-   non-constant expression with an exponent above 10,000, or a factorial or binomial of more
-   than 10,000.
+   then do not match anything, by this step or the next): more than 1000 characters, nesting
+   deeper than about 30 brackets, a power of a constant whose result would have more than
+   about 200,000 bits, a power of a non-constant expression with an exponent above 10,000,
+   or a factorial or binomial of more than 10,000;
+4. math-verify (the grader the MOPD authors used), in the same worker under the same limit,
+   for pairs that step 3 did not find equal: it knows notation the parser above does not
+   (`\gcd(4,6)`, `\max(1,2)`, ...). It sees the normalised answers, so the percent rule
+   below still holds (see `math_verify_grader`).
 
 Percent rule: a `%` (or `\%`) at the end of the response's answer is read as a unit and
 dropped, so "50\%" matches a reference of 50 or "50\%". A reference ending in a percent x%

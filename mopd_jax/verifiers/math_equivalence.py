@@ -238,13 +238,28 @@ def _values_equal(a: _Value, b: _Value) -> bool:
   return all(map(_values_equal, a.parts, b.parts))
 
 
+def symbolic_verdict(answer: str, reference: str) -> str:
+  """"equal", "different", "unparsed" (not an expression the parser knows) or "too_large".
+
+  "too_large": an answer that would be unreasonably expensive to build (see math_latex);
+  no other grader should be given it either. In this process and without a time limit.
+  """
+  try:
+    values = _parse_value(answer), _parse_value(reference)
+  except math_latex.TooLarge:
+    return "too_large"
+  except Exception:  # pylint: disable=broad-except  # Any parse failure: not understood.
+    return "unparsed"
+  try:
+    return "equal" if _values_equal(*values) else "different"
+  except Exception:  # pylint: disable=broad-except  # Any failure to compare means "not equal".
+    return "different"
+
+
 def symbolic_equal(answer: str, reference: str) -> bool:
   """Symbolic equivalence of two normalised answers, in this process and without a time limit.
 
   Unparseable or unreasonably large answers are not equal to anything. `score` runs this in a
   worker process under a time limit; call it directly only on trusted input.
   """
-  try:
-    return _values_equal(_parse_value(answer), _parse_value(reference))
-  except Exception:  # pylint: disable=broad-except  # Any failure to compare means "not equal".
-    return False
+  return symbolic_verdict(answer, reference) == "equal"

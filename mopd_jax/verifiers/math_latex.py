@@ -25,7 +25,7 @@ class ParseError(ValueError):
   """The text is not an expression this converter understands."""
 
 
-class _TooLarge(ValueError):
+class TooLarge(ValueError):
   """The expression would be unreasonably expensive to build or compare."""
 
 
@@ -119,7 +119,7 @@ class Parser:
   def _nest(self) -> None:
     self._nesting += 1
     if self._nesting > _MAX_NESTING:
-      raise _TooLarge("nested too deeply")
+      raise TooLarge("nested too deeply")
 
   def _relation_op(self) -> str | None:
     token = self._peek()
@@ -326,7 +326,7 @@ def _checked_power(base: sympy.Expr, exponent: sympy.Expr) -> sympy.Expr:
       else:
         bits = _MAX_RESULT_BITS / _MAX_EXPONENT
       if size * bits > _MAX_RESULT_BITS:
-        raise _TooLarge("power too large")
+        raise TooLarge("power too large")
   return sympy.Pow(base, exponent)
 
 
@@ -343,7 +343,7 @@ def _checked_factorial(value: sympy.Expr) -> sympy.Expr:
     if not value.is_Integer or value < 0:
       raise ParseError("factorial of a number that is not a natural number")
     if value > _MAX_FACTORIAL:
-      raise _TooLarge("factorial too large")
+      raise TooLarge("factorial too large")
   return sympy.factorial(value)
 
 
@@ -351,5 +351,5 @@ def _checked_binomial(n: sympy.Expr, k: sympy.Expr) -> sympy.Expr:
   """binomial(n, k), for symbolic values and numbers up to _MAX_FACTORIAL."""
   for value in (n, k):
     if value.is_number and (not value.is_finite or abs(value) > _MAX_FACTORIAL):
-      raise _TooLarge("binomial too large")
+      raise TooLarge("binomial too large")
   return sympy.binomial(n, k)

@@ -1,8 +1,9 @@
 """Worker processes of the math verifier: symbolic comparison under a hard wall-clock limit.
 
 Each worker is a Python process in its own process group, with its address space capped where
-the platform allows, that answers one JSON request per line with
-`math_equivalence.symbolic_equal`. A worker that does not answer within the time limit is
+the platform allows, that answers one JSON request per line with `pair_equal`: the project's
+symbolic comparison (`math_equivalence`), then math-verify (`math_verify_grader`) for a pair
+the former did not find equal, unless an answer was rejected as too expensive. A worker that does not answer within the time limit is
 killed. `pool()` is the pool of workers of this process.
 """
 
@@ -18,11 +19,19 @@ import sys
 import threading
 import time
 
-from mopd_jax.verifiers import math_equivalence
+from mopd_jax.verifiers import math_equivalence, math_verify_grader
 
 _STARTUP_TIMEOUT_S = 60.0
 _WORKER_MEMORY_BYTES = 4 << 30
 MAX_FEEDBACK_CHARS = 500  # Longest error message of a worker reply, and of a Result's feedback.
+
+
+def pair_equal(answer: str, reference: str) -> bool:
+  """Whether two normalised answers are equivalent (see the module docstring)."""
+  verdict = math_equivalence.symbolic_verdict(answer, reference)
+  if verdict in ("equal", "too_large"):
+    return verdict == "equal"
+  return math_verify_grader.equivalent(answer, reference)
 
 
 def _serve() -> None:
@@ -45,7 +54,7 @@ def _serve() -> None:
   for line in sys.stdin.buffer:
     try:
       pairs = json.loads(line)["pairs"]
-      reply = {"equal": any(math_equivalence.symbolic_equal(str(a), str(b)) for a, b in pairs)}
+      reply = {"equal": any(pair_equal(str(a), str(b)) for a, b in pairs)}
     except (ValueError, KeyError, TypeError) as exc:
       reply = {"error": f"bad request: {type(exc).__name__}: {exc}"[:MAX_FEEDBACK_CHARS]}
     channel.write(json.dumps(reply).encode("utf-8") + b"\n")
