@@ -197,6 +197,17 @@ def test_leetcode_style_solution_class():
   assert "'addThree' is not defined" in code.score(fenced(other), ref).feedback
 
 
+def test_leetcode_style_program_has_typing_names_and_common_modules():
+  ref = {"fn_name": "topTwo", "inputs": [[[3, 1, 4, 1, 5]]], "outputs": [[5, 4]]}
+  program = ("class Solution:\n"
+             "    def topTwo(self, nums: List[int]) -> Optional[List[int]]:\n"
+             "        return heapq.nlargest(2, collections.Counter(nums))")
+  assert code.score(fenced(program), ref).reward == 1.0
+  stdin_ref = {"inputs": ["1\n"], "outputs": ["1\n"]}
+  unimported = code.score(fenced("print(int(input()), List)"), stdin_ref)
+  assert unimported.reward == 0.0 and "NameError" in unimported.feedback
+
+
 def test_stdio_reads_fd_zero_and_reports_runtime_errors():
   ref = {"inputs": ["3\n1 2 3\n"], "outputs": ["6\n"]}
   assert code.score(fenced("print(sum(map(int, open(0).read().split()[1:])))"), ref).reward == 1.0

@@ -6,9 +6,12 @@ reference formats are supported:
 
 - call-based, {"fn_name": name, "inputs": [[arg, ...] or {kwarg: value}, ...],
   "outputs": [value, ...]}: the function (a module-level function, or a method of a
-  LeetCode-style `class Solution`) is called on every input; its return value, turned
-  into plain data by a JSON round trip, is compared in the parent with the output (int
-  outputs exactly, float outputs with a small tolerance, bools strictly);
+  LeetCode-style `class Solution`, called on a fresh instance) is called on every input;
+  its return value, turned into plain data by a JSON round trip, is compared in the parent
+  with the output (int outputs exactly, float outputs with a small tolerance, bools
+  strictly). As on LeetCode, the program starts with the public names of `typing` (`List`,
+  `Optional`, ...) and the modules bisect, collections, functools, heapq, itertools, math,
+  operator, random, re, statistics and string already defined;
 - stdin/stdout, {"inputs": [text, ...], "outputs": [text, ...]}: the program runs once per
   input with that text on stdin (fd 0: `input()`, `sys.stdin` and `open(0)` all work),
   and its whitespace-normalised stdout is compared.
@@ -153,10 +156,20 @@ def _resolve(namespace, fn_name):
   raise NameError(f"function {fn_name!r} is not defined")
 
 
+def _call_namespace():
+  # LeetCode-style programs use typing names (List, Optional) and common modules unimported.
+  namespace = {name: getattr(typing, name) for name in typing.__all__}
+  for module in (bisect, collections, functools, heapq, itertools, math, operator, random, re,
+                 statistics, string):
+    namespace[module.__name__] = module
+  namespace["__name__"] = "solution"
+  return namespace
+
+
 def _call_test(program, fn_name, args, limit_s, max_bytes):
   def body():
     try:
-      namespace = {"__name__": "solution"}
+      namespace = _call_namespace()
       exec(program, namespace)
       fn = _resolve(namespace, fn_name)
       value = fn(**args) if isinstance(args, dict) else fn(*args)

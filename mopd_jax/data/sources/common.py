@@ -175,7 +175,10 @@ def records(path: str, rows: Rows, paths: list[str],
 
 def field(row: Any, name: str, kind: type | tuple[type, ...] = str, *,
           optional: bool = False) -> Any:
-  """`row[name]` checked to be a `kind` (a non-blank string for str); BadRow if not."""
+  """`row[name]` checked to be a `kind` (a non-blank string for str); BadRow if not.
+
+  With `optional`, a missing, null or blank value gives None.
+  """
   if not isinstance(row, dict):
     raise BadRow("row", f"expected a JSON object, got {type(row).__name__}")
   if name not in row or row[name] is None:
@@ -188,6 +191,8 @@ def field(row: Any, name: str, kind: type | tuple[type, ...] = str, *,
     raise BadRow(name, f"expected {_kind_name(kind)}, got {type(value).__name__} "
                  f"{_short(value)}")
   if isinstance(value, str) and not value.strip():
+    if optional:
+      return None
     raise BadRow(name, "empty")
   return value
 
