@@ -183,3 +183,64 @@ def test_tooluse_score_batch():
   assert [r.reward for r in tooluse.score_batch(responses, [reference] * 2)] == [1.0, 0.0]
   with pytest.raises(ValueError):
     tooluse.score_batch(responses, [reference])
+
+
+# Tool use: native ToolAlpaca gold lists and BFCL allowed values.
+
+
+def calls(*pairs):
+  return "\n".join(f"Action: {name}\nAction Input: {json.dumps(args)}" for name, args in pairs)
+
+
+def test_tooluse_toolalpaca_gold_list_treats_empty_strings_as_absent():
+  gold = [{"Action": "search", "Action_Input": '{"q": "cats", "limit": ""}'},
+          {"Action": "open", "Action_Input": {"id": 3}}]
+  for reference in (gold, json.dumps(gold)):
+    assert tooluse.score(calls(("search", {"q": "cats"}), ("open", {"id": 3})),
+                         reference) == CORRECT
+  assert tooluse.score(calls(("open", {"id": 3}), ("search", {"q": "cats", "limit": ""})),
+                       gold) == CORRECT
+  assert tooluse.score(calls(("search", {"q": "cats", "limit": 5}), ("open", {"id": 3})),
+                       gold) == WRONG
+  assert tooluse.score(calls(("search", {"q": "cats"})), gold) == WRONG
+  bad = tooluse.score(calls(("search", {})), [{"Action": "search", "Action_Input": "{q: 1}"}])
+  assert bad.status == "error" and "JSON" in bad.feedback
+
+
+BFCL = {"ground_truth": [{"area": {"base": [10], "unit": ["units", ""], "mode": ["Fast"],
+                                   "opts": [{"deep": [True], "tag": ["", "x"]}]}}]}
+
+
+@pytest.mark.parametrize("args", [
+    {"base": 10, "mode": "Fast", "opts": {"deep": True}},
+    {"base": 10.0, "unit": "Units", "mode": "fast", "opts": {"deep": True, "tag": "X"}},
+    {"base": 10, "unit": "", "mode": "F-a_s.t", "opts": {"deep": True}},
+])
+def test_tooluse_bfcl_allowed_values_accept(args):
+  assert tooluse.score(calls(("area", args)), BFCL) == CORRECT
+  assert tooluse.score(calls(("area", args)), BFCL["ground_truth"]) == CORRECT
+
+
+@pytest.mark.parametrize("name, args", [
+    ("area", {"base": 11, "mode": "Fast", "opts": {"deep": True}}),
+    ("area", {"mode": "Fast", "opts": {"deep": True}}),
+    ("area", {"base": 10, "mode": "Fast", "opts": {"deep": 1}}),
+    ("area", {"base": 10, "mode": "Fast", "opts": {"deep": True}, "extra": 1}),
+    ("volume", {"base": 10, "mode": "Fast", "opts": {"deep": True}}),
+])
+def test_tooluse_bfcl_allowed_values_reject(name, args):
+  assert tooluse.score(calls((name, args)), BFCL) == WRONG
+
+
+def test_tooluse_bfcl_pairs_each_action_with_its_input_in_any_call_order():
+  gold = {"ground_truth": [{"f": {"x": [1]}}, {"g": {"x": [2]}}, {"optional": {"y": []}}]}
+  assert tooluse.score(calls(("g", {"x": 2}), ("optional", {}), ("f", {"x": 1})),
+                       gold) == CORRECT
+  assert tooluse.score(calls(("f", {"x": 2}), ("g", {"x": 1}), ("optional", {})),
+                       gold) == WRONG
+  assert tooluse.score(calls(("optional", {"y": 0}), ("g", {"x": 2}), ("f", {"x": 1})),
+                       gold) == WRONG
+  missing = tooluse.score("Action: f\nAction: g\nAction Input: {\"x\": 2}", gold)
+  assert missing.status == "format_error" and "2 'Action:' lines but 1" in missing.feedback
+  invalid = tooluse.score(calls(("f", {})), {"ground_truth": [{"f": {"x": 1}}]})
+  assert invalid.status == "error" and "allowed values" in invalid.feedback

@@ -26,7 +26,7 @@ References, and how each is graded (a reference may also be given as its JSON te
   (their numbers must be equal, else "format_error"), and the calls must match the gold
   calls one to one, in any order. A call matches when the names are equal, it has no
   argument the gold call lacks, every gold argument it omits lists "" among its allowed
-  values, and every argument it gives equals one of the allowed values. Values compare as
+  values (or lists none: BFCL's optional arguments without a value to check), and every argument it gives equals one of the allowed values. Values compare as
   JSON, except strings, which compare after lower-casing and removing spaces and
   `,./-_*^` (as BFCL's checker does); an allowed value that is an object {key: [allowed]}
   is matched the same way recursively.
@@ -220,7 +220,7 @@ def _allowed_arguments(got: Mapping, allowed: Mapping) -> bool:
   for name, values in allowed.items():
     values = values if isinstance(values, list) else [values]
     if name not in got:
-      if "" not in values:
+      if values and "" not in values:
         return False
     elif not any(_allowed_value(got[name], value) for value in values):
       return False

