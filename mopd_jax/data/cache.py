@@ -18,6 +18,8 @@ import tempfile
 
 import numpy as np
 
+from mopd_jax import tokenizers
+
 
 @dataclasses.dataclass
 class TokenizedSplit:
@@ -33,6 +35,24 @@ class TokenizedSplit:
   def reference_table(self) -> dict:
     """example id -> decoded reference (host side)."""
     return {int(i): json.loads(r) for i, r in zip(self.example_id, self.references)}
+
+
+def tokenize_examples(examples, tokenizer, meta: dict) -> TokenizedSplit:
+  """A split from text examples {"example_id", "inputs", "reference"} (numpy only).
+
+  Each prompt is rendered with `tokenizers.encode_chat_prompt` (the tokenizer's chat
+  template, or the plain chat format), which also gives the peer-context insertion index.
+  """
+  ids, prompts, inserts, refs = [], [], [], []
+  for example in examples:
+    tokens, insert = tokenizers.encode_chat_prompt(tokenizer, example["inputs"])
+    ids.append(int(example["example_id"]))
+    prompts.append(np.asarray(tokens, np.int32))
+    inserts.append(insert)
+    refs.append(example["reference"])
+  return TokenizedSplit(example_id=np.asarray(ids, np.int64), prompts=prompts,
+                        insert_index=np.asarray(inserts, np.int32), references=refs,
+                        meta={**meta, "vocab_size": tokenizer.vocab_size})
 
 
 def write(path: str, split: TokenizedSplit):
