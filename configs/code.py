@@ -26,7 +26,14 @@ cache directory, and fail at start-up without them:
       --workdir=/tmp/opd --config.model.checkpoint=/ckpt/Qwen3-4B \
       --config.teacher.checkpoint=/ckpt/Qwen3-14B --config.data.cache_dir=/tmp/opd_data
 
-The presets train on the demo code task until a LiveCodeBench-style data task exists.
+  # LiveCodeBench v6 (the paper's code benchmark): the problems of release v6 with the
+  # SDPO-style split, half of each problem's tests to train on and the other half to
+  # evaluate on; `data.path` is the directory of code_generation_lite's test*.jsonl.
+  python -m mopd_jax.main --config=configs/code.py:lcb --workdir=/tmp/lcb \
+      --config.model.checkpoint=/ckpt/Qwen3-4B --config.data.cache_dir=/tmp/lcb_data \
+      --config.data.path=/data/code_generation_lite
+
+The qwen3_4b presets train on the demo code task; `lcb` on LiveCodeBench.
 """
 
 import ml_collections
@@ -34,7 +41,7 @@ import ml_collections
 from mopd_jax import settings
 
 
-PRESETS = ("demo", "qwen3_4b", "qwen3_4b_teacher_qwen3_14b")
+PRESETS = ("demo", "qwen3_4b", "qwen3_4b_teacher_qwen3_14b", "lcb")
 
 
 def get_config(arg=None):
@@ -114,6 +121,12 @@ def _paper_scale(c, arg):
   c.eval.temperature = 0.6
   c.eval.top_p = 0.95
   c.mesh.shape = (1, -1, 1)  # FSDP over all devices
+  if arg == "lcb":
+    c.data.task = "code"
+    c.data.source = "livecodebench"
+    c.data.path = placeholder(str)  # required: the directory of test*.jsonl
+    c.data.options = '{"release": "v6", "split": "train"}'
+    c.data.eval_options = '{"release": "v6", "split": "test"}'
   if arg == "qwen3_4b_teacher_qwen3_14b":
     c.teacher.mode = "external"
     c.teacher.checkpoint = placeholder(str)  # required: Qwen3-14B checkpoint directory

@@ -20,12 +20,14 @@ error is a `ConfigError` that names the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any, ClassVar
 
 import ml_collections
 
 from mopd_jax import losses, peer_context, teacher
+from mopd_jax.data import source_splits, sources
 
 
 class ConfigError(ValueError):
@@ -148,14 +150,70 @@ class ModelSettings(_Section):
                         "directory.")
 
 
+def _json_object(v):
+  if not isinstance(v, str):
+    return False
+  try:
+    return isinstance(json.loads(v), dict)
+  except ValueError:
+    return False
+
+
+DATA_TASKS = ("demo_code",) + tuple(source_splits.TASK_DOMAINS)
+OVERLONG_MODES = ("filter", "truncate")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSettings(_Section):
+  """Prompts: the demo task, or a real-data task read from the datasets' native files.
+
+  A real-data task trains on `source` at `path` (with reader `options`) and evaluates on
+  `eval_source` at `eval_path` (each defaulting to the training one) with `eval_options`;
+  see mopd_jax.data.sources for the kinds and their options.
+  """
+
   NAME: ClassVar[str] = "data"
-  task: str = knob("demo_code", _one_of(("demo_code",)), "one of ('demo_code',)")
+  task: str = knob("demo_code", _one_of(DATA_TASKS), f"one of {DATA_TASKS}",
+                   "'demo_code', or the domain of a real-data task (seqio task mopd_<task>).")
+  source: str = knob("", _one_of(("",) + sources.KINDS), f"'' or one of {sources.KINDS}",
+                     "Source kind of the training problems ('' for demo_code).")
+  path: str | None = knob(None, _optional(_str), "None or a file, directory or wheel path",
+                          "The training problems' file, directory or wheel.", kind=str)
+  options: str = knob("{}", _json_object, "a JSON object of reader options",
+                      "e.g. '{\"split\": \"train\"}' (see the source's module).")
+  eval_source: str = knob("", _one_of(("",) + sources.KINDS),
+                          f"'' (the training source) or one of {sources.KINDS}")
+  eval_path: str | None = knob(None, _optional(_str), "None (the training path) or a path",
+                               kind=str)
+  eval_options: str = knob("{}", _json_object, "a JSON object of reader options")
   cache_dir: str | None = knob(None, _optional(_str), "None or a directory", kind=str)
   batch_size: int = knob(16, _int(1), "a positive integer",
                          "Prompts per step; rows = batch_size * sampling.num_samples.")
   max_prompt_len: int = knob(48, _int(2), "an integer >= 2")
+  overlong: str = knob("filter", _one_of(OVERLONG_MODES), f"one of {OVERLONG_MODES}",
+                       "Prompts longer than max_prompt_len are left out ('filter') or lose "
+                       "the middle of their text ('truncate'); either way they are counted.")
+
+  def check(self):
+    given = [n for n in ("source", "path", "eval_source", "eval_path") if getattr(self, n)]
+    if self.task == "demo_code":
+      if given:
+        raise ConfigError(f"Invalid {self.key(given[0])} = {getattr(self, given[0])!r} with "
+                          "config.data.task = 'demo_code': the demo task has no source; "
+                          f"set config.data.task to one of {DATA_TASKS[1:]}.")
+      return
+    for name in ("source", "path"):
+      if not getattr(self, name):
+        raise ConfigError(f"{self.key(name)} is required with config.data.task = "
+                          f"{self.task!r}: pass --{self.key(name)}=...")
+
+  def split_specs(self) -> dict:
+    """{"train": SplitSpec, "heldout": SplitSpec} of a real-data task."""
+    return {"train": source_splits.SplitSpec.make(self.source, self.path,
+                                                  json.loads(self.options)),
+            "heldout": source_splits.SplitSpec.make(self.eval_source or self.source,
+                                                    self.eval_path or self.path,
+                                                    json.loads(self.eval_options))}
 
 
 @dataclasses.dataclass(frozen=True)

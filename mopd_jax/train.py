@@ -21,7 +21,7 @@ from mopd_jax import (checkpointing, demo_base, memory_plan, metrics as metrics_
 from mopd_jax.data import pipeline
 from mopd_jax.models import presets, transformer
 from mopd_jax.sampling import Sampler
-from mopd_jax.verifiers import callback, code
+from mopd_jax.verifiers import callback, choice, code, math as math_verifier, tooluse
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -204,12 +204,25 @@ def _load_external_teacher(st: settings.Settings, mesh, student_cfg):
   return dataclasses.replace(teacher_cfg, dtype=st.model.dtype, remat=False), params
 
 
+def domain_score_batch(domain: str, vs: settings.VerifierSettings):
+  """(texts, references) -> list[Result] of the verifier of `domain`, as configured."""
+  if domain == "code":
+    return lambda texts, refs: code.score_batch(
+        texts, refs, max_workers=vs.max_workers, time_limit_s=vs.time_limit_s,
+        deadline_s=vs.batch_deadline_s)
+  if domain == "math":
+    return lambda texts, refs: math_verifier.score_batch(texts, refs,
+                                                         max_workers=vs.max_workers)
+  return {"choice": choice.score_batch, "tooluse": tooluse.score_batch}[domain]
+
+
 def setup(config, *, score_batch=None, devices=None) -> Setup:
   """Validates `config` and builds mesh, model, data, verifier and state shardings.
 
   config: a run ConfigDict (validated into `settings.Settings` here) or the Settings.
 
-  score_batch: (texts, references) -> list[Result]; defaults to the code verifier.
+  score_batch: (texts, references) -> list[Result]; defaults to the verifier of the
+  data's domain (the code verifier for the demo).
   """
   st = config if isinstance(config, settings.Settings) else settings.from_config(config)
 
@@ -237,20 +250,21 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
   teacher_cfg, teacher_params = _load_external_teacher(st, mesh, model_cfg)
 
   # ---------------------------------------------------------------- Data.
-  train_split = pipeline.load_split(cache_dir, "train", spm_path, tok)
-  heldout_split = pipeline.load_split(cache_dir, "heldout", spm_path, tok)
+  if st.data.task == "demo_code":
+    train_split = pipeline.load_split(cache_dir, "train", spm_path, tok)
+    heldout_split = pipeline.load_split(cache_dir, "heldout", spm_path, tok)
+  else:
+    splits = pipeline.load_source_splits(cache_dir, st.data, tok)
+    train_split, heldout_split = splits["train"], splits["heldout"]
   train_batches = pipeline.PromptBatches(
-      train_split, batch_size=st.data.batch_size,
-      max_prompt_len=st.data.max_prompt_len, seed=st.run.seed, pad_id=tok.pad_id)
+      train_split, batch_size=st.data.batch_size, max_prompt_len=st.data.max_prompt_len,
+      seed=st.run.seed, pad_id=tok.pad_id, overlong=st.data.overlong)
   eval_batches = pipeline.PromptBatches(
-      heldout_split, batch_size=st.eval.num_prompts,
-      max_prompt_len=st.data.max_prompt_len, seed=st.run.seed, pad_id=tok.pad_id)
+      heldout_split, batch_size=st.eval.num_prompts, max_prompt_len=st.data.max_prompt_len,
+      seed=st.run.seed, pad_id=tok.pad_id, overlong=st.data.overlong)
   references = {**train_split.reference_table(), **heldout_split.reference_table()}
   if score_batch is None:
-    def score_batch(texts, refs):
-      return code.score_batch(texts, refs, max_workers=st.verifier.max_workers,
-                              time_limit_s=st.verifier.time_limit_s,
-                              deadline_s=st.verifier.batch_deadline_s)
+    score_batch = domain_score_batch(train_split.meta.get("domain", "code"), st.verifier)
   host_verifier = callback.HostVerifier(score_batch, references, tok,
                                         feedback_len=st.peers.feedback_len)
 
@@ -391,7 +405,9 @@ def run(config, workdir: str) -> dict:
       "step_time_median_s": statistics.median(step_times) if step_times else None,
       "wall_time_s": time.time() - wall_start,
       "resumed_from_step": resume_step,
-      "data": {"train": s.train_batches.report, "heldout": s.eval_batches.report},
+      "data": {"train": s.train_batches.report, "heldout": s.eval_batches.report,
+               "load": {"train": s.train_batches.split.meta.get("load"),
+                        "heldout": s.eval_batches.split.meta.get("load")}},
       "final_train_metrics": {k: metrics_lib.to_python(v) for k, v in last_metrics.items()},
       "device": f"{s.mesh.size} x {s.mesh.devices.flat[0].device_kind}",
       "memory_plan": plan.as_dict(),

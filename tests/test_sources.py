@@ -188,26 +188,26 @@ def test_sciknoweval_level_choices_and_bad_keys():
   report = {}
   problems = sources.load("sciknoweval", fixture("sciknoweval", "chemistry.jsonl"),
                           report=report)
-  assert [p.id for p in problems] == ["chemistry/1", "chemistry/2", "chemistry/3"]
-  assert [p.reference for p in problems] == ["B", "A", "A"]
+  assert [p.id for p in problems] == [f"chemistry/{line}" for line in range(1, 13)]
+  assert [p.reference for p in problems] == ["B", "A", "A"] + ["A"] * 9
   assert report["filtered"] == 2 and report["bad_rows"] == 4
   assert [(loc, field) for loc, field, _ in report["bad"]] == [
-      (6, "answerKey"), (7, "answerKey"), (8, "choices"), (9, "line")]
+      (15, "answerKey"), (16, "answerKey"), (17, "choices"), (18, "line")]
   assert "B. Hydrogen" in problems[0].prompt and "<answer>" in problems[0].prompt
   assert choice.score("<answer>B</answer>", problems[0].reference).reward == 1.0
   assert choice.score("<answer>C</answer>", problems[0].reference).reward == 0.0
   every = sources.load("sciknoweval", fixture("sciknoweval"), level=None, num_choices=None)
-  assert len(every) == 5
+  assert len(every) == 14
 
 
 def test_sciknoweval_split_is_a_seeded_partition():
   train = sources.load("sciknoweval", fixture("sciknoweval"), split="train")
   test = sources.load("sciknoweval", fixture("sciknoweval"), split="test")
-  assert len(train) == 2 and len(test) == 1
-  assert sorted(p.id for p in train + test) == ["chemistry/1", "chemistry/2", "chemistry/3"]
+  assert len(train) == 10 and len(test) == 2
+  assert sorted(p.id for p in train + test) == sorted(f"chemistry/{i}" for i in range(1, 13))
   other = sources.load("sciknoweval", fixture("sciknoweval"), split="train", split_seed=7,
                        train_fraction=0.5)
-  assert len(other) == 1
+  assert len(other) == 6 and {p.id for p in other} != {p.id for p in train[:6]}
 
 
 # Tool use: ToolAlpaca.
@@ -216,12 +216,12 @@ def test_sciknoweval_split_is_a_seeded_partition():
 def test_toolalpaca_eval_and_training_files():
   report = {}
   problems = sources.load("toolalpaca", fixture("toolalpaca"), report=report)
-  assert [p.id for p in problems] == ["WeatherNow/0", "WeatherNow/1", "OpenBooks/0",
-                                      "CatFacts/train/0"]
+  assert [p.id for p in problems] == ["WeatherNow/0", "WeatherNow/1", "OpenBooks/0"] + [
+      f"CatFacts/train/{i}" for i in range(4)]
   assert [(loc, field) for loc, field, _ in report["bad"]] == [
       ("eval_simulated.json: tool 0, request 2", "Golden_Answers"),
       ("eval_simulated.json: tool 2", "Golden_Answers"),
-      ("train_data.json: tool 0, request 1", "intermediate_steps")]
+      ("train_data.json: tool 0, request 4", "intermediate_steps")]
   assert "not JSON: '{city: Rome}'" in report["bad"][0][2]
   weather = by_id(problems)
   assert "getForecast" in weather["WeatherNow/1"].prompt

@@ -3,8 +3,16 @@
 `PromptBatches.batch(step)` returns the batch the run sees at `step`, however the run
 got there: a resumed run restores `step` and sees exactly the batches it would have
 seen. Rows are left-padded to `max_prompt_len` (pad id on the left, mask False there).
-A prompt longer than `max_prompt_len` is a bad row: it is excluded, reported (logged
-with its example id) and counted in `report`, never dropped silently.
+A prompt longer than `max_prompt_len` is, with `overlong="filter"`, excluded (logged with
+its example id and counted in `report["too_long"]`); with `overlong="truncate"` it loses
+the middle of the part before the peer-context insertion index (its head, which holds the
+chat template's opening and the start of the problem, and its tail, which holds the
+answer-format instruction, are kept; the end of turn and generation prompt after the
+insertion index always survive) and is counted in `report["truncated"]`. Never dropped
+silently.
+
+`load_split` reads (or builds) the demo task's cache; `load_source_splits` those of a
+real-data task (`data.task` != "demo_code"), built through its seqio task.
 """
 
 from __future__ import annotations
@@ -30,21 +38,53 @@ def left_pad(prompts, insert_index, max_len: int, pad_id: int):
   return tokens, mask, np.asarray(insert_index, np.int32)
 
 
+def truncate_middle(prompt: np.ndarray, insert: int, max_len: int):
+  """(prompt cut to `max_len` tokens, new insertion index); None if it cannot fit.
+
+  The tokens after `insert` are kept whole; of those before it, the first half and the
+  last half of the remaining budget are kept.
+  """
+  tail = len(prompt) - insert
+  budget = max_len - tail
+  if budget < 2:
+    return None
+  head = (budget + 1) // 2
+  kept = np.concatenate([prompt[:head], prompt[insert - (budget - head):insert], prompt[insert:]])
+  return kept.astype(np.int32), budget
+
+
 class PromptBatches:
   """Deterministic batches of `batch_size` prompts from a tokenised split."""
 
   def __init__(self, split: cache.TokenizedSplit, *, batch_size: int,
-               max_prompt_len: int, seed: int, pad_id: int):
-    lengths = np.asarray([len(p) for p in split.prompts])
-    keep = lengths <= max_prompt_len
-    self.report = {"rows": int(len(lengths)), "too_long": int((~keep).sum())}
-    for i in np.flatnonzero(~keep):
-      logging.warning("Skipping example %d: prompt of %d tokens exceeds max_prompt_len=%d.",
-                      int(split.example_id[i]), int(lengths[i]), max_prompt_len)
+               max_prompt_len: int, seed: int, pad_id: int, overlong: str = "filter"):
+    if overlong not in ("filter", "truncate"):
+      raise ValueError(f"overlong must be 'filter' or 'truncate', got {overlong!r}.")
+    self.prompts = list(split.prompts)
+    self.insert_index = np.array(split.insert_index, np.int32)
+    keep = np.ones(len(self.prompts), bool)
+    truncated = 0
+    for i, prompt in enumerate(self.prompts):
+      if len(prompt) <= max_prompt_len:
+        continue
+      cut = (truncate_middle(prompt, int(self.insert_index[i]), max_prompt_len)
+             if overlong == "truncate" else None)
+      if cut is None:
+        keep[i] = False
+        logging.warning("Skipping example %d: prompt of %d tokens exceeds max_prompt_len=%d.",
+                        int(split.example_id[i]), len(prompt), max_prompt_len)
+      else:
+        self.prompts[i], self.insert_index[i] = cut
+        truncated += 1
+    self.report = {"rows": len(self.prompts), "too_long": int((~keep).sum()),
+                   "truncated": truncated}
+    if truncated:
+      logging.warning("Truncated %d prompts longer than max_prompt_len=%d.", truncated,
+                      max_prompt_len)
     self._rows = np.flatnonzero(keep)
     if len(self._rows) < batch_size:
       raise ValueError(
-          f"Only {len(self._rows)} usable prompts (of {len(lengths)}; "
+          f"Only {len(self._rows)} usable prompts (of {len(keep)}; "
           f"{self.report['too_long']} longer than max_prompt_len={max_prompt_len}), "
           f"fewer than batch_size={batch_size}.")
     self.split, self.batch_size, self.seed = split, batch_size, seed
@@ -65,9 +105,8 @@ class PromptBatches:
     return self.rows(self.indices(step))
 
   def rows(self, idx) -> dict:
-    tokens, mask, insert = left_pad([self.split.prompts[i] for i in idx],
-                                    self.split.insert_index[idx], self.max_prompt_len,
-                                    self.pad_id)
+    tokens, mask, insert = left_pad([self.prompts[i] for i in idx], self.insert_index[idx],
+                                    self.max_prompt_len, self.pad_id)
     return {"prompt_tokens": tokens, "prompt_mask": mask, "insert_index": insert,
             "example_id": self.split.example_id[idx].astype(np.int32)}
 
@@ -116,3 +155,23 @@ def load_split(cache_dir: str, split: str, spm_path, tokenizer):
         f"Data cache {path!r} was written with vocab_size={data.meta.get('vocab_size')}, "
         f"but the tokenizer has {tokenizer.vocab_size}; delete the cache to rebuild it.")
   return data
+
+
+def load_source_splits(cache_dir: str, data, tokenizer) -> dict:
+  """{"train", "heldout"} tokenised splits of a real-data task, built if missing.
+
+  `data` is the run's `settings.DataSettings`. Each split's cache file is named after the
+  task, the split and a digest of its source, path, options and vocabulary size, so a
+  changed setting builds a new cache. Building reads the sources through the task's seqio
+  task (TensorFlow is imported only then); the load report travels in the cache's meta.
+  """
+  specs = data.split_specs()
+  paths = {split: os.path.join(cache_dir, f"mopd_{data.task}_{split}_"
+                               f"{spec.fingerprint(data.task, tokenizer.vocab_size)}.npz")
+           for split, spec in specs.items()}
+  if not all(os.path.exists(p) for p in paths.values()):
+    from mopd_jax.data import seqio_tasks  # pylint: disable=import-outside-toplevel
+    task = seqio_tasks.register_source_task(data.task, specs)
+    for split, path in paths.items():
+      cache.write(path, seqio_tasks.source_split(task, split, tokenizer))
+  return {split: cache.read(path) for split, path in paths.items()}

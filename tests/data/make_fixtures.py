@@ -151,6 +151,10 @@ def sciknoweval():
            "A", "L3"),
       _sci("What is the pH of pure water at 25 C?", ["7", "1", "14", "0"],
            ["A", "B", "C", "D"], "A", "L3"),
+      *[_sci(f"How many moles of {gas} are in {n * 22.4:g} L of it at STP?",
+             [str(n), str(n + 1), str(2 * n), str(n + 3)], ["A", "B", "C", "D"], "A", "L3")
+        for n, gas in enumerate(("helium", "neon", "argon", "oxygen", "nitrogen",
+                                 "methane", "ethane", "propane", "chlorine"), start=1)],
       _sci("Which element has atomic number 6?", ["Carbon", "Boron", "Neon", "Helium"],
            ["A", "B", "C", "D"], "A", "L1"),
       _sci("Three options are not kept.", ["x", "y", "z"], ["A", "B", "C"], "C", "L3"),
@@ -207,6 +211,11 @@ def toolalpaca():
            "Final Thought": "done",
            "intermediate_steps": [[["getRandomFact", "{\"animal_type\": \"cat\"}",
                                     "I should call getRandomFact."], "Status 200"]]},
+          *[{"input": f"Tell me something about {animal}s.", "output": "A fact.",
+             "Final Thought": "done",
+             "intermediate_steps": [[["getRandomFact", json.dumps({"animal_type": animal}),
+                                      "I should call getRandomFact."], "Status 200"]]}
+            for animal in ("bird", "horse", "fish")],
           {"input": "And a dog fact?", "output": "", "Final Thought": "",
            "intermediate_steps": [[["getRandomFact", "animal_type=dog", "log"], "error"]]},
       ])
