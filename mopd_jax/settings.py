@@ -186,7 +186,10 @@ class DataSettings(_Section):
   eval_path: str | None = knob(None, _optional(_str), "None (the training path) or a path",
                                kind=str)
   eval_options: str = knob("{}", _json_object, "a JSON object of reader options")
-  cache_dir: str | None = knob(None, _optional(_str), "None or a directory", kind=str)
+  cache_dir: str | None = knob(None, _optional(_str), "None or a directory",
+                               "The tokenised prompts (default with the demo model: its "
+                               "cache directory's data/; required with a checkpoint).",
+                               kind=str)
   batch_size: int = knob(16, _int(1), "a positive integer",
                          "Prompts per step; rows = batch_size * sampling.num_samples.")
   max_prompt_len: int = knob(48, _int(2), "an integer >= 2")

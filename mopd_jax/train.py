@@ -161,7 +161,7 @@ def _load_model(st: settings.Settings, mesh):
   if st.model.checkpoint == "demo":
     base_dir = st.model.cache_dir or demo_base.default_dir()
     model_cfg, params, tok = demo_base.ensure(base_dir)
-    return (model_cfg, params, tok, os.path.join(base_dir, "data"),
+    return (model_cfg, params, tok, st.data.cache_dir or os.path.join(base_dir, "data"),
             os.path.join(base_dir, "tokenizer.model"))
   from mopd_jax.models import hf_import  # pylint: disable=import-outside-toplevel
   path = st.model.checkpoint

@@ -12,6 +12,7 @@ import pytest
 from mopd_jax import settings, train
 from mopd_jax.data import cache, pipeline, source_splits, sources
 from mopd_jax.verifiers import choice, tooluse
+from tests.conftest import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
@@ -184,3 +185,33 @@ def test_domain_score_batch_uses_the_domains_verifier():
   results = train.domain_score_batch("code", vs)(
       ["```python\ndef f(x):\n    return 2 * x\n```"], [ref])
   assert [r.reward for r in results] == [1.0]
+
+
+@pytest.mark.parametrize("name, arg, task", [
+    ("math", "qwen3_4b", "math"), ("math", "qwen3_8b", "math"),
+    ("science", "qwen3_8b", "science"), ("tooluse", "qwen3_8b", "tooluse"),
+    ("code", "lcb", "code")])
+def test_paper_presets_need_checkpoint_and_data_and_have_the_papers_settings(name, arg, task):
+  config = load_config(name, arg)
+  with pytest.raises(settings.ConfigError, match="config.model.checkpoint is required"):
+    settings.from_config(config)
+  config.model.checkpoint = "/ckpt/model"
+  with pytest.raises(settings.ConfigError, match="config.data.path is required"):
+    settings.from_config(config)
+  config.data.path = "/data/train"
+  st = settings.from_config(config)
+  assert st.data.task == task and st.data.batch_size == 32 and st.data.max_prompt_len == 2048
+  assert (st.sampling.num_samples, st.sampling.max_response_len) == (8, 4096)
+  assert (st.optim.lr, st.optim.warmup_steps, st.teacher.ema_rate) == (1e-5, 10, 0.05)
+  assert (st.eval.num_samples, st.eval.temperature, st.eval.top_p) == (8, 0.6, 0.95)
+  assert (st.loss.alpha, st.loss.top_k, st.model.dtype) == (0.5, 100, "bfloat16")
+  assert (st.peers.include_another, st.peers.include_failure) == (True, True)
+  assert st.run.eval_every == 5 and st.run.checkpoint_every == 50
+
+
+@pytest.mark.parametrize("name", ["math", "science", "tooluse"])
+def test_local_presets_point_at_the_fixtures(name):
+  st = settings.from_config(load_config(name))
+  assert st.model.checkpoint == "demo"
+  for spec in st.data.split_specs().values():
+    assert os.path.exists(spec.path) and os.path.commonpath([spec.path, DATA]) == DATA
