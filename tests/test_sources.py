@@ -370,3 +370,13 @@ def test_bfcl_from_its_wheel():
   assert gold == [1.0] * len(problems) and wrong == [0.0] * len(problems)
   only = sources.load("bfcl", path, categories=["simple_python"])
   assert len(only) == 400
+
+
+def test_duplicate_ids_are_bad_rows(tmp_path):
+  path = tmp_path / "aime_dup.jsonl"
+  rows = [{"id": 1, "problem": "1+1?", "answer": 2}, {"id": 1, "problem": "2+2?", "answer": 4}]
+  path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+  report = {}
+  problems = sources.load("aime", str(path), report=report)
+  assert [p.id for p in problems] == ["aime_dup/1"]
+  assert report["bad"] == [(2, "id", "duplicate id 'aime_dup/1'")]

@@ -102,7 +102,7 @@ def cache_split(dataset, split: str, tokenizer, *, task: str,
   another domain than the task's are left out and counted as filtered.
   """
   domain = source_splits.TASK_DOMAINS[task]
-  rows = [row for row in dataset.as_numpy_iterator()]
+  rows = list(dataset.as_numpy_iterator())
   kept = [sources.Problem(row["id"].decode(), row["domain"].decode(),
                           row["prompt"].decode("utf-8"),
                           json.loads(row["reference"].decode("utf-8")),
