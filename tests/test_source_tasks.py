@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from mopd_jax import settings, train
+from mopd_jax import settings, tokenizers, train
 from mopd_jax.data import cache, pipeline, source_splits, sources
 from mopd_jax.verifiers import choice, tooluse
 from tests.conftest import load_config
@@ -215,3 +215,14 @@ def test_local_presets_point_at_the_fixtures(name):
   assert st.model.checkpoint == "demo"
   for spec in st.data.split_specs().values():
     assert os.path.exists(spec.path) and os.path.commonpath([spec.path, DATA]) == DATA
+
+
+def test_system_prompt_of_a_row_reaches_the_cached_prompt(tmp_path):
+  data = settings.DataSettings(task="science", source="mopd_parquet",
+                               path=os.path.join(DATA, "mopd_parquet"))
+  split = pipeline.load_source_splits(str(tmp_path), data, CharTokenizer())["train"]
+  tok = CharTokenizer()
+  text = tok.decode(split.prompts[0][:split.insert_index[0]])
+  assert text == tokenizers.ChatFormat().prefix + (
+      "You are a chemist.\n\nPick the noble gas: A. Neon B. Iron. Answer in <answer></answer>.")
+  assert split.reference_table() == {0: "A"}

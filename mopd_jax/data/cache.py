@@ -38,14 +38,22 @@ class TokenizedSplit:
 
 
 def tokenize_examples(examples, tokenizer, meta: dict) -> TokenizedSplit:
-  """A split from text examples {"example_id", "inputs", "reference"} (numpy only).
+  """A split from text examples {"example_id", "inputs", "reference", "system"} (numpy only).
 
   Each prompt is rendered with `tokenizers.encode_chat_prompt` (the tokenizer's chat
   template, or the plain chat format), which also gives the peer-context insertion index.
+  A non-empty "system" text is the chat template's system message; the plain chat format
+  has none, so there it opens the user text, followed by a blank line.
   """
+  templated = bool(getattr(tokenizer, "chat_templates", None))
   ids, prompts, inserts, refs = [], [], [], []
   for example in examples:
-    tokens, insert = tokenizers.encode_chat_prompt(tokenizer, example["inputs"])
+    system, text = example.get("system") or "", example["inputs"]
+    if system and templated:
+      tokens, insert = tokenizers.encode_chat_prompt(tokenizer, text, system=system)
+    else:
+      text = f"{system}\n\n{text}" if system else text
+      tokens, insert = tokenizers.encode_chat_prompt(tokenizer, text)
     ids.append(int(example["example_id"]))
     prompts.append(np.asarray(tokens, np.int32))
     inserts.append(insert)

@@ -8,9 +8,10 @@ prompt in the chat format and returns a `cache.TokenizedSplit`.
 
 Tasks `mopd_code`, `mopd_math`, `mopd_science`, `mopd_tooluse` (`register_source_task`):
 splits `train` and `heldout` read by `data.sources` from the files each `SplitSpec` names
-(see `source_splits`), with text features `inputs` (the user message), `reference` (JSON),
-`problem_id` and `example_id`. They are not tokenised by seqio: prompts are rendered with
-the model's chat template by `cache.tokenize_examples`, which writes the TF-free cache.
+(see `source_splits`), with text features `inputs` (the user message), `system` (the
+system prompt, often empty), `reference` (JSON), `problem_id` and `example_id`. They are
+not tokenised by seqio: prompts are rendered with the model's chat template by
+`cache.tokenize_examples`, which writes the TF-free cache.
 Each registered task keeps the load report of each split (`source_reports`).
 """
 
@@ -86,6 +87,7 @@ _TEXT_SIGNATURE = {
     "problem_id": tf.TensorSpec((), tf.string),
     "inputs": tf.TensorSpec((), tf.string),
     "reference": tf.TensorSpec((), tf.string),
+    "system": tf.TensorSpec((), tf.string),
 }
 
 
@@ -128,7 +130,8 @@ def source_reports(task: seqio.Task) -> dict:
 def text_examples(dataset) -> list[dict]:
   """The rows of a tf.data dataset of text features as Python values, in order."""
   return [{"example_id": int(ex["example_id"]), "problem_id": ex["problem_id"].decode(),
-           "inputs": ex["inputs"].decode("utf-8"), "reference": ex["reference"].decode("utf-8")}
+           "inputs": ex["inputs"].decode("utf-8"), "reference": ex["reference"].decode("utf-8"),
+           "system": ex["system"].decode("utf-8")}
           for ex in dataset.as_numpy_iterator()]
 
 

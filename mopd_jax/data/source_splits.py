@@ -5,9 +5,9 @@ evaluates on another (or on another split of the same one): `SplitSpec(kind, pat
 options)` names each, as `data.source` / `data.path` / `data.options` and their `eval_`
 counterparts do. `load_split_problems` loads a split through `sources.load` and keeps the
 problems of the task's domain (a mixed source such as `mopd_parquet` counts the others as
-filtered). `text_examples` turns them into the rows that the seqio task and the TFDS
-builder serve and the cache stores: an int example id (unique across the two splits), the
-prompt text and the reference as JSON text.
+filtered). `text_examples` turns them into the rows that the seqio task serves and the
+cache stores: an int example id (unique across the two splits), the prompt text, the
+system prompt and the reference as JSON text.
 """
 
 from __future__ import annotations
@@ -63,14 +63,19 @@ def load_split_problems(task: str, spec: SplitSpec) -> tuple[list, dict]:
 
 
 def text_examples(problems, split: str) -> list[dict]:
-  """{"example_id", "problem_id", "inputs", "reference"} per problem, in source order."""
+  """{"example_id", "problem_id", "inputs", "reference", "system"} per problem, in order.
+
+  "system" is the problem's system prompt (`meta["system"]`, as the authors' processed rows
+  and some BFCL items carry), "" when it has none.
+  """
   if split not in SPLITS:
     raise ValueError(f"Unknown split {split!r}; allowed: {SPLITS}.")
   offset = HELDOUT_ID_OFFSET if split == "heldout" else 0
   if len(problems) >= HELDOUT_ID_OFFSET:
     raise ValueError(f"{len(problems)} problems in one split; at most {HELDOUT_ID_OFFSET - 1}.")
   return [{"example_id": offset + i, "problem_id": p.id, "inputs": p.prompt,
-           "reference": json.dumps(p.reference, ensure_ascii=False)}
+           "reference": json.dumps(p.reference, ensure_ascii=False),
+           "system": p.meta.get("system") or ""}
           for i, p in enumerate(problems)]
 
 
