@@ -27,9 +27,18 @@ The layers, as far as the platform allows (probed when a worker starts and repor
 - Without namespaces: runs see the host filesystem and network. A per-run directory is
   their cwd and is removed afterwards; as root, the files of the slot uid in /tmp,
   /var/tmp and /dev/shm are removed too (without root, files a run writes elsewhere stay).
+- One budget per run (root, cgroup v2 or v1, see sandbox_cgroups.py): all processes of a
+  run share a memory cap (`Limits.memory_bytes`, no swap) and a task cap
+  (`Limits.max_processes`); a process tree that reaches the memory cap is stopped as a whole
+  (`SandboxRun.stopped_by == "memory_budget"`). Without a usable cgroup the isolation report
+  says why, and the per-process limits below remain.
 - Always: a process group per run, rlimits (CPU time, address space, processes, file
   size, open files, no core dumps), a wall-clock limit, an environment of only HOME,
   TMPDIR, PATH and LANG, /dev/null as stdin/stdout/stderr and every other fd closed.
+
+Clean starts: a pool's directory and cgroups are named `mopd-sandbox-<pid>-<start time>-*`
+after the process that owns the pool. A new pool removes those whose owner is gone (a run
+killed with SIGKILL), together with their workers and the processes of their uids.
 
 This module is the pool: the workers' lifecycle, their uids, deadlines and recycling. The
 workers (the isolation itself) and the protocol between them are in sandbox_worker.py.
@@ -46,6 +55,7 @@ import logging
 import os
 import pwd
 import queue
+import re
 import shutil
 import struct
 import subprocess
@@ -54,7 +64,7 @@ import tempfile
 import threading
 import time
 
-from mopd_jax.verifiers import sandbox_worker
+from mopd_jax.verifiers import sandbox_cgroups, sandbox_worker
 
 # Limits, SandboxError and SandboxRun are defined with the worker, which runs standalone, and
 # are part of this module's interface.
@@ -62,12 +72,15 @@ from mopd_jax.verifiers.sandbox_worker import (
     _PATH,
     _REPLY,
     _TASK,
+    STOPPED_BY,
     Limits,
     SandboxError,
     SandboxRun,
     _kill_until_gone,
     _pids_of_uid,
+    _process_table,
     _read_frame,
+    _remove_tree,
     _write_frame,
 )
 
@@ -76,6 +89,8 @@ __all__ = ["Limits", "SandboxError", "SandboxPool", "SandboxRun"]
 _WORKER_START_S = 60.0
 _REPLY_GRACE_S = 10.0
 _LOCK_DIR = "/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir()
+_POOL_DIR = re.compile(r"^mopd-sandbox-(\d+)-(\d+)-")
+_UIDS_FILE = "uids"  # In a pool's directory: the uids it claimed, one per line.
 
 
 def _is_known_id(uid: int) -> bool:
@@ -89,29 +104,83 @@ def _is_known_id(uid: int) -> bool:
   return False
 
 
+def _lock_uid(uid: int) -> int | None:
+  """The lock fd of sandbox uid `uid` if no live pool holds it, else None."""
+  lock = os.open(
+      os.path.join(_LOCK_DIR, f"mopd-sandbox-uid-{uid}.lock"), os.O_RDWR | os.O_CREAT, 0o600
+  )
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(lock)
+    return None
+  _kill_until_gone(lambda: _pids_of_uid(uid))  # Left by a pool that crashed.
+  return lock
+
+
 def _claim_uid(first_uid: int) -> tuple[int, int]:
   """(uid, lock fd) of the first uid >= first_uid that no account, group or pool uses."""
   for uid in range(first_uid, first_uid + 10_000):
-    if _is_known_id(uid):
-      continue
-    lock = os.open(
-        os.path.join(_LOCK_DIR, f"mopd-sandbox-uid-{uid}.lock"), os.O_RDWR | os.O_CREAT, 0o600
-    )
-    try:
-      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      os.close(lock)
-      continue
-    _kill_until_gone(lambda u=uid: _pids_of_uid(u))  # Left by a pool that crashed.
-    return uid, lock
+    if not _is_known_id(uid) and (lock := _lock_uid(uid)) is not None:
+      return uid, lock
   raise SandboxError(f"No free sandbox uid in [{first_uid}, {first_uid + 10_000}).")
+
+
+def _processes_with_argument(argument: str) -> list[int]:
+  """Processes that have `argument` as one of their command-line arguments."""
+  found = []
+  for pid in _process_table():
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        if argument.encode() in f.read().split(b"\0"):
+          found.append(pid)
+    except OSError:
+      continue
+  return found
+
+
+def remove_stale_pools(temp_dir: str | None = None) -> list[str]:
+  """Removes what pools of dead processes left behind; returns the directories removed.
+
+  A pool's directory is `mopd-sandbox-<owner pid>-<owner start time>-*` in `temp_dir`
+  (default: the temp folder); it is stale when no process has that pid and start time. Then
+  its workers (which carry the directory as their argument), the processes of the uids it
+  claimed (once no live pool holds their lock) and the directory are removed, and so are
+  the cgroups of dead pools (`sandbox_cgroups.remove_stale`). Directories of other users
+  and of live pools are left alone.
+  """
+  temp_dir = temp_dir or tempfile.gettempdir()
+  removed = []
+  for entry in os.scandir(temp_dir):
+    match = _POOL_DIR.match(entry.name)
+    try:
+      if (match is None or not entry.is_dir(follow_symlinks=False)
+          or entry.stat(follow_symlinks=False).st_uid != os.geteuid()
+          or sandbox_cgroups.owner_alive(int(match.group(1)), int(match.group(2)))):
+        continue
+      _kill_until_gone(lambda path=entry.path: _processes_with_argument(path))
+      uids = []
+      if os.path.exists(os.path.join(entry.path, _UIDS_FILE)):
+        with open(os.path.join(entry.path, _UIDS_FILE), encoding="ascii") as f:
+          uids = [int(line) for line in f if line.strip()]
+      for uid in uids if os.geteuid() == 0 else []:
+        if (lock := _lock_uid(uid)) is not None:
+          os.close(lock)
+      _remove_tree(entry.path)
+      removed.append(entry.path)
+    except (OSError, ValueError) as exc:
+      logging.warning("Could not remove the stale sandbox directory %s: %s", entry.path, exc)
+  stale_groups = sandbox_cgroups.remove_stale()
+  if removed or stale_groups:
+    logging.info("Removed what earlier sandbox pools left behind: %s", removed + stale_groups)
+  return removed
 
 
 class _Slot:
   """A worker process and the uid its runs use; used by one thread at a time."""
 
-  def __init__(self, pool: SandboxPool, uid: int | None):
-    self.pool, self.uid = pool, uid
+  def __init__(self, pool: SandboxPool, index: int, uid: int | None):
+    self.pool, self.index, self.uid = pool, index, uid
     self.proc: subprocess.Popen | None = None
     self.tasks = 0
 
@@ -123,9 +192,12 @@ class _Slot:
         "gid": self.uid,
         "base_dir": self.pool.base_dir,
         "namespaces": self.pool.namespaces,
+        "cgroup": self.pool.budget.slot_config(self.index),
     }
+    # The pool directory as an argument (unused by the worker) marks it as this pool's.
     self.proc = subprocess.Popen(
-        [sys.executable, "-I", "-S", "-B", "-X", "utf8", os.path.abspath(sandbox_worker.__file__)],
+        [sys.executable, "-I", "-S", "-B", "-X", "utf8", os.path.abspath(sandbox_worker.__file__),
+         self.pool.base_dir],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env={"PATH": _PATH},
@@ -147,7 +219,7 @@ class _Slot:
     try:
       _write_frame(self.proc.stdin.fileno(), _TASK.pack(timeout_s, len(payload)) + payload)
       reply = _read_frame(self.proc.stdout.fileno(), time.monotonic() + timeout_s + _REPLY_GRACE_S)
-      timed_out, exit_code, wall_s, cpu_s, size = _REPLY.unpack_from(reply)
+      timed_out, stop_code, exit_code, wall_s, cpu_s, size = _REPLY.unpack_from(reply)
     except (OSError, EOFError, TimeoutError, struct.error) as exc:
       pid = self.proc.pid
       self.stop()
@@ -156,7 +228,7 @@ class _Slot:
     if self.tasks >= self.pool.tasks_per_worker:
       self.stop()
     report = reply[_REPLY.size : _REPLY.size + size]
-    return SandboxRun(report, timed_out, exit_code, wall_s, cpu_s)
+    return SandboxRun(report, timed_out, exit_code, wall_s, cpu_s, STOPPED_BY[stop_code])
 
   def stop(self) -> None:
     """Ends the worker and anything its runs left behind."""
@@ -170,6 +242,7 @@ class _Slot:
       proc.kill()
       proc.wait()
     proc.stdout.close()
+    self.pool.budget.kill_slot(self.index)
     if self.uid is not None:
       _kill_until_gone(lambda: _pids_of_uid(self.uid))
 
@@ -209,7 +282,11 @@ class SandboxPool:
     self.harness_source, self.limits = harness_source, limits
     self.tasks_per_worker, self.first_uid = tasks_per_worker, first_uid
     self.namespaces = namespaces
-    self.base_dir = tempfile.mkdtemp(prefix="mopd-sandbox-")
+    remove_stale_pools()
+    owner = f"{os.getpid()}-{sandbox_cgroups.process_start_time(os.getpid())}"
+    self.base_dir = tempfile.mkdtemp(prefix=f"mopd-sandbox-{owner}-")
+    self.budget = sandbox_cgroups.CgroupBudget(
+        os.path.basename(self.base_dir), limits.memory_bytes, limits.max_processes)
     os.makedirs(os.path.join(self.base_dir, "root"))
     os.makedirs(os.path.join(self.base_dir, "runs"))
     for path in (self.base_dir, os.path.join(self.base_dir, "runs")):
@@ -224,6 +301,13 @@ class SandboxPool:
     except BaseException:
       self.close()
       raise
+    self.isolation["run_budget"] = {"enforced_by": self.isolation["run_budget"],
+                                    **self.budget.describe()}
+    if self.budget.kind is None:
+      self.isolation["disabled"].append(
+          f"one memory and process budget per run: {self.budget.reason}; the per-process "
+          f"rlimits remain (address space {limits.memory_bytes} bytes, "
+          f"{limits.max_processes} processes)")
     logging.info(
         "Sandbox pool: %d workers, isolation %s",
         num_workers,
@@ -252,7 +336,9 @@ class SandboxPool:
         if os.geteuid() == 0:
           uid, lock = _claim_uid(max([self.first_uid] + [s.uid + 1 for s in self._slots]))
           self._locks.append(lock)
-        slot = _Slot(self, uid)
+          with open(os.path.join(self.base_dir, _UIDS_FILE), "a", encoding="ascii") as f:
+            f.write(f"{uid}\n")
+        slot = _Slot(self, len(self._slots), uid)
         report = slot.start()
         self._slots.append(slot)
         self.isolation = self.isolation or report
@@ -293,6 +379,7 @@ class SandboxPool:
       for slot in self._slots:
         slot.stop()
       self._slots = []
+      self.budget.close()
       for lock in self._locks:
         os.close(lock)
       self._locks = []

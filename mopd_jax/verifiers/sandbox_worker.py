@@ -8,10 +8,14 @@ forks a run per task: new namespaces, the private root, dropped credentials and 
 around the harness, and afterwards the removal of whatever the run left behind. The types
 and the framing that the pool shares with its workers are defined here.
 
+Where the pool has a cgroup for the worker's slot (sandbox_cgroups.py), every run joins it
+before it drops its privileges, so the run's whole process tree shares one memory and
+process budget; a run that reaches the memory cap is stopped and reported as such.
+
 Worker protocol: frames of a 4-byte big-endian length and a body. Start-up: a JSON
 config in, a JSON isolation report out. Task: `!dI` (timeout_s, payload length) and the
-payload in; reply `!?iddI` (timed_out, exit code, wall_s, cpu_s, report length) and the
-report out.
+payload in; reply `!?BiddI` (timed_out, stop code, exit code, wall_s, cpu_s, report length)
+and the report out.
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE = 1, 4
 _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 36, 38
 
 _TASK = struct.Struct("!dI")
-_REPLY = struct.Struct("!?iddI")
+_REPLY = struct.Struct("!?BiddI")
+# Why the sandbox stopped a run (the stop code of a reply).
+STOPPED_BY = ("", "wall_clock", "memory_budget")
 _LENGTH = struct.Struct("!I")
 _REPORT_FD = 3
 _SWEEP_S = 2.0
@@ -90,13 +96,32 @@ class Limits:
 
 @dataclasses.dataclass(frozen=True)
 class SandboxRun:
-  """The outcome of one run: its report (bytes written to fd 3, bounded) and how it ended."""
+  """The outcome of one run: its report (bytes written to fd 3, bounded) and how it ended.
+
+  Attributes:
+    report: what the run wrote to fd 3 (at most `Limits.max_report_bytes`).
+    timed_out: the sandbox stopped the run at a limit before it ended: its wall clock, or
+      the memory budget of its whole process tree; `stopped_by` says which.
+    exit_code: of the run's first process (negative: killed by that signal).
+    wall_s, cpu_s: wall-clock and CPU seconds of the run.
+    stopped_by: "" (the run ended by itself), "wall_clock" or "memory_budget".
+  """
 
   report: bytes
   timed_out: bool
   exit_code: int
   wall_s: float
   cpu_s: float
+  stopped_by: str = ""
+
+  @property
+  def reason(self) -> str:
+    """Why the sandbox stopped the run, as a sentence ("" if it ended by itself)."""
+    if self.stopped_by == "memory_budget":
+      return "Stopped: the program's processes together reached the memory budget of the run."
+    if self.stopped_by == "wall_clock":
+      return f"Stopped: time limit exceeded (killed after {self.wall_s:.1f} s)."
+    return ""
 
 
 # ---------------------------------------------------------------- Shared helpers.
@@ -196,6 +221,14 @@ def _reap_children() -> None:
       return
 
 
+def _cgroup_members(directories: list[str]) -> list[int]:
+  pids = []
+  for directory in directories:
+    with open(os.path.join(directory, "cgroup.procs"), encoding="ascii") as f:
+      pids += [int(pid) for pid in f.read().split()]
+  return pids
+
+
 def _pids_of_uid(uid: int) -> list[int]:
   return [pid for pid, (_, owner, _) in _process_table().items() if owner == uid]
 
@@ -246,6 +279,19 @@ class _Worker:
           "separate uid: the verifier is not root, so programs run as its "
           "user (without capabilities)"
       )
+    self.cgroup = config.get("cgroup")
+    self.oom_event = None
+    if self.cgroup is not None and self.cgroup["version"] == 1:
+      # v1 freezes a tree at its cap (the OOM killer is off for the slot) and signals it here.
+      self.oom_event = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+      control = os.open(os.path.join(self.cgroup["memory_dir"], "memory.oom_control"),
+                        os.O_RDONLY | os.O_CLOEXEC)
+      try:
+        with open(os.path.join(self.cgroup["memory_dir"], "cgroup.event_control"), "w",
+                  encoding="ascii") as f:
+          f.write(f"{self.oom_event} {control}")
+      finally:
+        os.close(control)
     self.root_dir = None
     if not config["namespaces"]:
       self.disabled.append("namespaces: turned off by the caller")
@@ -309,6 +355,13 @@ class _Worker:
     if probe.exit_code != 0:
       raise SandboxError(f"A sandboxed probe run failed: {probe}")
     facts = json.loads(probe.report.decode("utf-8"))
+    budget = "per-process rlimits only"
+    if self.cgroup is not None:
+      groups = [os.path.basename(os.path.dirname(d)) + "/" + os.path.basename(d)
+                for d in self.cgroup["dirs"]]
+      if not all(group in facts["cgroups"] for group in groups):
+        raise SandboxError(f"A sandboxed probe run is not in its cgroups {groups}: {facts}")
+      budget = f"cgroup v{self.cgroup['version']} per run (memory, pids)"
     if not facts["stdlib_readable"]:
       self.disabled.append(
           f"imports beyond the harness's preloaded modules: runs cannot read "
@@ -331,6 +384,7 @@ class _Worker:
             else "kill all descendants of the worker (a child subreaper)"
         ),
         "limits": dataclasses.asdict(self.limits),
+        "run_budget": budget,
         "disabled": self.disabled,
         "probe": facts,
     }
@@ -347,7 +401,12 @@ class _Worker:
       _write_frame(
           fd_out,
           _REPLY.pack(
-              result.timed_out, result.exit_code, result.wall_s, result.cpu_s, len(result.report)
+              result.timed_out,
+              STOPPED_BY.index(result.stopped_by),
+              result.exit_code,
+              result.wall_s,
+              result.cpu_s,
+              len(result.report),
           )
           + result.report,
       )
@@ -370,14 +429,17 @@ class _Worker:
     if pid == 0:
       self._intermediate(payload, timeout_s, main, read_fd, write_fd, workdir, nproc)
     os.close(write_fd)
-    report, timed_out = self._collect(read_fd, pid, start + timeout_s)
-    if timed_out:
+    oom_kills = self._oom_kills()
+    report, stopped_by = self._collect(read_fd, pid, start + timeout_s)
+    if stopped_by:
       os.killpg(pid, signal.SIGKILL)
     _, status, usage = os.wait4(pid, 0)
     # With the private root, a run that ended by itself left nothing: its PID namespace
     # died with it. Otherwise processes may have detached (setsid) and outlived it.
-    if timed_out or self.root_dir is None:
+    if stopped_by or self.root_dir is None:
       self._kill_leftovers()
+    if not stopped_by and self._oom_kills() > oom_kills:
+      stopped_by = "memory_budget"  # v2: the kernel killed the whole tree (memory.oom.group).
     _reap_children()
     report += self._drain(read_fd, len(report))
     os.close(read_fd)
@@ -385,22 +447,42 @@ class _Worker:
       _remove_tree(workdir)
     return SandboxRun(
         bytes(report),
-        timed_out,
+        bool(stopped_by),
         os.waitstatus_to_exitcode(status),
         time.monotonic() - start,
         usage.ru_utime + usage.ru_stime,
+        stopped_by,
     )
 
-  def _collect(self, read_fd: int, pid: int, deadline: float) -> tuple[bytearray, bool]:
-    """Reads the report until the run exits or the deadline passes."""
+  def _oom_kills(self) -> int:
+    """OOM kills in the slot's v2 cgroup so far (0 without one)."""
+    if self.cgroup is None or self.cgroup["version"] != 2:
+      return 0
+    with open(os.path.join(self.cgroup["memory_dir"], "memory.events"), encoding="ascii") as f:
+      return int(dict(line.split() for line in f if line.strip()).get("oom_kill", 0))
+
+  def _under_oom(self) -> bool:
+    """Whether the slot's v1 cgroup is at its memory cap, its tasks frozen (drains the event)."""
+    try:
+      os.eventfd_read(self.oom_event)
+    except BlockingIOError:
+      pass
+    with open(os.path.join(self.cgroup["memory_dir"], "memory.oom_control"),
+              encoding="ascii") as f:
+      return dict(line.split() for line in f if line.strip()).get("under_oom") == "1"
+
+  def _collect(self, read_fd: int, pid: int, deadline: float) -> tuple[bytearray, str]:
+    """Reads the report until the run exits or a limit stops it ("" or a STOPPED_BY value)."""
     report, pidfd = bytearray(), os.pidfd_open(pid)
-    waiting = [read_fd, pidfd]
+    waiting = [read_fd, pidfd] + ([] if self.oom_event is None else [self.oom_event])
     try:
       while pidfd in waiting:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-          return report, True
+          return report, "wall_clock"
         ready, _, _ = select.select(waiting, [], [], remaining)
+        if self.oom_event is not None and self.oom_event in ready and self._under_oom():
+          return report, "memory_budget"
         if read_fd in ready:
           chunk = os.read(read_fd, 1 << 20)
           report += chunk[: self.limits.max_report_bytes - len(report)]
@@ -408,7 +490,7 @@ class _Worker:
             waiting.remove(read_fd)
         if pidfd in ready:
           waiting.remove(pidfd)
-      return report, False
+      return report, ""
     finally:
       os.close(pidfd)
 
@@ -428,6 +510,8 @@ class _Worker:
 
   def _kill_leftovers(self) -> None:
     """Kills every process a run left, however it detached itself, and waits for the end."""
+    if self.cgroup is not None:  # Its cgroup holds all of them, frozen ones included.
+      _kill_until_gone(lambda: _cgroup_members(self.cgroup["dirs"]))
     if self.uid is None:
       _kill_until_gone(self._descendants)
       return
@@ -494,6 +578,10 @@ class _Worker:
     """Child B: enter the private root, drop everything, run `main`. Never returns."""
     code = 126
     try:
+      if self.cgroup is not None:  # Before anything of the run can fork.
+        for directory in self.cgroup["dirs"]:
+          with open(os.path.join(directory, "cgroup.procs"), "w", encoding="ascii") as f:
+            f.write("0")
       home = workdir
       if self.root_dir is not None:
         owner = f"uid={self.uid},gid={self.gid}," if self.uid is not None else ""
@@ -557,6 +645,8 @@ def _probe(payload: bytes, report_fd: int) -> None:
       "root_entries": sorted(os.listdir("/")),
       "stdlib_readable": os.access(os.path.dirname(os.__file__), os.R_OK | os.X_OK),
   }
+  with open("/proc/self/cgroup", encoding="utf-8") as f:
+    facts["cgroups"] = f.read()
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
     probe.settimeout(1.0)
     try:
