@@ -1,0 +1,232 @@
+"""Checkpoints under faults: SIGKILL during a save, damaged latest steps, a full disk.
+
+A small deterministic loop (a jitted update of a 1M-float state with its own PRNG key,
+saved every step) stands in for training: "nothing lost" means the final state of an
+interrupted and resumed loop equals, bit for bit, that of an uninterrupted one.
+"""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mopd_jax import checkpointing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL = 5
+
+# argv: checkpoint directory, output .npy, kill point ("" = none). Kill points stop the
+# process with SIGKILL at a chosen moment of the save of step 3.
+LOOP = """
+import os, signal, sys
+import jax, jax.numpy as jnp, numpy as np
+from orbax.checkpoint._src.path import atomicity
+from mopd_jax import checkpointing
+
+directory, out, kill_at = sys.argv[1], sys.argv[2], sys.argv[3]
+ckpt = checkpointing.Checkpointer(directory, every=1, keep=2)
+state = {"w": jnp.zeros((1 << 20,), jnp.float32), "key": jax.random.PRNGKey(0)}
+resumed = ckpt.restore_latest(jax.eval_shape(lambda: state))
+start = 0 if resumed is None else resumed[0]
+if resumed is not None:
+  state = resumed[1]
+saving = [0]
+
+def die(point):
+  if kill_at == point and saving[0] == 3:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+async def killing_finalize(self):
+  die("before_commit")
+  await finalize(self)
+  die("after_commit")
+atomicity.AtomicRenameTemporaryPath.finalize = killing_finalize
+
+replace = os.replace
+def killing_replace(src, dst):
+  if dst.endswith(checkpointing.MANIFEST):
+    die("before_manifest")
+  replace(src, dst)
+checkpointing.os.replace = killing_replace
+
+@jax.jit
+def update(state):
+  key, sub = jax.random.split(state["key"])
+  return {"w": state["w"] * 0.9 + jax.random.normal(sub, state["w"].shape), "key": key}
+
+for step in range(start, %d):
+  state = update(state)
+  saving[0] = step + 1
+  assert ckpt.save(step + 1, state, {"data_position": step + 1})
+ckpt.close()
+np.save(out, np.asarray(state["w"]))
+print("resumed from", start)
+""" % TOTAL
+
+
+def _loop(directory, out, kill_at=""):
+  return subprocess.run([sys.executable, "-c", LOOP, directory, out, kill_at], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("uninterrupted")
+  proc = _loop(str(directory / "ckpt"), str(directory / "final.npy"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return np.load(directory / "final.npy")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at,resume_step", [
+    ("before_commit", 2),     # Step 3 is a temporary directory: resume from 2.
+    ("after_commit", 3),      # Committed, no manifest yet: restorable, resume from 3.
+    ("before_manifest", 3),   # The manifest's temporary file exists, not the manifest.
+])
+def test_sigkill_during_save_then_resume_is_identical(tmp_path, uninterrupted, kill_at,
+                                                      resume_step):
+  directory, out = str(tmp_path / "ckpt"), str(tmp_path / "final.npy")
+  killed = _loop(directory, out, kill_at)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert not os.path.exists(out)
+  resumed = _loop(directory, out)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from {resume_step}" in resumed.stdout
+  np.testing.assert_array_equal(np.load(out), uninterrupted)
+  assert not [name for name in os.listdir(directory) if not name.isdigit()]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_of_saves(tmp_path, uninterrupted):
+  """Kills while the loop is saving, at spread-out delays; every resume is identical."""
+  for attempt, delay in enumerate((0.0, 0.02, 0.05, 0.1)):
+    directory, out = str(tmp_path / f"ckpt{attempt}"), str(tmp_path / f"final{attempt}.npy")
+    proc = subprocess.Popen([sys.executable, "-c", LOOP, directory, out, ""], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not any(name.startswith("3") for name in _listdir(directory)):
+      assert proc.poll() is None, "the loop ended before step 3 was being saved"
+      time.sleep(0.002)
+    time.sleep(delay)
+    proc.kill()
+    proc.wait()
+    resumed = _loop(directory, out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(out), uninterrupted)
+
+
+def _listdir(directory):
+  try:
+    return os.listdir(directory)
+  except FileNotFoundError:
+    return []
+
+
+def _state(value):
+  w = jax.random.normal(jax.random.PRNGKey(value), (256, 1024))  # Incompressible.
+  return {"w": w, "n": jnp.asarray(value, jnp.int32)}
+
+
+ABSTRACT = jax.eval_shape(lambda: _state(0))
+
+
+def _saved(directory, steps, keep=5):
+  ckpt = checkpointing.Checkpointer(str(directory), every=1, keep=keep)
+  for step in steps:
+    assert ckpt.save(step, _state(step), {"data_position": step})
+  return ckpt
+
+
+def _largest_file(step_dir):
+  files = [os.path.join(parent, name) for parent, _, names in os.walk(step_dir)
+           for name in names if name != checkpointing.MANIFEST]
+  return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "delete_file"])
+def test_damaged_latest_falls_back_to_the_newest_intact(tmp_path, caplog, damage):
+  ckpt = _saved(tmp_path / "ckpt", [1, 2, 3])
+  victim = _largest_file(ckpt.step_dir(3))
+  if damage == "truncate":
+    os.truncate(victim, os.path.getsize(victim) // 2)
+  elif damage == "flip_byte":
+    with open(victim, "r+b") as f:
+      f.seek(os.path.getsize(victim) // 2)
+      byte = f.read(1)
+      f.seek(-1, os.SEEK_CUR)
+      f.write(bytes([byte[0] ^ 0xFF]))
+  else:
+    os.unlink(victim)
+  assert checkpointing.check_manifest(ckpt.step_dir(3)) is not None
+  with caplog.at_level(logging.WARNING):
+    step, state, meta = ckpt.restore_latest(ABSTRACT)
+  assert (step, int(state["n"]), meta["data_position"]) == (2, 2, 2)
+  np.testing.assert_array_equal(state["w"], _state(2)["w"])
+  assert ckpt.step_dir(3) in caplog.text and "damaged" in caplog.text
+  assert ckpt.all_steps() == [1, 2]
+  assert os.listdir(str(tmp_path / "ckpt") + "-damaged")[0].startswith("3-")
+  assert ckpt.save(3, _state(3), {"data_position": 3})  # The step can be saved again.
+  assert ckpt.restore_latest(ABSTRACT)[0] == 3
+  ckpt.close()
+
+
+def test_no_intact_checkpoint_is_an_error_naming_them(tmp_path):
+  ckpt = _saved(tmp_path / "ckpt", [1, 2])
+  for step in (1, 2):
+    os.truncate(_largest_file(ckpt.step_dir(step)), 10)
+  with pytest.raises(checkpointing.CheckpointError, match=r"ckpt/2: .*ckpt/1: "):
+    ckpt.restore_latest(ABSTRACT)
+  assert ckpt.restore_latest(ABSTRACT) is None  # Both were set aside.
+  ckpt.close()
+
+
+def test_failed_save_is_reported_and_keeps_earlier_checkpoints(tmp_path, caplog, monkeypatch):
+  """A write error in the middle of a save (as a full disk gives) is logged, not raised."""
+  ckpt = _saved(tmp_path / "ckpt", [1, 2])
+  real_write = checkpointing.write_manifest
+
+  def disk_full(step_dir):
+    raise OSError(28, "No space left on device", step_dir)
+
+  monkeypatch.setattr(checkpointing, "write_manifest", disk_full)
+  with caplog.at_level(logging.ERROR):
+    assert not ckpt.save(3, _state(3), {"data_position": 3})
+  assert "step 3" in caplog.text and "No space left" in caplog.text
+  assert ckpt.failed_saves == 1 and ckpt.all_steps() == [1, 2]
+  assert sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2"]
+  monkeypatch.setattr(checkpointing, "write_manifest", real_write)
+  assert ckpt.save(3, _state(3), {"data_position": 3})
+  assert ckpt.restore_latest(ABSTRACT)[0] == 3
+  ckpt.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs")
+def test_full_disk_at_save_time(tmp_path, caplog):
+  """A real ENOSPC: a 2.5 MiB tmpfs holds two 1 MiB checkpoints but not a third."""
+  mount = tmp_path / "small"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2560k", "tmpfs", str(mount)],
+                    check=False, capture_output=True).returncode != 0:
+    pytest.skip("cannot mount a tmpfs here")
+  try:
+    ckpt = _saved(mount / "ckpt", [1, 2])
+    with caplog.at_level(logging.ERROR):
+      assert not ckpt.save(3, _state(3), {"data_position": 3})
+    assert "step 3" in caplog.text
+    assert ckpt.failed_saves == 1 and ckpt.all_steps() == [1, 2]
+    assert sorted(os.listdir(mount / "ckpt")) == ["1", "2"]
+    for step in (1, 2):
+      assert os.path.exists(os.path.join(ckpt.step_dir(step), checkpointing.MANIFEST))
+      assert checkpointing.check_manifest(ckpt.step_dir(step)) is None
+    step, state, _ = ckpt.restore_latest(ABSTRACT)
+    assert step == 2 and int(state["n"]) == 2
+    ckpt.close()
+  finally:
+    subprocess.run(["umount", "-l", str(mount)], check=False)
