@@ -44,10 +44,13 @@ def die(point):
     os.kill(os.getpid(), signal.SIGKILL)
 
 finalize = atomicity.AtomicRenameTemporaryPath.finalize
-async def killing_finalize(self):
-  die("before_commit")
+async def killing_finalize(self):  # Items are committed inside the step; the step last.
+  is_step = self.get_final().name == str(saving[0])
+  if is_step:
+    die("before_commit")
   await finalize(self)
-  die("after_commit")
+  if is_step:
+    die("after_commit")
 atomicity.AtomicRenameTemporaryPath.finalize = killing_finalize
 
 replace = os.replace

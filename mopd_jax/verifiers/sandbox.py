@@ -36,9 +36,10 @@ The layers, as far as the platform allows (probed when a worker starts and repor
   size, open files, no core dumps), a wall-clock limit, an environment of only HOME,
   TMPDIR, PATH and LANG, /dev/null as stdin/stdout/stderr and every other fd closed.
 
-Clean starts: a pool's directory and cgroups are named `mopd-sandbox-<pid>-<start time>-*`
-after the process that owns the pool. A new pool removes those whose owner is gone (a run
-killed with SIGKILL), together with their workers and the processes of their uids.
+Clean starts: a pool's directory and cgroups are named `mopd-sandbox-<pid namespace>-<pid>-
+<start time>-*` after the process that owns the pool. A new pool removes those whose owner
+is gone (a run killed with SIGKILL), together with their workers and the processes of their
+uids.
 
 This module is the pool: the workers' lifecycle, their uids, deadlines and recycling. The
 workers (the isolation itself) and the protocol between them are in sandbox_worker.py.
@@ -55,7 +56,6 @@ import logging
 import os
 import pwd
 import queue
-import re
 import shutil
 import struct
 import subprocess
@@ -89,7 +89,6 @@ __all__ = ["Limits", "SandboxError", "SandboxPool", "SandboxRun"]
 _WORKER_START_S = 60.0
 _REPLY_GRACE_S = 10.0
 _LOCK_DIR = "/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir()
-_POOL_DIR = re.compile(r"^mopd-sandbox-(\d+)-(\d+)-")
 _UIDS_FILE = "uids"  # In a pool's directory: the uids it claimed, one per line.
 
 
@@ -142,8 +141,9 @@ def _processes_with_argument(argument: str) -> list[int]:
 def remove_stale_pools(temp_dir: str | None = None) -> list[str]:
   """Removes what pools of dead processes left behind; returns the directories removed.
 
-  A pool's directory is `mopd-sandbox-<owner pid>-<owner start time>-*` in `temp_dir`
-  (default: the temp folder); it is stale when no process has that pid and start time. Then
+  A pool's directory is `mopd-sandbox-<owner tag>-*` in `temp_dir` (default: the temp
+  folder); it is stale when its owner's PID namespace is this one and no process has the
+  owner's pid and start time (`sandbox_cgroups.stale_owner`). Then
   its workers (which carry the directory as their argument), the processes of the uids it
   claimed (once no live pool holds their lock) and the directory are removed, and so are
   the cgroups of dead pools (`sandbox_cgroups.remove_stale`). Directories of other users
@@ -152,11 +152,10 @@ def remove_stale_pools(temp_dir: str | None = None) -> list[str]:
   temp_dir = temp_dir or tempfile.gettempdir()
   removed = []
   for entry in os.scandir(temp_dir):
-    match = _POOL_DIR.match(entry.name)
     try:
-      if (match is None or not entry.is_dir(follow_symlinks=False)
-          or entry.stat(follow_symlinks=False).st_uid != os.geteuid()
-          or sandbox_cgroups.owner_alive(int(match.group(1)), int(match.group(2)))):
+      if (not sandbox_cgroups.stale_owner(entry.name)
+          or not entry.is_dir(follow_symlinks=False)
+          or entry.stat(follow_symlinks=False).st_uid != os.geteuid()):
         continue
       _kill_until_gone(lambda path=entry.path: _processes_with_argument(path))
       uids = []
@@ -283,8 +282,7 @@ class SandboxPool:
     self.tasks_per_worker, self.first_uid = tasks_per_worker, first_uid
     self.namespaces = namespaces
     remove_stale_pools()
-    owner = f"{os.getpid()}-{sandbox_cgroups.process_start_time(os.getpid())}"
-    self.base_dir = tempfile.mkdtemp(prefix=f"mopd-sandbox-{owner}-")
+    self.base_dir = tempfile.mkdtemp(prefix=f"mopd-sandbox-{sandbox_cgroups.owner_tag()}-")
     self.budget = sandbox_cgroups.CgroupBudget(
         os.path.basename(self.base_dir), limits.memory_bytes, limits.max_processes)
     os.makedirs(os.path.join(self.base_dir, "root"))

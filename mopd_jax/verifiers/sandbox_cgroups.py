@@ -11,9 +11,10 @@ response's budget. When the tree reaches the memory cap it is stopped as a whole
   the tree freezes at the cap; the worker is notified through an eventfd and kills it.
 
 The worker reads the slot's counters (sandbox_worker.py) and reports a run stopped this way
-with its reason. A pool's cgroups are named `mopd-sandbox-<pid>-<start time>-<suffix>` after
-the process that made them, so that a later pool can tell those of a dead owner and remove
-them (`remove_stale`). Where no cgroup can be used (no root, no delegated v2 subtree, no
+with its reason. A pool's cgroups are named `mopd-sandbox-<pid namespace>-<pid>-<start
+time>-<suffix>` after the process that made them (`owner_tag`), so that a later pool in the
+same PID namespace can tell those of a dead owner and remove them (`remove_stale`); groups
+made from other PID namespaces are never touched. Where no cgroup can be used (no root, no delegated v2 subtree, no
 controllers), `CgroupBudget.kind` is None, `reason` says why and the per-process rlimits
 remain the only memory and process limits.
 """
@@ -26,7 +27,7 @@ import signal
 import time
 
 _CONTROLLERS = ("memory", "pids")
-_NAME = re.compile(r"^mopd-sandbox-(\d+)-(\d+)-")
+_NAME = re.compile(r"^mopd-sandbox-(\d+)-(\d+)-(\d+)-")
 _KILL_S = 2.0
 
 
@@ -40,9 +41,21 @@ def process_start_time(pid: int) -> int | None:
     return None
 
 
-def owner_alive(pid: int, start_time: int) -> bool:
-  """Whether the process that wrote (pid, start_time) still runs (pids are reused)."""
-  return process_start_time(pid) == start_time
+def owner_tag() -> str:
+  """`<pid namespace inode>-<pid>-<start time>` of this process: who owns a pool's things."""
+  pid = os.getpid()
+  return f"{os.stat('/proc/self/ns/pid').st_ino}-{pid}-{process_start_time(pid)}"
+
+
+def stale_owner(name: str) -> bool:
+  """Whether `name` carries an owner tag of this PID namespace whose process is gone."""
+  match = _NAME.match(name)
+  if match is None:
+    return False
+  namespace, pid, start_time = (int(group) for group in match.groups())
+  if namespace != os.stat("/proc/self/ns/pid").st_ino:
+    return False  # Its pids mean other processes here: leave it to its own namespace.
+  return process_start_time(pid) != start_time  # A reused pid has another start time.
 
 
 def _unescape(path: str) -> str:
@@ -145,8 +158,7 @@ def remove_stale(parents: list[str] | None = None) -> list[str]:
     except OSError:
       continue
     for entry in entries:
-      match = _NAME.match(entry.name)
-      if match is None or owner_alive(int(match.group(1)), int(match.group(2))):
+      if not stale_owner(entry.name):
         continue
       try:
         _remove_group(entry.path)
@@ -165,9 +177,9 @@ class CgroupBudget:
   """
 
   def __init__(self, name: str, memory_bytes: int, max_processes: int):
-    """`name` must start with `mopd-sandbox-<pid>-<start time>-` of the creating process."""
+    """`name` must start with `mopd-sandbox-<owner_tag()>-`."""
     if _NAME.match(name) is None:
-      raise ValueError(f"cgroup name {name!r} must start with 'mopd-sandbox-<pid>-<start>-'.")
+      raise ValueError(f"cgroup name {name!r} must start with 'mopd-sandbox-<owner tag>-'.")
     self.memory_bytes, self.max_processes = memory_bytes, max_processes
     self.kind: str | None = None
     self.reason: str | None = None
