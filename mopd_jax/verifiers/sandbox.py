@@ -222,6 +222,10 @@ class _Slot:
     except (OSError, EOFError, TimeoutError, struct.error) as exc:
       pid = self.proc.pid
       self.stop()
+      try:  # Replaced now, so that the next task does not wait for a start.
+        self.start()
+      except SandboxError:
+        pass  # Retried by the next task of this slot.
       raise SandboxError(f"Sandbox worker {pid} failed: {type(exc).__name__}: {exc}") from exc
     self.tasks += 1
     if self.tasks >= self.pool.tasks_per_worker:
