@@ -72,7 +72,7 @@ class LowestAvailable:
   """Samples the host's available memory every 10 ms while in use."""
 
   def __enter__(self):
-    self.lowest = psutil.virtual_memory().available
+    self.before = self.lowest = psutil.virtual_memory().available
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._sample)
     self._thread.start()
@@ -101,20 +101,22 @@ def _lost(results, valid):
 def memory_attack(repeats):
   pool = code.default_pool(2)
   survived = lost = 0
-  lowest = []
+  lowest, drops = [], []
   for _ in range(repeats):
     with LowestAvailable() as memory:
       results, _ = code.score_batch_with_stats(
           [MEMORY_ATTACK[0]] * 2 + [GOOD[0]] * 2, [MEMORY_ATTACK[1]] * 2 + [GOOD[1]] * 2,
           max_workers=2, time_limit_s=10.0)
     lowest.append(memory.lowest)
+    drops.append(memory.before - memory.lowest)
     stopped = all(r.reward == 0.0 and r.status in ("timeout", "error") for r in results[:2])
     lost += _lost(results, [2, 3])
     survived += stopped and not _left_in_cgroups(pool)
   total = psutil.virtual_memory().total
   return _row("memory: 2 responses x (6 children x 850 MiB)", repeats, survived, 2 * repeats,
-              lost, f"cgroup {pool.budget.kind}; lowest available {min(lowest) / 2**30:.1f} of "
-              f"{total / 2**30:.0f} GiB"), min(lowest)
+              lost, f"cgroup {pool.budget.kind}; host memory available fell by at most "
+              f"{max(drops) / 2**30:.2f} GiB, to {min(lowest) / 2**30:.1f} of "
+              f"{total / 2**30:.0f} GiB"), (min(lowest), max(drops))
 
 
 def _left_in_cgroups(pool):
@@ -343,9 +345,12 @@ def table(rows, load_run, lowest_available):
             f"| open file descriptors of the verifier | {lr['fds'][0]} | {lr['fds'][1]} |",
             f"| resident memory (verifier + workers) | {lr['rss_mib'][0]} MiB | "
             f"{lr['rss_mib'][1]} MiB |",
-            "", f"Host memory available at the lowest point of the worst attack (two memory "
-            f"attacks at once): {lowest_available / 2**30:.1f} GiB of "
-            f"{psutil.virtual_memory().total / 2**30:.0f} GiB.", ""]
+            "", f"Host memory headroom during the worst attack (two memory attacks at once, "
+            f"each capped at 1 GiB): available memory fell by at most "
+            f"{lowest_available[1] / 2**30:.2f} GiB and stayed at or above "
+            f"{lowest_available[0] / 2**30:.1f} GiB of "
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB (with per-process limits only, "
+            f"one such response took 5.8 GiB).", ""]
   return "\n".join(lines)
 
 

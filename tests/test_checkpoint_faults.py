@@ -233,3 +233,23 @@ def test_full_disk_at_save_time(tmp_path, caplog):
     ckpt.close()
   finally:
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_training_killed_during_a_checkpoint_write_resumes_identically(tiny_base_dir, tmp_path):
+  """The trainer itself: SIGKILL while orbax writes a step, then resume; same metrics."""
+  from tests import test_resume  # pylint: disable=import-outside-toplevel
+  reference = str(tmp_path / "uninterrupted")
+  test_resume._finish(tiny_base_dir, reference)
+  workdir = str(tmp_path / "killed")
+  proc = test_resume._start(tiny_base_dir, workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  while not any("orbax-checkpoint-tmp" in name and not name.startswith("2")
+                for name in _listdir(checkpoints)):
+    assert proc.poll() is None, "the run ended before a later checkpoint was being written"
+    time.sleep(0.001)
+  proc.kill()
+  proc.wait(timeout=60)
+  test_resume._finish(tiny_base_dir, workdir)
+  assert test_resume._comparable(workdir) == test_resume._comparable(reference)
+  assert not [name for name in os.listdir(checkpoints) if not name.isdigit()]
