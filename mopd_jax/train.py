@@ -321,10 +321,11 @@ def run(config, workdir: str) -> dict:
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     every=st.run.checkpoint_every,
                                     keep=st.run.keep_checkpoints)
-  resume_step = ckpt.latest_step()
-  if resume_step is not None:
-    state, meta = ckpt.restore(resume_step,
-                               checkpointing.abstract_like(s.state_shapes, s.shardings))
+  # The newest intact checkpoint: a damaged latest one is set aside (logged).
+  restored = ckpt.restore_latest(checkpointing.abstract_like(s.state_shapes, s.shardings))
+  resume_step = None if restored is None else restored[0]
+  if restored is not None:
+    _, state, meta = restored
     logging.info("Resumed from step %d (data position %d).", resume_step,
                  meta["data_position"])
   else:
