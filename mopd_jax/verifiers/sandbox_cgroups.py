@@ -21,6 +21,7 @@ remain the only memory and process limits.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -282,8 +283,11 @@ class CgroupBudget:
     self._groups, self._slots = [], {}
 
   def close(self) -> None:
-    """Kills what is left in the pool's cgroups and removes them."""
-    self._remove_groups()
+    """Kills what is left in the pool's cgroups and removes them (a failure is logged)."""
+    try:
+      self._remove_groups()
+    except OSError as exc:
+      logging.warning("Could not remove the sandbox cgroups %s: %s", self._groups, exc)
 
   def describe(self) -> dict:
     """For the isolation report."""
