@@ -244,6 +244,10 @@ class VerifierSettings(_Section):
       "(counted as timeouts). None: no batch deadline beyond the per-response limits.",
       kind=float)
   success_threshold: float = knob(1.0, _num(0.0, 1.0), "a number in [0, 1]")
+  memory_bytes: int = knob(
+      1 << 30, _int(16 << 20), "an integer number of bytes >= 16777216 (16 MiB)",
+      "Memory of one code response: all the processes it starts together (a cgroup, where "
+      "the host has one) and each process alone (its address space).")
 
 
 @dataclasses.dataclass(frozen=True)

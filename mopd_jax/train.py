@@ -207,6 +207,9 @@ def _load_external_teacher(st: settings.Settings, mesh, student_cfg):
 def domain_score_batch(domain: str, vs: settings.VerifierSettings):
   """(texts, references) -> list[Result] of the verifier of `domain`, as configured."""
   if domain == "code":
+    # The code verifier's process-wide sandbox pool, with this run's budget per response.
+    pool = code.default_pool(vs.max_workers)
+    pool.set_limits(dataclasses.replace(pool.limits, memory_bytes=vs.memory_bytes))
     return lambda texts, refs: code.score_batch(
         texts, refs, max_workers=vs.max_workers, time_limit_s=vs.time_limit_s,
         deadline_s=vs.batch_deadline_s)

@@ -12,6 +12,7 @@ import time
 import psutil
 import pytest
 
+from mopd_jax import settings
 from mopd_jax.verifiers import code, sandbox, sandbox_cgroups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,6 +100,29 @@ def test_process_cap_per_run(budget_pool):
     if "pids" in group or budget_pool.budget.kind == "v2":
       with open(os.path.join(group, "slot-0", "pids.max"), encoding="ascii") as f:
         assert f.read().strip() == "8"
+
+
+def test_set_limits_changes_the_budget_of_later_runs():
+  with sandbox.SandboxPool(EXEC_HARNESS, num_workers=1,
+                           limits=sandbox.Limits(memory_bytes=BUDGET)) as pool:
+    if pool.budget.kind is None:
+      pytest.skip(f"no cgroup on this host: {pool.budget.reason}")
+    tree = FORK_TREE.format(n=4, mib=40).encode()  # 160 MiB in all.
+    assert pool.run(tree, 20.0).report == b"4"
+    pool.set_limits(sandbox.Limits(memory_bytes=128 << 20))
+    assert pool.run(tree, 20.0).stopped_by == "memory_budget"
+    assert pool.isolation["limits"]["memory_bytes"] == 128 << 20
+    assert pool.isolation["run_budget"]["memory_bytes"] == 128 << 20
+    with pytest.raises(TypeError, match="sandbox.Limits"):
+      pool.set_limits({"memory_bytes": 1})
+
+
+def test_memory_budget_setting_is_validated():
+  assert settings.VerifierSettings().memory_bytes == 1 << 30
+  with pytest.raises(settings.ConfigError,
+                     match=r"config\.verifier\.memory_bytes = 1000: must be an integer number "
+                           r"of bytes >= 16777216"):
+    settings.VerifierSettings(memory_bytes=1000)
 
 
 def test_without_a_cgroup_the_report_says_so(monkeypatch):

@@ -346,6 +346,28 @@ class SandboxPool:
         self.isolation = self.isolation or report
         self._idle.put(slot)
 
+  def set_limits(self, limits: Limits) -> None:
+    """Applies `limits` to every run from now on: waits for the runs in flight, then
+    restarts the workers with them."""
+    if not isinstance(limits, Limits):
+      raise TypeError(f"limits must be a sandbox.Limits, got {limits!r}.")
+    with self._lock:
+      if limits == self.limits:
+        return
+      slots = [self._idle.get() for _ in self._slots]
+      try:
+        self.limits = limits
+        self.budget.set_limits(limits.memory_bytes, limits.max_processes)
+        for slot in slots:
+          slot.stop()
+          slot.start()
+      finally:
+        for slot in slots:
+          self._idle.put(slot)
+      self.isolation["limits"] = dataclasses.asdict(limits)
+      self.isolation["run_budget"].update(self.budget.describe())
+    logging.info("Sandbox pool: limits now %s", json.dumps(self.isolation["limits"]))
+
   def run(self, payload: bytes, timeout_s: float, *, deadline: float | None = None) -> SandboxRun:
     """Runs the harness on `payload` in a fresh sandboxed process, killed after `timeout_s`.
 

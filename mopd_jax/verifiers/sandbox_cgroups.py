@@ -240,19 +240,7 @@ class CgroupBudget:
     try:
       for directory in dirs:
         os.mkdir(directory)
-      memory_dir, pids_dir = dirs[0], dirs[-1]
-      if self.kind == "v2":
-        _write(os.path.join(memory_dir, "memory.max"), str(self.memory_bytes))
-        if os.path.exists(os.path.join(memory_dir, "memory.swap.max")):
-          _write(os.path.join(memory_dir, "memory.swap.max"), "0")
-        _write(os.path.join(memory_dir, "memory.oom.group"), "1")
-      else:
-        _write(os.path.join(memory_dir, "memory.limit_in_bytes"), str(self.memory_bytes))
-        memsw = os.path.join(memory_dir, "memory.memsw.limit_in_bytes")
-        if os.path.exists(memsw):  # Only where swap accounting is on; memory + swap <= cap.
-          _write(memsw, str(self.memory_bytes))
-        _write(os.path.join(memory_dir, "memory.oom_control"), "1")
-      _write(os.path.join(pids_dir, "pids.max"), str(self.max_processes))
+      self._apply_limits(dirs)
     except OSError:
       for directory in dirs:
         if os.path.isdir(directory):
@@ -262,6 +250,30 @@ class CgroupBudget:
       for directory in dirs:
         os.rmdir(directory)
     return dirs
+
+  def _apply_limits(self, dirs: list[str]) -> None:
+    memory_dir, pids_dir = dirs[0], dirs[-1]
+    if self.kind == "v2":
+      _write(os.path.join(memory_dir, "memory.max"), str(self.memory_bytes))
+      if os.path.exists(os.path.join(memory_dir, "memory.swap.max")):
+        _write(os.path.join(memory_dir, "memory.swap.max"), "0")
+      _write(os.path.join(memory_dir, "memory.oom.group"), "1")
+    else:
+      memsw = os.path.join(memory_dir, "memory.memsw.limit_in_bytes")
+      has_memsw = os.path.exists(memsw)  # Only where swap accounting is on.
+      if has_memsw and self.memory_bytes > int(_read(memsw)):
+        _write(memsw, str(self.memory_bytes))  # memory + swap must stay >= memory.
+      _write(os.path.join(memory_dir, "memory.limit_in_bytes"), str(self.memory_bytes))
+      if has_memsw:
+        _write(memsw, str(self.memory_bytes))  # No swap beyond the cap.
+      _write(os.path.join(memory_dir, "memory.oom_control"), "1")
+    _write(os.path.join(pids_dir, "pids.max"), str(self.max_processes))
+
+  def set_limits(self, memory_bytes: int, max_processes: int) -> None:
+    """Changes the caps of every slot (call while no run is in flight)."""
+    self.memory_bytes, self.max_processes = memory_bytes, max_processes
+    for dirs in self._slots.values():
+      self._apply_limits(dirs)
 
   def slot_config(self, index: int) -> dict | None:
     """What the worker of slot `index` needs (None without cgroups); creates the slot once."""
