@@ -128,22 +128,33 @@ def _left_in_cgroups(pool):
 
 FORK_FILL = b"""
 import os, time
+read_end, write_end = os.pipe()
+children = 0
 for _ in range(50):
   try:
-    if os.fork() == 0:
+    child = os.fork()
+  except OSError:
+    break
+  if child == 0:
+    try:
       block = bytearray(850 << 20)
       for i in range(0, len(block), 4096):
         block[i] = 1
-      time.sleep(3)
+      os.write(write_end, b"f")
+      time.sleep(60)
+    finally:
       os._exit(0)
-  except OSError:
-    break
-time.sleep(4)
+  children += 1
+filled = 0
+while filled < children:
+  filled += len(os.read(read_end, children))
+os.write(report_fd, str(filled).encode())
 """
 
 
 def memory_without_budget():
-  """The fall of available memory under one fork-and-fill run with per-process limits only."""
+  """(fall of available memory, children that filled 850 MiB) of one fork-and-fill run with
+  the per-process limits only."""
   own_cgroup_dirs = sandbox_cgroups.own_cgroup_dirs
   sandbox_cgroups.own_cgroup_dirs = dict  # No cgroup found: the pool falls back.
   try:
@@ -151,10 +162,10 @@ def memory_without_budget():
       if pool.budget.kind is not None:
         raise RuntimeError("the pool without cgroups has one")
       with LowestAvailable() as memory:
-        pool.run(FORK_FILL, 10.0)
+        run = pool.run(FORK_FILL, 120.0)  # Ends once every child has filled its block.
   finally:
     sandbox_cgroups.own_cgroup_dirs = own_cgroup_dirs
-  return memory.before - memory.lowest
+  return memory.before - memory.lowest, int(run.report or 0)
 
 
 def _busy_worker(pool):
@@ -357,8 +368,8 @@ def load(batches, hostile_per_batch):
 
 
 def table(rows, load_run, headroom):
-  """Markdown; headroom = (lowest available bytes, largest fall with the budget, fall of
-  one run without it)."""
+  """The Markdown section. headroom: (lowest available bytes, largest fall with the budget,
+  fall during one run without it, children that filled their block in that run)."""
   lines = [SECTION, "",
            f"On {platform.machine()}, {psutil.cpu_count()} cores, "
            f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Linux {platform.release()}, "
@@ -383,8 +394,9 @@ def table(rows, load_run, headroom):
             f"{headroom[1] / 2**30:.2f} GiB and stayed at or above "
             f"{headroom[0] / 2**30:.1f} GiB of "
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB. For comparison, one run of "
-            f"the same fork-and-fill program with the per-process limits only (no cgroup) "
-            f"took {headroom[2] / 2**30:.2f} GiB.", ""]
+            f"the same fork-and-fill program with the per-process limits only (no cgroup): "
+            f"{headroom[3]} children filled 850 MiB each and available memory fell by "
+            f"{headroom[2] / 2**30:.2f} GiB.", ""]
   return "\n".join(lines)
 
 
@@ -409,7 +421,7 @@ def main():
   scratch = tempfile.mkdtemp(prefix="mopd-reliability-")
   try:
     memory_row, headroom = memory_attack(max(1, args.repeats // 2))
-    headroom += (memory_without_budget(),)
+    headroom += memory_without_budget()
     rows = [memory_row,
             worker_fault("crash (SIGSEGV)", signal.SIGSEGV, args.repeats),
             worker_fault("killed (SIGKILL)", signal.SIGKILL, args.repeats),
