@@ -68,11 +68,16 @@ def f(x):
 ```""", {"fn_name": "f", "inputs": [[1]], "outputs": [1]})
 
 
-class LowestAvailable:
-  """Samples the host's available memory every 10 ms while in use."""
+class MemoryWatch:
+  """While in use, samples the host's available memory and the summed resident memory of
+  the processes of `uids` (the sandbox's runs)."""
+
+  def __init__(self, uids):
+    self.uids = set(uids)
 
   def __enter__(self):
     self.before = self.lowest = psutil.virtual_memory().available
+    self.peak_rss = 0
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._sample)
     self._thread.start()
@@ -81,6 +86,11 @@ class LowestAvailable:
   def _sample(self):
     while not self._stop.is_set():
       self.lowest = min(self.lowest, psutil.virtual_memory().available)
+      rss = 0
+      for process in psutil.process_iter(["uids", "memory_info"]):
+        if process.info["uids"] and process.info["uids"].real in self.uids:
+          rss += process.info["memory_info"].rss if process.info["memory_info"] else 0
+      self.peak_rss = max(self.peak_rss, rss)
       time.sleep(0.01)
 
   def __exit__(self, *exc_info):
@@ -101,22 +111,24 @@ def _lost(results, valid):
 def memory_attack(repeats):
   pool = code.default_pool(2)
   survived = lost = 0
-  lowest, drops = [], []
+  lowest, drops, peaks = [], [], []
   for _ in range(repeats):
-    with LowestAvailable() as memory:
+    with MemoryWatch(pool.uids) as memory:
       results, _ = code.score_batch_with_stats(
           [MEMORY_ATTACK[0]] * 2 + [GOOD[0]] * 2, [MEMORY_ATTACK[1]] * 2 + [GOOD[1]] * 2,
           max_workers=2, time_limit_s=10.0)
     lowest.append(memory.lowest)
     drops.append(memory.before - memory.lowest)
+    peaks.append(memory.peak_rss)
     stopped = all(r.reward == 0.0 and r.status in ("timeout", "error") for r in results[:2])
     lost += _lost(results, [2, 3])
     survived += stopped and not _left_in_cgroups(pool)
   total = psutil.virtual_memory().total
   return _row("memory: 2 responses x (6 children x 850 MiB)", repeats, survived, 2 * repeats,
-              lost, f"cgroup {pool.budget.kind}; host memory available fell by at most "
+              lost, f"cgroup {pool.budget.kind}; the attacking processes held at most "
+              f"{max(peaks) / 2**30:.2f} GiB together; host memory available fell by at most "
               f"{max(drops) / 2**30:.2f} GiB, to {min(lowest) / 2**30:.1f} of "
-              f"{total / 2**30:.0f} GiB"), (min(lowest), max(drops))
+              f"{total / 2**30:.0f} GiB"), (min(lowest), max(drops), max(peaks))
 
 
 def _left_in_cgroups(pool):
@@ -153,19 +165,19 @@ os.write(report_fd, str(filled).encode())
 
 
 def memory_without_budget():
-  """(fall of available memory, children that filled 850 MiB) of one fork-and-fill run with
-  the per-process limits only."""
+  """(fall of available memory, children that filled 850 MiB, peak resident memory of the
+  run's processes) of one fork-and-fill run with the per-process limits only."""
   own_cgroup_dirs = sandbox_cgroups.own_cgroup_dirs
   sandbox_cgroups.own_cgroup_dirs = dict  # No cgroup found: the pool falls back.
   try:
     with sandbox.SandboxPool(adversarial.EXEC_HARNESS, num_workers=1) as pool:
       if pool.budget.kind is not None:
         raise RuntimeError("the pool without cgroups has one")
-      with LowestAvailable() as memory:
+      with MemoryWatch(pool.uids) as memory:
         run = pool.run(FORK_FILL, 120.0)  # Ends once every child has filled its block.
   finally:
     sandbox_cgroups.own_cgroup_dirs = own_cgroup_dirs
-  return memory.before - memory.lowest, int(run.report or 0)
+  return memory.before - memory.lowest, int(run.report or 0), memory.peak_rss
 
 
 def _busy_worker(pool):
@@ -368,8 +380,9 @@ def load(batches, hostile_per_batch):
 
 
 def table(rows, load_run, headroom):
-  """The Markdown section. headroom: (lowest available bytes, largest fall with the budget,
-  fall during one run without it, children that filled their block in that run)."""
+  """The Markdown section. headroom: with the budget, (lowest available bytes, largest fall,
+  peak resident memory of the attacking runs); without it, (fall, children that filled
+  their block, peak resident memory of the run)."""
   lines = [SECTION, "",
            f"On {platform.machine()}, {psutil.cpu_count()} cores, "
            f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Linux {platform.release()}, "
@@ -390,13 +403,15 @@ def table(rows, load_run, headroom):
             f"| resident memory (verifier + workers) | {lr['rss_mib'][0]} MiB | "
             f"{lr['rss_mib'][1]} MiB |",
             "", f"Host memory headroom during the worst attack (two memory attacks at once, "
-            f"each capped at 1 GiB): available memory fell by at most "
-            f"{headroom[1] / 2**30:.2f} GiB and stayed at or above "
-            f"{headroom[0] / 2**30:.1f} GiB of "
-            f"{psutil.virtual_memory().total / 2**30:.0f} GiB. For comparison, one run of "
-            f"the same fork-and-fill program with the per-process limits only (no cgroup): "
-            f"{headroom[3]} children filled 850 MiB each and available memory fell by "
-            f"{headroom[2] / 2**30:.2f} GiB.", ""]
+            f"each capped at 1 GiB): the attacking processes held at most "
+            f"{headroom[2] / 2**30:.2f} GiB together (resident memory of the sandbox uids), "
+            f"the host's available memory fell by at most {headroom[1] / 2**30:.2f} GiB and "
+            f"stayed at or above {headroom[0] / 2**30:.1f} GiB of "
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB (other programs share this "
+            f"host, so the fall is approximate). For comparison, one run of the same "
+            f"fork-and-fill program with the per-process limits only (no cgroup): "
+            f"{headroom[4]} children filled 850 MiB each, holding {headroom[5] / 2**30:.2f} GiB "
+            f"(available memory fell by {headroom[3] / 2**30:.2f} GiB).", ""]
   return "\n".join(lines)
 
 
