@@ -404,7 +404,8 @@ def table(rows, load_run, headroom):
             f"{lr['rss_mib'][1]} MiB |",
             "", f"Host memory headroom during the worst attack (two memory attacks at once, "
             f"each capped at 1 GiB): the attacking processes held at most "
-            f"{headroom[2] / 2**30:.2f} GiB together (resident memory of the sandbox uids), "
+            f"{headroom[2] / 2**30:.2f} GiB together (summed resident memory of the sandbox "
+            f"uids, which counts the pages forked processes share once per process), "
             f"the host's available memory fell by at most {headroom[1] / 2**30:.2f} GiB and "
             f"stayed at or above {headroom[0] / 2**30:.1f} GiB of "
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB (other programs share this "
