@@ -248,3 +248,19 @@ def test_start_removes_what_a_killed_pool_left():
   finally:
     os.rmdir(mine)
     os.rmdir(foreign)
+
+
+def test_code_verifier_reports_a_memory_budget_stop_as_such(monkeypatch):
+  """A run stopped at the budget scores 0 as a timeout, with the budget as its reason."""
+
+  class BudgetStoppedPool:
+    def run(self, payload, budget_s, deadline=None):
+      del payload, budget_s, deadline
+      return sandbox.SandboxRun(report=b"", timed_out=True, exit_code=-9, wall_s=0.4,
+                                cpu_s=0.3, stopped_by="memory_budget")
+
+  monkeypatch.setattr(code, "default_pool", lambda *args: BudgetStoppedPool())
+  reference = {"inputs": [[1]], "outputs": [1], "fn_name": "f"}
+  result = code.score("```python\ndef f(x):\n  return x\n```", reference)
+  assert (result.reward, result.status) == (0.0, "timeout")
+  assert "memory budget" in result.feedback and "Time limit" not in result.feedback

@@ -456,6 +456,8 @@ def _score(
   except TimeoutError:
     return Result(0.0, "Not verified: the batch deadline passed first.", 0.0, "timeout")
   if run.timed_out:
+    if run.stopped_by == "memory_budget":
+      return Result(0.0, run.reason, 0.0, "timeout")
     return Result(0.0, f"Time limit exceeded: killed after {run.wall_s:.1f} s.", 0.0, "timeout")
   document = _parse_document(run.report, len(tests.inputs))
   if document is None:
