@@ -17,11 +17,13 @@ With ``top_k = k`` both distributions are restricted to the student's k most
 likely tokens, either renormalised or completed by a tail bucket holding the
 remaining probability mass, so the divergence needs at most k + 1 values per side.
 
-Memory: a full-vocabulary loss over ``[N, L]`` positions would materialise
-``[N, L, V]`` float32 logits for the student and the teacher (plus their
-gradients), which dominates memory for large vocabularies. ``chunked_distillation``
-instead scans over position chunks and rematerialises each chunk's logits in the
-backward pass, so only ``[N, chunk_size, V]`` logits are live at any time.
+Memory and compute: a full-vocabulary loss over ``[N, L]`` positions would
+materialise ``[N, L, V]`` float32 logits for the student and the teacher (plus
+their gradients), which dominates memory for large vocabularies.
+``chunked_distillation`` scans over position chunks and, when differentiated,
+computes each chunk's gradient in the same pass (a custom VJP), so only
+``[N, chunk_size, V]`` logits are live at any time and each vocabulary
+projection is computed once.
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 AGGREGATION_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 
-_TAIL_LSE_MAX = -1e-7
 _LOG_RATIO_BOUND = 20.0
 
 
@@ -70,17 +72,28 @@ def _check_positive(name: str, value) -> float:
   return value
 
 
-def _log1mexp(x: jax.Array) -> jax.Array:
-  """``log(1 - exp(x))`` for ``x < 0``, accurate on both sides of ``-log 2``.
+def _tail_log_mass(logp: jax.Array, idx: jax.Array) -> jax.Array:
+  """Log of the probability mass outside the tokens ``idx``, without cancellation.
 
-  Both branches are finite (with finite gradients) for ``x <= -1e-7``, so the
-  ``where`` does not leak NaNs into the gradient.
+  ``logsumexp`` of the log-probabilities outside ``idx`` (the entries at ``idx``
+  masked to -inf), which is the logsumexp of the logits outside minus the full
+  logsumexp; not ``log(1 - sum_k p_k)``, which in float32 cancels when the top-k
+  hold almost all the mass. An all -inf complement gives -inf with finite
+  gradients.
+
+  Args:
+    logp: float32 [..., V] normalised log-probabilities.
+    idx: int [..., k] token ids inside the support, k < V.
+
+  Returns:
+    float32 [..., 1].
   """
-  return jnp.where(
-      x > -math.log(2.0),
-      jnp.log(-jnp.expm1(x)),
-      jnp.log1p(-jnp.exp(x)),
-  )
+  outside = jnp.put_along_axis(logp, idx, -jnp.inf, axis=-1, inplace=False)  # [..., V]
+  shift = jax.lax.stop_gradient(jnp.max(outside, axis=-1, keepdims=True))  # [..., 1]
+  shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+  total = jnp.sum(jnp.exp(outside - shift), axis=-1, keepdims=True)  # [..., 1]
+  positive = total > 0.0
+  return jnp.where(positive, shift + jnp.log(jnp.where(positive, total, 1.0)), -jnp.inf)
 
 
 def _kl(logp: jax.Array, logq: jax.Array) -> jax.Array:
@@ -129,35 +142,36 @@ def _restrict_top_k(
 
   Without a tail the k values are renormalised from the gathered logits,
   which equals renormalising the gathered log-probabilities but avoids the
-  float32 cancellation of subtracting two large log-normalisers.
+  float32 cancellation of subtracting two large log-normalisers. With a tail,
+  the last bucket is the log-mass outside the top-k (``_tail_log_mass``).
+  A top_k of V or more selects the whole vocabulary (the tail is empty).
 
   Args:
     student_logits: float32 [..., V] student logits (selects the support).
     teacher_logits: float32 [..., V] teacher logits.
     logp_s: float32 [..., V] student log-probabilities.
     logp_t: float32 [..., V] teacher log-probabilities.
-    top_k: positive int; values >= V select the whole vocabulary.
+    top_k: positive int.
     add_tail: append a tail bucket with the remaining mass if True, else
       renormalise over the k selected tokens.
 
   Returns:
     (student, teacher) log-probabilities, float32 [..., k + 1] with a tail
-    bucket or [..., k] without, where k = min(top_k, V).
+    bucket or [..., k] without; the full [..., V] when top_k >= V.
   """
-  k = min(top_k, student_logits.shape[-1])
-  _, idx = jax.lax.top_k(student_logits, k)  # [..., k]
+  if top_k >= student_logits.shape[-1]:
+    return logp_s, logp_t
+  _, idx = jax.lax.top_k(student_logits, top_k)  # [..., k]
   if not add_tail:
     top_s = jnp.take_along_axis(student_logits, idx, axis=-1)  # [..., k]
     top_t = jnp.take_along_axis(teacher_logits, idx, axis=-1)  # [..., k]
     return jax.nn.log_softmax(top_s, axis=-1), jax.nn.log_softmax(top_t, axis=-1)
-  top_s = jnp.take_along_axis(logp_s, idx, axis=-1)  # [..., k]
-  top_t = jnp.take_along_axis(logp_t, idx, axis=-1)  # [..., k]
 
-  def with_tail(top: jax.Array) -> jax.Array:
-    mass = jnp.minimum(jax.nn.logsumexp(top, axis=-1, keepdims=True), _TAIL_LSE_MAX)
-    return jnp.concatenate([top, _log1mexp(mass)], axis=-1)
+  def with_tail(logp: jax.Array) -> jax.Array:
+    top = jnp.take_along_axis(logp, idx, axis=-1)  # [..., k]
+    return jnp.concatenate([top, _tail_log_mass(logp, idx)], axis=-1)
 
-  return with_tail(top_s), with_tail(top_t)
+  return with_tail(logp_s), with_tail(logp_t)
 
 
 def _divergence(
@@ -211,8 +225,11 @@ def per_token_divergence(
     top_k: None for the full vocabulary, else a positive int: both
       distributions are gathered at the student's top-k token ids (top_k >= V
       selects every token).
-    add_tail: with top_k, append a tail bucket log(1 - sum_k p_k) to each side
-      (k + 1 buckets); if False, renormalise the k gathered probabilities.
+    add_tail: with top_k, append a tail bucket holding the log-mass outside
+      the top-k to each side (k + 1 buckets), computed as the logsumexp of
+      the log-probabilities outside the top-k (no cancellation when the top-k
+      hold almost all the mass); if False, renormalise the k gathered
+      probabilities.
 
   Returns:
     float32 [..., L] divergence per position.
@@ -289,6 +306,45 @@ def rollout_correction_weights(
   return _clipped_ratio(trainer_logp, sampler_logp, clip)
 
 
+def aggregation_weights(mask: jax.Array, mode: str) -> jax.Array:
+  """Per-token weights of an aggregation: ``aggregate(x, mask, mode) = sum(w * x)``.
+
+  Masked-out positions get weight 0, and ``aggregate`` drops them even where
+  ``x`` is not finite. The weights depend on the mask only, so a loss split over
+  row micro-batches is the sum of each micro-batch's ``sum(w * x)`` with the
+  weights of the whole batch: the gradient accumulated over micro-batches equals
+  the gradient of one batch.
+
+  Args:
+    mask: [N, L] 0/1 mask (bool or numeric).
+    mode: one of ``AGGREGATION_MODES`` (see ``aggregate``).
+
+  Returns:
+    float32 [N, L] weights w.
+
+  Raises:
+    ValueError: on an unknown mode or a mask that is not [N, L].
+  """
+  if mode not in AGGREGATION_MODES:
+    raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {AGGREGATION_MODES}")
+  if mask.ndim != 2:
+    raise ValueError(f"mask must be [N, L], got shape {mask.shape}")
+  weight = mask.astype(jnp.float32)  # [N, L]
+  if mode == "token-mean":
+    return weight / jnp.maximum(jnp.sum(weight), 1.0)
+  seq_count = jnp.sum(weight, axis=-1, keepdims=True)  # [N, 1]
+  has_tokens = seq_count > 0.0  # [N, 1]
+  num_seqs = jnp.maximum(jnp.sum(has_tokens.astype(jnp.float32)), 1.0)
+  if mode == "seq-mean-token-mean":
+    weight = weight / jnp.maximum(seq_count, 1.0)
+  return jnp.where(has_tokens, weight, 0.0) / num_seqs
+
+
+def _weighted_sum(values: jax.Array, weights: jax.Array) -> jax.Array:
+  """``sum(values * weights)`` over positions with a non-zero weight, float32."""
+  return jnp.sum(jnp.where(weights != 0.0, values.astype(jnp.float32) * weights, 0.0))
+
+
 def aggregate(per_token: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
   """Reduces a masked per-token loss to a scalar.
 
@@ -309,23 +365,34 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
   Raises:
     ValueError: on an unknown mode or mismatched / non-2D shapes.
   """
-  if mode not in AGGREGATION_MODES:
-    raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {AGGREGATION_MODES}")
   if per_token.ndim != 2 or per_token.shape != mask.shape:
     raise ValueError(
         "per_token and mask must both be [N, L], got " f"{per_token.shape} and {mask.shape}"
     )
-  weight = mask.astype(jnp.float32)  # [N, L]
-  values = jnp.where(weight != 0.0, per_token.astype(jnp.float32) * weight, 0.0)  # [N, L]
-  if mode == "token-mean":
-    return jnp.sum(values) / jnp.maximum(jnp.sum(weight), 1.0)
-  seq_sum = jnp.sum(values, axis=-1)  # [N]
-  seq_count = jnp.sum(weight, axis=-1)  # [N]
-  if mode == "seq-mean-token-mean":
-    seq_sum = seq_sum / jnp.maximum(seq_count, 1.0)
-  has_tokens = seq_count > 0.0  # [N]
-  num_seqs = jnp.sum(has_tokens.astype(jnp.float32))
-  return jnp.sum(jnp.where(has_tokens, seq_sum, 0.0)) / jnp.maximum(num_seqs, 1.0)
+  return _weighted_sum(per_token, aggregation_weights(mask, mode))
+
+
+class Distillation(NamedTuple):
+  """Outputs of ``chunked_distillation``; only ``loss`` carries a gradient."""
+
+  loss: jax.Array  # float32 scalar: sum_t token_weights_t * correction_t * per_token_t
+  per_token: jax.Array  # float32 [N, L] unweighted divergence (or estimator)
+  student_logp: jax.Array  # float32 [N, L] log p_S(targets)
+  teacher_logp: jax.Array  # float32 [N, L] log p_T(targets)
+
+
+def _chunk_terms(s_logits, t_logits, tgt, *, alpha, top_k, add_tail, full_logit):
+  """Per-token loss and target log-probs of one chunk of float32 logits [N, C, V]."""
+  if full_logit:
+    per_token, logp_s, logp_t = _divergence(s_logits, t_logits, alpha, top_k, add_tail)
+  else:
+    logp_s = jax.nn.log_softmax(s_logits, axis=-1)
+    logp_t = jax.nn.log_softmax(t_logits, axis=-1)
+  tok_s = jnp.take_along_axis(logp_s, tgt[..., None], axis=-1)[..., 0]  # [N, C]
+  tok_t = jnp.take_along_axis(logp_t, tgt[..., None], axis=-1)[..., 0]  # [N, C]
+  if not full_logit:
+    per_token = jax.lax.stop_gradient(tok_s - tok_t) * tok_s
+  return per_token, tok_s, tok_t
 
 
 def chunked_distillation(
@@ -335,19 +402,44 @@ def chunked_distillation(
     teacher_head: jax.Array,
     targets: jax.Array,
     *,
+    token_weights: jax.Array,
     alpha: float,
     top_k: int | None,
     add_tail: bool = True,
     temperature: float = 1.0,
     chunk_size: int = 128,
     full_logit: bool = True,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Per-token distillation loss from hidden states, chunked over positions.
+    sampler_logp: jax.Array | None = None,
+    correction_clip: float = 2.0,
+) -> Distillation:
+  """Weighted distillation loss from hidden states, chunked over positions.
 
-  Logits ``hidden @ head / temperature`` are computed (float32 accumulation)
-  one chunk of ``chunk_size`` positions at a time inside a ``lax.scan`` whose
-  body is rematerialised in the backward pass, so ``[N, L, V]`` logits never
-  exist. The teacher side is under stop_gradient.
+  ``loss = sum_t token_weights_t * c_t * per_token_t`` over positions with a
+  non-zero weight, where ``c_t = min(exp(clamp(student_logp_t - sampler_logp_t,
+  -20, 20)), correction_clip)`` is the rollout correction (1 without
+  ``sampler_logp``) and ``per_token_t`` the divergence of ``per_token_divergence``
+  (or the sampled-token estimator) of the logits ``hidden @ head / temperature``.
+  With ``token_weights = aggregation_weights(mask, mode)`` this is
+  ``aggregate(per_token * c, mask, mode)``. Weights and corrections carry no
+  gradient; the teacher side is under stop_gradient.
+
+  Logits are computed one chunk of ``chunk_size`` positions at a time inside a
+  ``lax.scan``, so ``[N, L, V]`` logits never exist. The vocabulary matmuls take
+  their operands in the dtype of the hidden states (the model's compute dtype:
+  bfloat16 under bfloat16 compute, even with float32 heads) and accumulate in
+  float32; softmax and divergence run in float32.
+
+  Gradient (``jax.custom_vjp``): when differentiated, each chunk computes its
+  loss and, in the same pass, the gradient of the weighted loss with respect to
+  its student logits, then with respect to the student hidden states and head.
+  Cost: 4 vocabulary-sized matmuls of ``2 N L D V`` flops each (student and
+  teacher logits, d/dhidden, d/dhead), none in the backward pass, which only
+  scales the saved ``d loss / d hidden`` (``[N, L, D]`` in the hidden dtype) and
+  ``d loss / d head`` (``[D, V]``, accumulated across chunks in float32) by the
+  incoming scalar cotangent. (Rematerialising each chunk in the backward pass
+  would cost 6: both projections again, then the two gradient matmuls.)
+  Without differentiation only the 2 logit projections run. Live memory per
+  chunk: a few float32 ``[N, chunk_size, V]`` arrays.
 
   Args:
     student_hidden: [N, L, D] student final hidden states, any float dtype.
@@ -355,30 +447,37 @@ def chunked_distillation(
     student_head: [D, V] student unembedding matrix.
     teacher_head: [D_T, V] teacher unembedding matrix (same V).
     targets: int [N, L] sampled tokens predicted at each position.
+    token_weights: float [N, L] weight of each position in ``loss``, e.g.
+      ``aggregation_weights(mask, mode)``; zero drops a position.
     alpha: divergence parameter, see ``per_token_divergence``.
     top_k: None or positive int, see ``per_token_divergence``.
     add_tail: see ``per_token_divergence``.
     temperature: positive divisor applied to both sides' logits.
     chunk_size: positions per chunk; L is padded to a multiple of it (a
       chunk_size above L gives a single chunk of L).
-    full_logit: if True the loss is ``per_token_divergence`` of the chunk
-      logits. If False (reverse KL only, alpha must be 1) the loss is the
+    full_logit: if True the per-token loss is ``per_token_divergence`` of the
+      chunk logits. If False (reverse KL only, alpha must be 1) it is the
       sampled-token estimator ``stop_gradient(lp_S(y) - lp_T(y)) * lp_S(y)``.
+    sampler_logp: float [N, L] log-probabilities of the targets reported by
+      the sampler; None disables the rollout correction.
+    correction_clip: positive upper bound of the rollout correction.
 
   Returns:
-    per_token_loss: float32 [N, L], unmasked.
-    student_logp: float32 [N, L] log p_S(targets), differentiable.
-    teacher_logp: float32 [N, L] log p_T(targets), no gradient.
+    ``Distillation(loss, per_token, student_logp, teacher_logp)``; ``loss`` is a
+    float32 scalar differentiable with respect to the student hidden states and
+    head, the rest are float32 [N, L] without gradient.
 
   Raises:
-    ValueError: on bad alpha / top_k / temperature / chunk_size, alpha != 1
-      with full_logit=False, or inconsistent shapes (including a vocabulary
-      size mismatch between the two heads).
+    ValueError: on bad alpha / top_k / temperature / chunk_size /
+      correction_clip, alpha != 1 with full_logit=False, or inconsistent shapes
+      (including a vocabulary size mismatch between the two heads).
   """
   alpha = _check_alpha(alpha)
   top_k = _check_top_k(top_k)
   add_tail = bool(add_tail)
+  full_logit = bool(full_logit)
   temperature = _check_positive("temperature", temperature)
+  correction_clip = _check_positive("correction_clip", correction_clip)
   if (
       isinstance(chunk_size, bool)
       or not isinstance(chunk_size, numbers.Integral)
@@ -415,88 +514,114 @@ def chunked_distillation(
         f"D={teacher_head.shape[0]}"
     )
   n, length, _ = student_hidden.shape
-  if teacher_hidden.shape[:2] != (n, length) or targets.shape != (n, length):
-    raise ValueError(
-        "student_hidden, teacher_hidden and targets must share [N, L], got "
-        f"{student_hidden.shape[:2]}, {teacher_hidden.shape[:2]} and {targets.shape}"
-    )
+  per_position = {"teacher_hidden": teacher_hidden.shape[:2], "targets": targets.shape,
+                  "token_weights": token_weights.shape}
+  if sampler_logp is not None:
+    per_position["sampler_logp"] = sampler_logp.shape
+  for name, shape in per_position.items():
+    if tuple(shape) != (n, length):
+      raise ValueError(
+          f"{name} must be [N, L] = {(n, length)} like student_hidden, got {tuple(shape)}"
+      )
   if not jnp.issubdtype(targets.dtype, jnp.integer):
     raise ValueError(f"targets must be integer token ids, got dtype {targets.dtype}")
   if length == 0:
     raise ValueError(f"sequence length must be positive, got shape {student_hidden.shape}")
-
-  teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
-  teacher_head = jax.lax.stop_gradient(teacher_head)
 
   chunk = min(int(chunk_size), length)
   num_chunks = -(-length // chunk)
   pad = num_chunks * chunk - length
 
   def to_chunks(x: jax.Array) -> jax.Array:
-    """[N, L, ...] -> [num_chunks, N, chunk, ...], zero-padding L."""
+    """[N, L, ...] -> [num_chunks, N, chunk, ...], zero-padding L (weight 0 there)."""
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     x = x.reshape((n, num_chunks, chunk) + x.shape[2:])
     return jnp.moveaxis(x, 1, 0)
 
+  def from_chunks(x: jax.Array) -> jax.Array:
+    """[num_chunks, N, chunk, ...] -> [N, L, ...]."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape((n, num_chunks * chunk) + x.shape[3:])[:, :length]
+
+  terms = functools.partial(_chunk_terms, alpha=alpha, top_k=top_k, add_tail=add_tail,
+                            full_logit=full_logit)
+  use_correction = sampler_logp is not None
+  s_dtype = student_hidden.dtype
+
   def logits_of(hidden: jax.Array, head: jax.Array) -> jax.Array:
-    """[N, C, D] x [D, V] -> float32 [N, C, V] / temperature."""
+    """[N, C, D] x [D, V] (same dtype) -> float32 [N, C, V] / temperature."""
     logits = jnp.einsum("ncd,dv->ncv", hidden, head, preferred_element_type=jnp.float32)
     return logits / temperature
 
-  @functools.partial(jax.checkpoint, prevent_cse=False)
-  def chunk_loss(s_hidden, t_hidden, tgt, s_head, t_head):
-    """One chunk: [N, C, D], [N, C, D_T], int [N, C] -> three float32 [N, C]."""
-    s_logits = logits_of(s_hidden, s_head)  # [N, C, V]
-    t_logits = logits_of(t_hidden, t_head)  # [N, C, V]
-    if full_logit:
-      loss, logp_s, logp_t = _divergence(s_logits, t_logits, alpha, top_k, add_tail)
-    else:
-      logp_s = jax.nn.log_softmax(s_logits, axis=-1)
-      logp_t = jax.nn.log_softmax(t_logits, axis=-1)
-    tok_s = jnp.take_along_axis(logp_s, tgt[..., None], axis=-1)[..., 0]  # [N, C]
-    tok_t = jnp.take_along_axis(logp_t, tgt[..., None], axis=-1)[..., 0]  # [N, C]
-    if not full_logit:
-      loss = jax.lax.stop_gradient(tok_s - tok_t) * tok_s
-    return loss, tok_s, tok_t
+  def weighted_loss(s_logits, t_logits, tgt, weights, samp):
+    """(weighted chunk loss, (per_token, tok_s, tok_t)) of float32 logits [N, C, V]."""
+    per_token, tok_s, tok_t = terms(s_logits, t_logits, tgt)
+    values = per_token
+    if use_correction:
+      values = values * _clipped_ratio(tok_s, samp, correction_clip)
+    return _weighted_sum(values, weights), (per_token, tok_s, tok_t)
 
-  def body(carry, xs):
-    s_hidden, t_hidden, tgt = xs
-    return carry, chunk_loss(s_hidden, t_hidden, tgt, student_head, teacher_head)
+  def forward(s_hidden, s_head, t_hidden, t_head, tgt, weights, samp):
+    """Loss and per-token outputs, 2 vocabulary matmuls."""
+    s_head, t_head = s_head.astype(s_dtype), t_head.astype(t_hidden.dtype)
 
-  xs = (to_chunks(student_hidden), to_chunks(teacher_hidden), to_chunks(targets))
-  _, outs = jax.lax.scan(body, None, xs)  # 3 x [num_chunks, N, chunk]
+    def body(total, xs):
+      s_h, t_h, tgt_c, w_c, samp_c = xs
+      value, outs = weighted_loss(logits_of(s_h, s_head), logits_of(t_h, t_head), tgt_c,
+                                  w_c, samp_c)
+      return total + value, outs
 
-  def from_chunks(x: jax.Array) -> jax.Array:
-    """[num_chunks, N, chunk] -> [N, L]."""
-    return jnp.moveaxis(x, 0, 1).reshape(n, num_chunks * chunk)[:, :length]
+    xs = tuple(to_chunks(x) for x in (s_hidden, t_hidden, tgt, weights, samp))
+    total, outs = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    return (total,) + tuple(from_chunks(x) for x in outs)
 
-  loss, student_logp, teacher_logp = (from_chunks(x) for x in outs)
-  return loss, student_logp, jax.lax.stop_gradient(teacher_logp)
+  def forward_with_grad(s_hidden, s_head, t_hidden, t_head, tgt, weights, samp):
+    """Loss, per-token outputs and d loss / d (s_hidden, s_head), 4 vocabulary matmuls."""
+    s_head_c, t_head = s_head.astype(s_dtype), t_head.astype(t_hidden.dtype)
 
+    def body(carry, xs):
+      total, d_head = carry  # float32 scalar, float32 [D, V]
+      s_h, t_h, tgt_c, w_c, samp_c = xs
+      t_logits = logits_of(t_h, t_head)  # [N, C, V]
+      loss_of = lambda s_logits: weighted_loss(s_logits, t_logits, tgt_c, w_c, samp_c)
+      value, pullback, outs = jax.vjp(loss_of, logits_of(s_h, s_head_c), has_aux=True)
+      (d_logits,) = pullback(jnp.ones((), jnp.float32))  # float32 [N, C, V]
+      d_logits = (d_logits / temperature).astype(s_dtype)
+      d_hidden = jnp.einsum("ncv,dv->ncd", d_logits, s_head_c,
+                            preferred_element_type=jnp.float32)  # [N, C, D]
+      d_head = d_head + jnp.einsum("ncd,ncv->dv", s_h, d_logits,
+                                   preferred_element_type=jnp.float32)  # [D, V]
+      return (total + value, d_head), (d_hidden.astype(s_dtype),) + outs
 
-def aggregation_weights(mask: jax.Array, mode: str) -> jax.Array:
-  """Per-token weights w [N, L] with ``aggregate(x, mask, mode) == sum(x * w)``.
+    xs = tuple(to_chunks(x) for x in (s_hidden, t_hidden, tgt, weights, samp))
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(s_head.shape, jnp.float32))
+    (total, d_head), outs = jax.lax.scan(body, init, xs)
+    d_hidden, per_token, tok_s, tok_t = (from_chunks(x) for x in outs)
+    return (total, per_token, tok_s, tok_t), (d_hidden, d_head)
 
-  The weights depend on the mask only, so a loss split over row micro-batches is the
-  sum of each micro-batch's ``sum(x * w)`` with the weights of the whole batch: the
-  gradient accumulated over micro-batches equals the gradient of one batch.
+  @jax.custom_vjp
+  def distill(s_hidden, s_head, t_hidden, t_head, tgt, weights, samp):
+    return forward(s_hidden, s_head, t_hidden, t_head, tgt, weights, samp)
 
-  Args:
-    mask: [N, L] 0/1 mask (bool or numeric).
-    mode: one of ``AGGREGATION_MODES`` (see ``aggregate``).
+  def distill_fwd(s_hidden, s_head, t_hidden, t_head, tgt, weights, samp):
+    outputs, (d_hidden, d_head) = forward_with_grad(s_hidden, s_head, t_hidden, t_head,
+                                                    tgt, weights, samp)
+    return outputs, (d_hidden, d_head.astype(s_head.dtype))
 
-  Returns:
-    float32 [N, L], zero wherever the mask is zero.
-  """
-  if mode not in AGGREGATION_MODES:
-    raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {AGGREGATION_MODES}")
-  if mask.ndim != 2:
-    raise ValueError(f"mask must be [N, L], got shape {mask.shape}")
-  weight = mask.astype(jnp.float32)  # [N, L]
-  if mode == "token-mean":
-    return weight / jnp.maximum(jnp.sum(weight), 1.0)
-  seq_count = jnp.sum(weight, axis=-1, keepdims=True)  # [N, 1]
-  num_seqs = jnp.maximum(jnp.sum((seq_count > 0.0).astype(jnp.float32)), 1.0)
-  if mode == "seq-mean-token-mean":
-    weight = weight / jnp.maximum(seq_count, 1.0)
-  return weight / num_seqs
+  def distill_bwd(residuals, cotangents):
+    # The per-token outputs leave under stop_gradient: only the loss' cotangent counts.
+    d_hidden, d_head = residuals
+    g = cotangents[0]
+    return ((g * d_hidden).astype(d_hidden.dtype), (g * d_head).astype(d_head.dtype),
+            None, None, None, None, None)
+
+  distill.defvjp(distill_fwd, distill_bwd)
+
+  sg = jax.lax.stop_gradient
+  weights = sg(token_weights.astype(jnp.float32))
+  samp = (sg(sampler_logp.astype(jnp.float32)) if use_correction
+          else jnp.zeros((n, length), jnp.float32))
+  loss, per_token, tok_s, tok_t = distill(student_hidden, student_head, sg(teacher_hidden),
+                                          sg(teacher_head), targets, weights, samp)
+  return Distillation(loss=loss, per_token=sg(per_token), student_logp=sg(tok_s),
+                      teacher_logp=sg(tok_t))

@@ -217,17 +217,16 @@ def distillation_loss(cfg: StepConfig, params, inputs: TeacherInputs, rollouts: 
   student_hidden = _response_hidden(cfg.model, params, inputs.prompt_tokens,
                                     inputs.prompt_mask, rollouts.tokens,
                                     inputs.response_mask)
-  per_token, student_logp, teacher_logp = losses.chunked_distillation(
+  correction = (dict(sampler_logp=rollouts.logprobs,
+                     correction_clip=lc.rollout_correction_clip)
+                if lc.rollout_correction_clip > 0 else {})
+  # Positions of weight 0 (masked, maybe garbage) do not enter the loss or its gradient.
+  loss, _, student_logp, teacher_logp = losses.chunked_distillation(
       student_hidden, teacher_hidden, transformer.lm_head(cfg.model, params),
-      teacher_head, rollouts.tokens, alpha=lc.alpha, top_k=lc.top_k,
+      teacher_head, rollouts.tokens, token_weights=weights, alpha=lc.alpha, top_k=lc.top_k,
       add_tail=lc.add_tail, temperature=lc.temperature, chunk_size=lc.chunk_size,
-      full_logit=lc.full_logit)
-  if lc.rollout_correction_clip > 0:
-    per_token = per_token * losses.rollout_correction_weights(
-        student_logp, rollouts.logprobs, lc.rollout_correction_clip)
-  # Masked positions may hold garbage (even inf); they must not leak into the sum.
-  loss = jnp.sum(jnp.where(weights != 0.0, per_token * weights, 0.0))
-  return loss, (jax.lax.stop_gradient(student_logp), teacher_logp)
+      full_logit=lc.full_logit, **correction)
+  return loss, (student_logp, teacher_logp)
 
 
 def _to_micro_batches(tree, num):

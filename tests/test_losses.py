@@ -1,6 +1,7 @@
 """Tests for mopd_jax.losses against an independent float64 numpy reference."""
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -31,6 +32,20 @@ def np_kl(lp, lq):
   return terms.sum(-1)
 
 
+def np_restrict(logits, logp, idx, add_tail):
+  """Gathers log-probs at idx and appends log(mass outside idx), or renormalises."""
+  top = np.take_along_axis(logp, idx, axis=-1)
+  if not add_tail:
+    return top - np_logsumexp(top)[..., None]
+  if idx.shape[-1] == logits.shape[-1]:
+    tail = np.full(top.shape[:-1], -np.inf)  # nothing outside the support
+  else:
+    outside = np.ones(logits.shape, bool)
+    np.put_along_axis(outside, idx, False, axis=-1)
+    tail = np_logsumexp(np.where(outside, logp, -np.inf))  # log of the mass outside
+  return np.concatenate([top, tail[..., None]], axis=-1)
+
+
 def np_divergence(student, teacher, alpha, top_k, add_tail):
   """Float64 reference of per_token_divergence written from its definition."""
   student = np.asarray(student, np.float64)
@@ -39,23 +54,14 @@ def np_divergence(student, teacher, alpha, top_k, add_tail):
   if top_k is not None:
     k = min(top_k, student.shape[-1])
     idx = np.argsort(-student, axis=-1, kind="stable")[..., :k]
-    ls = np.take_along_axis(ls, idx, axis=-1)
-    lt = np.take_along_axis(lt, idx, axis=-1)
-    if add_tail:
-
-      def tail(g):
-        mass = np.minimum(np_logsumexp(g), -1e-7)
-        return np.concatenate([g, np.log(-np.expm1(mass))[..., None]], axis=-1)
-
-      ls, lt = tail(ls), tail(lt)
-    else:
-      ls = ls - np_logsumexp(ls)[..., None]
-      lt = lt - np_logsumexp(lt)[..., None]
+    ls = np_restrict(student, ls, idx, add_tail)
+    lt = np_restrict(teacher, lt, idx, add_tail)
   if alpha == 0.0:
     return np_kl(lt, ls)
   if alpha == 1.0:
     return np_kl(ls, lt)
-  m = np.logaddexp(np.log(1 - alpha) + ls, np.log(alpha) + lt)
+  with np.errstate(divide="ignore"):
+    m = np.logaddexp(np.log(1 - alpha) + ls, np.log(alpha) + lt)
   return (1 - alpha) * np_kl(ls, m) + alpha * np_kl(lt, m)
 
 
@@ -147,6 +153,50 @@ def test_gradients_finite_with_extreme_logits(alpha):
     np.testing.assert_allclose(float(value), want, rtol=1e-4, atol=1e-4)
 
 
+def confident_logits(seed=4, rows=6, vocab=1000, top_k=100):
+  """A peaked student (tail mass ~1e-8 outside its top-k) and a broad teacher."""
+  rng = np.random.default_rng(seed)
+  student = rng.uniform(-25.0, -20.0, (rows, vocab))
+  student[:, :top_k] = rng.uniform(-3.0, 0.0, (rows, top_k))
+  student = np.take_along_axis(student, rng.permuted(np.tile(np.arange(vocab), (rows, 1)),
+                                                     axis=1), axis=1)
+  teacher = rng.standard_normal((rows, vocab))
+  return student.astype(np.float32), teacher.astype(np.float32)
+
+
+def f32_cancelling_forward_kl(student, teacher, top_k):
+  """Forward KL with the tail as log(1 - sum_k p_k), clamped, all in float32."""
+  def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True), dtype=np.float32)
+
+  idx = np.argsort(-student, axis=-1, kind="stable")[..., :top_k]
+  buckets = []
+  for logp in (log_softmax(student), log_softmax(teacher)):
+    top = np.take_along_axis(logp, idx, axis=-1)
+    mass = np.minimum(np.log(np.exp(top).sum(-1), dtype=np.float32), np.float32(-1e-7))
+    buckets.append(np.concatenate([top, np.log(-np.expm1(mass))[..., None]], axis=-1))
+  ls, lt = buckets
+  return (np.exp(lt) * (lt - ls)).sum(-1)
+
+
+@pytest.mark.parametrize("alpha", (0.0, 0.5, 1.0))
+def test_tail_without_cancellation_for_a_confident_student(alpha):
+  top_k = 100
+  student, teacher = confident_logits(top_k=top_k)
+  want = np_divergence(student, teacher, alpha, top_k, True)
+  got = losses.per_token_divergence(
+      jnp.asarray(student), jnp.asarray(teacher), alpha=alpha, top_k=top_k, add_tail=True
+  )
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+  tail_mass = np.exp(np_restrict(student, np_log_softmax(student.astype(np.float64)),
+                                 np.argsort(-student, axis=-1)[..., :top_k], True)[..., -1])
+  assert np.all(tail_mass < 1e-7)  # the regime where 1 - sum_k p_k cancels in float32
+  if alpha == 0.0:
+    cancelling = f32_cancelling_forward_kl(student, teacher, top_k)
+    assert np.min(np.abs(cancelling / want - 1.0)) > 0.05
+
+
 @pytest.mark.parametrize(
     "kwargs,bad",
     [
@@ -236,8 +286,14 @@ def test_rollout_correction_default_clip_and_bad_clip():
 # chunked_distillation
 # ----------------------------------------------------------------------------
 
-N, L, D, D_T, V = 2, 7, 8, 6, 37
+
+N, L, D, D_T, V = 3, 7, 8, 6, 37  # V is the only dimension of size 37
 TEMPERATURE = 0.7
+CHUNK = 3  # does not divide L: the last chunk is padded
+MASK = np.array(
+    [[1, 1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0]], np.float32
+)
+TOKEN_WEIGHTS = np.asarray(losses.aggregation_weights(jnp.asarray(MASK), "token-mean"))
 
 
 def chunk_inputs(seed=2):
@@ -251,136 +307,246 @@ def chunk_inputs(seed=2):
   )
 
 
-def explicit_logits(hidden, head):
-  return jnp.einsum("nld,dv->nlv", hidden, head, preferred_element_type=jnp.float32) / TEMPERATURE
+def np_target_logp(hidden, head, targets):
+  logits = np.asarray(hidden, np.float64) @ np.asarray(head, np.float64) / TEMPERATURE
+  logp = np_log_softmax(logits)
+  return logits, logp, np.take_along_axis(logp, np.asarray(targets)[..., None], -1)[..., 0]
 
 
-MASK = jnp.asarray(np.array([[1, 1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 1]], np.float32))
+def sampler_logp_for(inputs):
+  """Sampler log-probs around the student's: some ratios clip at 2, some are below 1."""
+  _, _, tok_s = np_target_logp(inputs["student_hidden"], inputs["student_head"],
+                               inputs["targets"])
+  offsets = np.resize(np.array([-1.0, 0.5, 0.0, -0.3]), tok_s.size).reshape(tok_s.shape)
+  return (tok_s + offsets).astype(np.float32)
 
 
-@pytest.mark.parametrize(
-    "alpha,top_k,add_tail,chunk_size",
-    [(0.5, None, True, 3), (1.0, 4, True, 16), (0.0, 4, False, 3), (0.3, None, True, 7)],
-)
-def test_chunked_matches_unchunked(alpha, top_k, add_tail, chunk_size):
-  inputs = chunk_inputs()
-  div_kwargs = dict(alpha=alpha, top_k=top_k, add_tail=add_tail)
+def np_chunked(inputs, weights, sampler_logp, *, alpha, top_k, add_tail, full_logit, clip=2.0):
+  """Float64 reference: (loss, per_token, student_logp, teacher_logp)."""
+  s_logits, _, tok_s = np_target_logp(inputs["student_hidden"], inputs["student_head"],
+                                      inputs["targets"])
+  t_logits, _, tok_t = np_target_logp(inputs["teacher_hidden"], inputs["teacher_head"],
+                                      inputs["targets"])
+  if full_logit:
+    per_token = np_divergence(s_logits, t_logits, alpha, top_k, add_tail)
+  else:
+    per_token = (tok_s - tok_t) * tok_s
+  correction = np.ones_like(tok_s)
+  if sampler_logp is not None:
+    correction = np.minimum(np.exp(np.clip(tok_s - sampler_logp, -20.0, 20.0)), clip)
+  weights = np.asarray(weights, np.float64)
+  loss = np.sum(np.where(weights != 0, per_token * correction * weights, 0.0))
+  return loss, per_token, tok_s, tok_t
 
-  def chunked(sh, shead, th, thead):
-    return losses.chunked_distillation(
-        sh,
-        th,
-        shead,
-        thead,
-        inputs["targets"],
-        temperature=TEMPERATURE,
-        chunk_size=chunk_size,
-        **div_kwargs,
+
+def plain_loss(sh, shead, th, thead, targets, weights, sampler_logp, *, alpha, top_k,
+               add_tail, full_logit, clip=2.0):
+  """The loss through explicit [N, L, V] logits and plain autodiff: the gradient oracle."""
+  s_logits = jnp.einsum("nld,dv->nlv", sh, shead) / TEMPERATURE
+  t_logits = jax.lax.stop_gradient(jnp.einsum("nld,dv->nlv", th, thead) / TEMPERATURE)
+  tgt = targets[..., None]
+  tok_s = jnp.take_along_axis(jax.nn.log_softmax(s_logits), tgt, -1)[..., 0]
+  tok_t = jnp.take_along_axis(jax.nn.log_softmax(t_logits), tgt, -1)[..., 0]
+  if full_logit:
+    per_token = losses.per_token_divergence(
+        s_logits, t_logits, alpha=alpha, top_k=top_k, add_tail=add_tail
     )
+  else:
+    per_token = jax.lax.stop_gradient(tok_s - tok_t) * tok_s
+  if sampler_logp is not None:
+    per_token = per_token * losses.rollout_correction_weights(tok_s, sampler_logp, clip)
+  return jnp.sum(jnp.where(weights != 0, per_token * weights, 0.0))
 
-  def unchunked(sh, shead, th, thead):
-    s_logits = explicit_logits(sh, shead)
-    t_logits = jax.lax.stop_gradient(explicit_logits(th, thead))
-    return losses.per_token_divergence(s_logits, t_logits, **div_kwargs)
 
-  args = (
-      inputs["student_hidden"],
-      inputs["student_head"],
-      inputs["teacher_hidden"],
-      inputs["teacher_head"],
+def custom_loss(sh, shead, th, thead, targets, weights, sampler_logp, *, chunk_size=CHUNK,
+                **kwargs):
+  return losses.chunked_distillation(
+      sh, th, shead, thead, targets, token_weights=weights, sampler_logp=sampler_logp,
+      temperature=TEMPERATURE, chunk_size=chunk_size, **kwargs
   )
-  loss, student_logp, teacher_logp = chunked(*args)
-  assert loss.shape == (N, L) and loss.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(loss), np.asarray(unchunked(*args)), rtol=1e-5, atol=1e-6)
 
-  tgt = inputs["targets"][..., None]
-  want_s = jnp.take_along_axis(jax.nn.log_softmax(explicit_logits(*args[:2])), tgt, -1)[..., 0]
-  want_t = jnp.take_along_axis(jax.nn.log_softmax(explicit_logits(*args[2:])), tgt, -1)[..., 0]
-  np.testing.assert_allclose(np.asarray(student_logp), np.asarray(want_s), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(teacher_logp), np.asarray(want_t), rtol=1e-5, atol=1e-6)
 
-  def chunked_objective(*a):
-    loss, student_logp, teacher_logp = chunked(*a)
-    return jnp.sum(loss * MASK) + 0.1 * jnp.sum((student_logp + teacher_logp) * MASK)
+def outer(loss):
+  """A non-linear use of the loss, so the incoming cotangent is not 1."""
+  return 3.0 * loss + loss**2
 
-  def unchunked_objective(sh, shead, th, thead):
-    logp = jnp.take_along_axis(jax.nn.log_softmax(explicit_logits(sh, shead)), tgt, -1)[..., 0]
-    return jnp.sum(unchunked(sh, shead, th, thead) * MASK) + 0.1 * jnp.sum(logp * MASK)
 
-  got = jax.grad(chunked_objective, argnums=(0, 1, 2, 3))(*args)
-  want = jax.grad(unchunked_objective, argnums=(0, 1))(*args)
+CASES = [
+    dict(alpha=alpha, top_k=top_k, add_tail=add_tail, full_logit=True)
+    for alpha in (0.0, 0.5, 1.0)
+    for top_k, add_tail in ((3, True), (3, False), (None, True))
+] + [dict(alpha=1.0, top_k=None, add_tail=True, full_logit=False)]
+
+
+@pytest.mark.parametrize("kwargs", CASES, ids=lambda kw: "-".join(map(str, kw.values())))
+def test_chunked_custom_vjp_matches_plain_gradient(kwargs):
+  inputs = chunk_inputs()
+  sampler_logp = sampler_logp_for(inputs)
+  args = (inputs["student_hidden"], inputs["student_head"], inputs["teacher_hidden"],
+          inputs["teacher_head"], inputs["targets"], jnp.asarray(TOKEN_WEIGHTS),
+          jnp.asarray(sampler_logp))
+
+  out = custom_loss(*args, **kwargs)
+  want_loss, want_per_token, want_s, want_t = np_chunked(
+      inputs, TOKEN_WEIGHTS, sampler_logp, **kwargs)
+  assert out.loss.shape == () and out.per_token.shape == (N, L)
+  np.testing.assert_allclose(float(out.loss), want_loss, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(out.per_token), want_per_token, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out.student_logp), want_s, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out.teacher_logp), want_t, rtol=1e-5, atol=1e-6)
+  assert want_loss > 1e-2
+
+  got = jax.grad(lambda *a: outer(custom_loss(*a, **kwargs).loss), argnums=(0, 1, 2, 3))(*args)
+  want = jax.grad(lambda *a: outer(plain_loss(*a, **kwargs)), argnums=(0, 1))(*args)
   for g, w in zip(got[:2], want):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
-  assert np.abs(np.asarray(got[0])).max() > 1e-3
-  np.testing.assert_array_equal(np.asarray(got[2]), 0.0)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+    assert np.abs(np.asarray(w)).max() > 1e-3
+  np.testing.assert_array_equal(np.asarray(got[0])[MASK == 0], 0.0)  # weight 0: no gradient
+  np.testing.assert_array_equal(np.asarray(got[2]), 0.0)  # teacher under stop_gradient
   np.testing.assert_array_equal(np.asarray(got[3]), 0.0)
 
 
-def test_chunked_sampled_token_mode():
+def test_chunked_sampled_token_gradient_matches_numpy():
+  """d loss / d (hidden, head) of the sampled-token estimator, written out in float64."""
   inputs = chunk_inputs(3)
-  sh, shead = inputs["student_hidden"], inputs["student_head"]
+  sampler_logp = sampler_logp_for(inputs)
+  kwargs = dict(alpha=1.0, top_k=None, add_tail=True, full_logit=False)
+  args = (inputs["student_hidden"], inputs["student_head"], inputs["teacher_hidden"],
+          inputs["teacher_head"], inputs["targets"], jnp.asarray(TOKEN_WEIGHTS),
+          jnp.asarray(sampler_logp))
+  got = jax.grad(lambda *a: custom_loss(*a, **kwargs).loss, argnums=(0, 1))(*args)
 
-  def objective(sh, shead):
-    loss, lp_s, lp_t = losses.chunked_distillation(
-        sh,
-        inputs["teacher_hidden"],
-        shead,
-        inputs["teacher_head"],
-        inputs["targets"],
-        alpha=1.0,
-        top_k=None,
-        temperature=TEMPERATURE,
-        chunk_size=3,
-        full_logit=False,
-    )
-    return jnp.sum(loss * MASK), (loss, lp_s, lp_t)
+  _, logp_s, tok_s = np_target_logp(inputs["student_hidden"], inputs["student_head"],
+                                    inputs["targets"])
+  _, _, tok_t = np_target_logp(inputs["teacher_hidden"], inputs["teacher_head"],
+                               inputs["targets"])
+  correction = np.minimum(np.exp(tok_s - sampler_logp), 2.0)
+  scale = TOKEN_WEIGHTS * correction * (tok_s - tok_t) / TEMPERATURE  # [N, L]
+  one_hot = np.eye(V)[np.asarray(inputs["targets"])]
+  d_logits = scale[..., None] * (one_hot - np.exp(logp_s))  # [N, L, V]
+  hidden = np.asarray(inputs["student_hidden"], np.float64)
+  head = np.asarray(inputs["student_head"], np.float64)
+  np.testing.assert_allclose(np.asarray(got[0]), d_logits @ head.T, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(got[1]), np.einsum("nld,nlv->dv", hidden, d_logits),
+                             rtol=1e-4, atol=1e-6)
 
-  grad_fn = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
-  (_, (loss, lp_s, lp_t)), grads = grad_fn(sh, shead)
-  np.testing.assert_allclose(
-      np.asarray(loss), np.asarray((lp_s - lp_t) * lp_s), rtol=1e-6, atol=1e-7
-  )
-  tgt = inputs["targets"][..., None]
 
-  def reference(sh, shead):
-    s = jnp.take_along_axis(jax.nn.log_softmax(explicit_logits(sh, shead)), tgt, -1)[..., 0]
-    t_logits = explicit_logits(inputs["teacher_hidden"], inputs["teacher_head"])
-    t = jnp.take_along_axis(jax.nn.log_softmax(t_logits), tgt, -1)[..., 0]
-    return jnp.sum(jax.lax.stop_gradient(s - t) * s * MASK)
+@pytest.mark.parametrize("mode", losses.AGGREGATION_MODES)
+def test_chunked_loss_with_aggregation_weights_matches_reference(mode):
+  inputs = chunk_inputs(5)
+  sampler_logp = sampler_logp_for(inputs)
+  kwargs = dict(alpha=0.5, top_k=4, add_tail=True, full_logit=True)
+  weights = losses.aggregation_weights(jnp.asarray(MASK), mode)
+  out = custom_loss(inputs["student_hidden"], inputs["student_head"], inputs["teacher_hidden"],
+                    inputs["teacher_head"], inputs["targets"], weights,
+                    jnp.asarray(sampler_logp), **kwargs)
+  _, per_token, tok_s, _ = np_chunked(inputs, MASK, sampler_logp, **kwargs)
+  correction = np.minimum(np.exp(tok_s - sampler_logp), 2.0)
+  np.testing.assert_allclose(float(out.loss), np_aggregate(per_token * correction, MASK, mode),
+                             rtol=1e-5)
 
-  for g, w in zip(grads, jax.grad(reference, argnums=(0, 1))(sh, shead)):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+def test_chunked_without_correction_and_uniform_weights():
+  inputs = chunk_inputs(6)
+  kwargs = dict(alpha=0.0, top_k=None, add_tail=True, full_logit=True)
+  out = losses.chunked_distillation(**inputs, token_weights=jnp.ones((N, L)), chunk_size=4,
+                                    temperature=TEMPERATURE, **kwargs)
+  want, _, _, _ = np_chunked(inputs, np.ones((N, L)), None, **kwargs)
+  np.testing.assert_allclose(float(out.loss), want, rtol=1e-5)
+
+
+def vocab_matmuls(jaxpr):
+  """dot_general equations with a vocabulary-sized operand, in every nested jaxpr."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general" and any(V in v.aval.shape for v in eqn.invars):
+      found.append(eqn)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          found += vocab_matmuls(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          found += vocab_matmuls(sub)
+  return found
+
+
+@pytest.mark.parametrize("compute_dtype", (jnp.float32, jnp.bfloat16))
+def test_chunked_vocabulary_matmul_count_and_dtype(compute_dtype):
+  """Forward: 2 vocabulary matmuls; forward + backward: 4, in the compute dtype."""
+  inputs = chunk_inputs()
+  sh = inputs["student_hidden"].astype(compute_dtype)
+  th = inputs["teacher_hidden"].astype(compute_dtype)
+  rest = (inputs["teacher_head"], inputs["targets"], jnp.asarray(TOKEN_WEIGHTS), None)
+  kwargs = dict(alpha=0.5, top_k=4, add_tail=True, full_logit=True)
+
+  def loss(sh, shead):
+    return custom_loss(sh, shead, th, *rest, **kwargs).loss
+
+  forward = vocab_matmuls(jax.make_jaxpr(loss)(sh, inputs["student_head"]).jaxpr)
+  both = vocab_matmuls(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(
+      sh, inputs["student_head"]).jaxpr)
+  assert len(both) == 4
+  assert len(forward) == 2
+  for eqn in forward + both:
+    assert all(v.aval.dtype == compute_dtype for v in eqn.invars)
+    assert eqn.outvars[0].aval.dtype == jnp.float32
+
+
+def test_chunked_bf16_compute_close_to_float32():
+  inputs = chunk_inputs()
+  sampler_logp = jnp.asarray(sampler_logp_for(inputs))
+  kwargs = dict(alpha=0.5, top_k=4, add_tail=True, full_logit=True)
+  rest = (inputs["targets"], jnp.asarray(TOKEN_WEIGHTS), sampler_logp)
+
+  def run(dtype):
+    sh = inputs["student_hidden"].astype(dtype)
+    th = inputs["teacher_hidden"].astype(dtype)
+    fn = lambda sh, shead: custom_loss(sh, shead, th, inputs["teacher_head"], *rest,
+                                       **kwargs).loss
+    return jax.value_and_grad(fn, argnums=(0, 1))(sh, inputs["student_head"])
+
+  (loss16, (d_hidden16, d_head16)), (loss32, (d_hidden32, d_head32)) = (
+      run(jnp.bfloat16), run(jnp.float32))
+  assert d_hidden16.dtype == jnp.bfloat16 and d_head16.dtype == jnp.float32
+  np.testing.assert_allclose(float(loss16), float(loss32), rtol=3e-2)
+  for g16, g32 in ((d_hidden16, d_hidden32), (d_head16, d_head32)):
+    g16, g32 = np.asarray(g16, np.float32), np.asarray(g32)
+    assert np.linalg.norm(g16 - g32) < 5e-2 * np.linalg.norm(g32)
 
 
 def test_chunked_bad_arguments():
   inputs = chunk_inputs()
-  bad_head = jnp.zeros((D_T, V + 3))
+  weights = jnp.ones((N, L))
   with pytest.raises(ValueError, match=rf"{V}.*{V + 3}"):
-    losses.chunked_distillation(
-        inputs["student_hidden"],
-        inputs["teacher_hidden"],
-        inputs["student_head"],
-        bad_head,
-        inputs["targets"],
-        alpha=1.0,
-        top_k=None,
-    )
+    losses.chunked_distillation(**{**inputs, "teacher_head": jnp.zeros((D_T, V + 3))},
+                                token_weights=weights, alpha=1.0, top_k=None)
+  with pytest.raises(ValueError, match=r"token_weights.*\(3, 5\)"):
+    losses.chunked_distillation(**inputs, token_weights=jnp.ones((3, 5)), alpha=1.0,
+                                top_k=None)
+  with pytest.raises(ValueError, match=r"sampler_logp.*\(3,\)"):
+    losses.chunked_distillation(**inputs, token_weights=weights, alpha=1.0, top_k=None,
+                                sampler_logp=jnp.zeros(3))
+  with pytest.raises(ValueError, match="correction_clip.*-1.0"):
+    losses.chunked_distillation(**inputs, token_weights=weights, alpha=1.0, top_k=None,
+                                correction_clip=-1.0)
   with pytest.raises(ValueError, match="0.5"):
-    losses.chunked_distillation(**inputs, alpha=0.5, top_k=None, full_logit=False)
+    losses.chunked_distillation(**inputs, token_weights=weights, alpha=0.5, top_k=None,
+                                full_logit=False)
   with pytest.raises(ValueError, match="1.5"):
-    losses.chunked_distillation(**inputs, alpha=1.5, top_k=None)
+    losses.chunked_distillation(**inputs, token_weights=weights, alpha=1.5, top_k=None)
   with pytest.raises(ValueError, match="chunk_size.*0"):
-    losses.chunked_distillation(**inputs, alpha=1.0, top_k=None, chunk_size=0)
+    losses.chunked_distillation(**inputs, token_weights=weights, alpha=1.0, top_k=None,
+                                chunk_size=0)
 
 
 def test_chunked_gradient_memory():
   n, length, d, vocab = 4, 256, 16, 4096
 
   def loss_fn(sh, shead, th, thead, targets):
-    loss, _, _ = losses.chunked_distillation(
-        sh, th, shead, thead, targets, alpha=0.5, top_k=None, chunk_size=32
-    )
-    return jnp.sum(loss)
+    return losses.chunked_distillation(
+        sh, th, shead, thead, targets, token_weights=jnp.ones((n, length)), alpha=0.5,
+        top_k=None, chunk_size=32
+    ).loss
 
   f32 = jnp.float32
   specs = (
