@@ -183,15 +183,14 @@ def make_jax_update(model_cfg, args):
     teacher_hidden = response_hidden(teacher_params, teacher_tokens, args.teacher_prompt_len)
     teacher_head = transformer.lm_head(model_cfg, teacher_params)
     targets = student_tokens[:, args.prompt_len:]
-    mask = jnp.ones(targets.shape, bool)
+    token_weights = losses.aggregation_weights(jnp.ones(targets.shape, bool), "token-mean")
 
     def loss_fn(p):
       student_hidden = response_hidden(p, student_tokens, args.prompt_len)
-      per_token, _, _ = losses.chunked_distillation(
+      return losses.chunked_distillation(
           student_hidden, teacher_hidden, transformer.lm_head(model_cfg, p), teacher_head,
-          targets, alpha=args.alpha, top_k=args.top_k, add_tail=True,
-          chunk_size=args.chunk_size)
-      return losses.aggregate(per_token, mask, "token-mean")
+          targets, token_weights=token_weights, alpha=args.alpha, top_k=args.top_k,
+          add_tail=True, chunk_size=args.chunk_size).loss
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)

@@ -386,17 +386,23 @@ def test_chunked_custom_vjp_matches_plain_gradient(kwargs):
           inputs["teacher_head"], inputs["targets"], jnp.asarray(TOKEN_WEIGHTS),
           jnp.asarray(sampler_logp))
 
-  out = custom_loss(*args, **kwargs)
+  def objective(*a):
+    out = custom_loss(*a, **kwargs)
+    return outer(out.loss), out
+
+  # The primal path (no gradient) and the path that computes the gradient.
+  out_primal = custom_loss(*args, **kwargs)
+  (_, out_fwd), got = jax.value_and_grad(objective, argnums=(0, 1, 2, 3), has_aux=True)(*args)
   want_loss, want_per_token, want_s, want_t = np_chunked(
       inputs, TOKEN_WEIGHTS, sampler_logp, **kwargs)
-  assert out.loss.shape == () and out.per_token.shape == (N, L)
-  np.testing.assert_allclose(float(out.loss), want_loss, rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(out.per_token), want_per_token, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(out.student_logp), want_s, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(out.teacher_logp), want_t, rtol=1e-5, atol=1e-6)
   assert want_loss > 1e-2
+  for out in (out_primal, out_fwd):
+    assert out.loss.shape == () and out.per_token.shape == (N, L)
+    np.testing.assert_allclose(float(out.loss), want_loss, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.per_token), want_per_token, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out.student_logp), want_s, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out.teacher_logp), want_t, rtol=1e-5, atol=1e-6)
 
-  got = jax.grad(lambda *a: outer(custom_loss(*a, **kwargs).loss), argnums=(0, 1, 2, 3))(*args)
   want = jax.grad(lambda *a: outer(plain_loss(*a, **kwargs)), argnums=(0, 1))(*args)
   for g, w in zip(got[:2], want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
