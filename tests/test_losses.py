@@ -153,6 +153,25 @@ def test_gradients_finite_with_extreme_logits(alpha):
     np.testing.assert_allclose(float(value), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("alpha", (0.0, 0.5, 1.0))
+def test_empty_tail_has_finite_gradients(alpha):
+  """Every logit outside the top-3 is -inf: the tail is empty and adds nothing."""
+  student = jnp.array([[3.0, 1.0, 0.5, -jnp.inf, -jnp.inf]])
+  teacher = jnp.array([[1.0, 2.0, 0.0, -jnp.inf, -jnp.inf]])
+
+  def value_and_grad(s, t, top_k):
+    f = lambda s: jnp.sum(losses.per_token_divergence(s, t, alpha=alpha, top_k=top_k))
+    return jax.value_and_grad(f)(s)
+
+  value, grad = value_and_grad(student, teacher, 3)
+  # The same distributions without the impossible tokens.
+  want_value, want_grad = value_and_grad(student[:, :3], teacher[:, :3], None)
+  np.testing.assert_allclose(float(value), float(want_value), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(grad[:, :3]), np.asarray(want_grad), rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(np.asarray(grad[:, 3:]), 0.0)
+  assert float(value) > 0.1
+
+
 def confident_logits(seed=4, rows=6, vocab=1000, top_k=100):
   """A peaked student (tail mass ~1e-8 outside its top-k) and a broad teacher."""
   rng = np.random.default_rng(seed)
