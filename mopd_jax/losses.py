@@ -411,6 +411,7 @@ def chunked_distillation(
     full_logit: bool = True,
     sampler_logp: jax.Array | None = None,
     correction_clip: float = 2.0,
+    sampler_temperature: float | None = None,
 ) -> Distillation:
   """Weighted distillation loss from hidden states, chunked over positions.
 
@@ -461,6 +462,10 @@ def chunked_distillation(
     sampler_logp: float [N, L] log-probabilities of the targets reported by
       the sampler; None disables the rollout correction.
     correction_clip: positive upper bound of the rollout correction.
+    sampler_temperature: the temperature `sampler_logp` was computed at; the
+      correction compares it with the student's log-prob at that temperature
+      (one more log-softmax per chunk when it differs from `temperature`).
+      None: the same as `temperature`.
 
   Returns:
     ``Distillation(loss, per_token, student_logp, teacher_logp)``; ``loss`` is a
@@ -546,6 +551,9 @@ def chunked_distillation(
   terms = functools.partial(_chunk_terms, alpha=alpha, top_k=top_k, add_tail=add_tail,
                             full_logit=full_logit)
   use_correction = sampler_logp is not None
+  if sampler_temperature is None:
+    sampler_temperature = temperature
+  sampler_temperature = _check_positive("sampler_temperature", sampler_temperature)
   s_dtype = student_hidden.dtype
 
   def logits_of(hidden: jax.Array, head: jax.Array) -> jax.Array:
@@ -558,7 +566,11 @@ def chunked_distillation(
     per_token, tok_s, tok_t = terms(s_logits, t_logits, tgt)
     values = per_token
     if use_correction:
-      values = values * _clipped_ratio(tok_s, samp, correction_clip)
+      tok_c = tok_s
+      if sampler_temperature != temperature:
+        rescaled = jax.nn.log_softmax(s_logits * (temperature / sampler_temperature), -1)
+        tok_c = jnp.take_along_axis(rescaled, tgt[..., None], axis=-1)[..., 0]
+      values = values * _clipped_ratio(tok_c, samp, correction_clip)
     return _weighted_sum(values, weights), (per_token, tok_s, tok_t)
 
   def forward(s_hidden, s_head, t_hidden, t_head, tgt, weights, samp):

@@ -217,8 +217,10 @@ def distillation_loss(cfg: StepConfig, params, inputs: TeacherInputs, rollouts: 
   student_hidden = _response_hidden(cfg.model, params, inputs.prompt_tokens,
                                     inputs.prompt_mask, rollouts.tokens,
                                     inputs.response_mask)
+  # The sampler's log-probs are at the sampling temperature (1 for greedy decoding).
   correction = (dict(sampler_logp=rollouts.logprobs,
-                     correction_clip=lc.rollout_correction_clip)
+                     correction_clip=lc.rollout_correction_clip,
+                     sampler_temperature=cfg.sampling.temperature or 1.0)
                 if lc.rollout_correction_clip > 0 else {})
   # Positions of weight 0 (masked, maybe garbage) do not enter the loss or its gradient.
   loss, _, student_logp, teacher_logp = losses.chunked_distillation(

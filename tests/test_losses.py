@@ -586,3 +586,26 @@ def test_chunked_gradient_memory():
   if stats is None:
     pytest.skip("memory_analysis() is unavailable on this platform")
   assert stats.temp_size_in_bytes < n * length * vocab * 4
+
+
+def test_rollout_correction_at_the_sampling_temperature():
+  """With a distillation temperature other than the sampler's, the correction compares
+  the sampler's log-probs with the student's at the sampling temperature."""
+  inputs = chunk_inputs(7)
+  sampler_t = 1.3
+  logits = (np.asarray(inputs["student_hidden"], np.float64)
+            @ np.asarray(inputs["student_head"], np.float64))
+  tok_at_sampler_t = np.take_along_axis(np_log_softmax(logits / sampler_t),
+                                        np.asarray(inputs["targets"])[..., None], -1)[..., 0]
+  offsets = np.resize(np.array([-1.0, 0.5, 0.0, -0.3]), tok_at_sampler_t.size)
+  sampler_logp = (tok_at_sampler_t + offsets.reshape(tok_at_sampler_t.shape))
+  kwargs = dict(alpha=0.5, top_k=4, add_tail=True, full_logit=True)
+  out = custom_loss(inputs["student_hidden"], inputs["student_head"], inputs["teacher_hidden"],
+                    inputs["teacher_head"], inputs["targets"], jnp.asarray(TOKEN_WEIGHTS),
+                    jnp.asarray(sampler_logp, jnp.float32), sampler_temperature=sampler_t,
+                    **kwargs)
+  _, per_token, _, _ = np_chunked(inputs, TOKEN_WEIGHTS, None, **kwargs)
+  correction = np.minimum(np.exp(tok_at_sampler_t - sampler_logp), 2.0)
+  want = np.sum(np.where(TOKEN_WEIGHTS != 0, per_token * correction * TOKEN_WEIGHTS, 0.0))
+  np.testing.assert_allclose(float(out.loss), want, rtol=1e-5)
+  assert TEMPERATURE != sampler_t
