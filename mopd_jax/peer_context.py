@@ -5,7 +5,8 @@ row = b*G + j. For every rollout i of a group, `select_peers` picks the peers wh
 teacher reads (MOPD spec, section 2):
 
 - primary = first success j (lowest index), j != i when `exclude_self_success`;
-- another = first success j with j != i and j != the primary candidate;
+- another = first success j != the primary candidate, and j != i when `exclude_self_success`
+  (without it a rollout may see itself as `another`, as the authors' code does);
 - failure = uniformly random failure j != i, attached always or only when no primary exists.
 
 `assemble_teacher_prompts` then builds the teacher prompt from token ids only:
@@ -93,10 +94,12 @@ def select_peers(
       key: PRNG key for the failure draw; every (b, i) draws independently.
       include_primary: show the primary success. Its candidate is determined either way:
           `another` skips it and "when_no_solution" means "no primary candidate exists".
-      include_another: attach a second success (always j != i).
+      include_another: attach a second success: the first success other than the primary
+          candidate, and other than the rollout itself when `exclude_self_success`.
       include_failure: attach a random failure of the group (always j != i).
       failure_condition: "always", or "when_no_solution" (only without a primary candidate).
-      exclude_self_success: the primary is never the rollout itself.
+      exclude_self_success: neither the primary nor `another` is the rollout itself. When
+          False, a successful rollout may be shown its own response in either slot.
       has_feedback: optional bool [B, G]; True where the caller attaches the rollout's own
           verifier feedback, which then counts as a block for the mask.
 
@@ -132,7 +135,7 @@ def select_peers(
 
   another = absent
   if include_another:
-    another = _first_true(success_bij & not_self & (idx != primary_candidate[..., None]))
+    another = _first_true(primary_candidates & (idx != primary_candidate[..., None]))
 
   failure = absent
   if include_failure:

@@ -40,7 +40,8 @@ def reference_selection(
     candidates = [j for j in successes if not (exclude_self_success and j == i)]
     candidate = candidates[0] if candidates else -1
     primary = candidate if include_primary else -1
-    others = [j for j in successes if j != i and j != candidate]
+    # `another` skips the primary candidate, and skips i only when self is excluded.
+    others = [j for j in successes if j != candidate and not (exclude_self_success and j == i)]
     another = others[0] if include_another and others else -1
     allowed = include_failure and (failure_condition == "always" or candidate == -1)
     failure_set = {j for j in failures if j != i} if allowed else set()
@@ -180,6 +181,16 @@ def test_spec_consequences_g8_2s1f_always():
   assert names["four_successes"] == ["2S1F"] * 8
   assert names["one_failure"] == ["2S1F"] * 4 + ["2S0F"] + ["2S1F"] * 3
   assert selection.mask.all()
+
+
+def test_rollout_may_see_itself_as_another_without_self_exclusion():
+  success = jnp.asarray([[True, True, False, True]])
+  keep_self = jitted_select(exclude_self_success=False)(success, jax.random.key(0))
+  np.testing.assert_array_equal(keep_self.primary, [[0, 0, 0, 0]])
+  np.testing.assert_array_equal(keep_self.another, [[1, 1, 1, 1]])
+  exclude_self = jitted_select()(success, jax.random.key(0))
+  np.testing.assert_array_equal(exclude_self.primary, [[1, 0, 0, 0]])
+  np.testing.assert_array_equal(exclude_self.another, [[3, 3, 1, 1]])
 
 
 def test_group_without_blocks_is_masked_out():
