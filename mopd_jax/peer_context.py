@@ -232,6 +232,7 @@ def assemble_teacher_prompts(
     feedback_tokens: Optional[jax.Array] = None,
     feedback_lengths: Optional[jax.Array] = None,
     feedback_cap: int = 0,
+    block_lengths: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Builds left-padded teacher prompts by index arithmetic and gathers.
 
@@ -258,6 +259,9 @@ def assemble_teacher_prompts(
           present where it is > 0 and shows at most `feedback_cap` tokens.
       feedback_cap: static; room reserved for feedback (see `teacher_prompt_length`); must
           be > 0 when `feedback_tokens` is given.
+      block_lengths: optional int32 [N, 3], most tokens shown of the primary, another and
+          failure block of each row, on top of `peer_cap` (the matched-budget controls of
+          `peer_controls` cut blocks to a token budget this way).
 
   Returns:
       tokens: int32 [N, Ltp], left-padded with `pad_id`, where
@@ -274,6 +278,8 @@ def assemble_teacher_prompts(
   _check_shape("response_lengths", response_lengths, (responses.shape[0],))
   for field in ("primary", "another", "failure"):
     _check_shape(f"rows.{field}", getattr(rows, field), (num_rows,))
+  if block_lengths is not None:
+    _check_shape("block_lengths", block_lengths, (num_rows, 3))
   with_feedback = feedback_tokens is not None
   if with_feedback:
     if feedback_cap <= 0:
@@ -307,16 +313,18 @@ def assemble_teacher_prompts(
   peer_width = min(responses.shape[1], peer_cap)
   feedback_start = peer_start + 3 * peer_width
 
-  def gather_peer(row_index):
+  def gather_peer(row_index, slot):
     present = row_index >= 0
     safe = jnp.where(present, row_index, 0)
     text = responses[safe, :peer_width].astype(jnp.int32)  # [N, W]
-    length = jnp.where(present, jnp.clip(response_lengths[safe], 0, peer_width), 0)
-    return text, length, present
+    length = jnp.clip(response_lengths[safe], 0, peer_width)
+    if block_lengths is not None:
+      length = jnp.clip(length, 0, block_lengths[:, slot])
+    return text, jnp.where(present, length, 0), present
 
-  primary_text, primary_len, primary_on = gather_peer(rows.primary)
-  another_text, another_len, another_on = gather_peer(rows.another)
-  failure_text, failure_len, failure_on = gather_peer(rows.failure)
+  primary_text, primary_len, primary_on = gather_peer(rows.primary, 0)
+  another_text, another_len, another_on = gather_peer(rows.another, 1)
+  failure_text, failure_len, failure_on = gather_peer(rows.failure, 2)
   constant = jnp.concatenate([piece.astype(jnp.int32) for piece in piece_list])
   sources = [
       prompt_tokens.astype(jnp.int32),

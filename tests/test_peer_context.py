@@ -402,6 +402,53 @@ def test_assemble_matches_reference(response_len, peer_cap, feedback_len, feedba
     assert (~mask[0]).sum() == unused
 
 
+def test_assemble_cuts_blocks_to_block_lengths():
+  rng = np.random.default_rng(11)
+  num_rows, prompt_len, response_len, peer_cap = 16, 6, 9, 7
+  data = random_assembly_inputs(
+      rng,
+      num_rows=num_rows,
+      prompt_len=prompt_len,
+      response_len=response_len,
+      peer_cap=peer_cap,
+      feedback_len=None,
+      feedback_cap=0,
+  )
+  block_lengths = rng.integers(0, response_len + 2, (num_rows, 3)).astype(np.int32)
+  block_lengths[0] = [2, 0, 9]  # row 0 shows three peers of length 9
+  rows = PeerSelection(*(jnp.asarray(r) for r in data["rows"]), mask=jnp.ones((num_rows,), bool))
+  tokens, mask = jax.jit(
+      functools.partial(assemble_teacher_prompts, peer_cap=peer_cap, pad_id=PAD)
+  )(
+      jnp.asarray(data["prompt_tokens"]),
+      jnp.asarray(data["prompt_mask"]),
+      jnp.asarray(data["insert_index"]),
+      jnp.asarray(data["responses"]),
+      jnp.asarray(data["response_lengths"]),
+      rows,
+      PIECES,
+      block_lengths=jnp.asarray(block_lengths),
+  )
+  out_len = teacher_prompt_length(prompt_len, PIECES, peer_cap)
+  for n in range(num_rows):
+    peers = []
+    for slot in range(3):
+      row = data["rows"][slot][n]
+      shown = min(data["response_lengths"][row], block_lengths[n, slot]) if row >= 0 else 0
+      peers.append(None if row < 0 else data["responses"][row, :shown].tolist())
+    want_tokens, want_mask = reference_teacher_prompt(
+        data["reals"][n], int(data["insert_index"][n]), peers, None,
+        peer_cap=peer_cap, feedback_cap=0, out_len=out_len,
+    )
+    np.testing.assert_array_equal(np.asarray(tokens[n]), want_tokens, err_msg=f"row {n}")
+    np.testing.assert_array_equal(np.asarray(mask[n]), want_mask, err_msg=f"row {n}")
+  # A block cut to 0 tokens keeps its header: the slot is present, its text is empty.
+  headers = PIECES_LISTS["another_header"]
+  row0 = np.asarray(tokens[0]).tolist()
+  start = next(k for k in range(len(row0)) if row0[k : k + len(headers)] == headers)
+  assert row0[start + len(headers) : start + len(headers) + 5] == PIECES_LISTS["failure_header"]
+
+
 def test_assemble_rejects_feedback_without_room():
   n, lp = 2, 4
   minus_one = jnp.full((n,), -1, jnp.int32)
