@@ -1,0 +1,1 @@
+"""Offline analysis of saved rollouts: teacher-signal alignment and diversity."""
