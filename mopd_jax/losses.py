@@ -947,3 +947,64 @@ def _upper_triangle(group: int) -> tuple[list[int], list[int]]:
   """Index lists (low, high) of every pair low < high of range(group), row-major."""
   pairs = [(a, b) for a in range(group) for b in range(a + 1, group)]
   return [a for a, _ in pairs], [b for _, b in pairs]
+
+
+def chunked_token_logp(
+    hidden: jax.Array,
+    head: jax.Array,
+    targets: jax.Array,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 128,
+) -> jax.Array:
+  """Log-probabilities of `targets` from hidden states, chunked over positions.
+
+  The policy-side counterpart of ``chunked_distillation`` for the baselines: logits
+  ``hidden @ head / temperature`` exist only one chunk of positions at a time, and each
+  chunk is rematerialised in the backward pass.
+
+  Args:
+    hidden: [N, L, D] final hidden states, any float dtype.
+    head: [D, V] unembedding matrix.
+    targets: int [N, L] the token predicted at each position.
+    temperature: positive divisor of the logits.
+    chunk_size: positions per chunk (L is padded to a multiple of it).
+
+  Returns:
+    float32 [N, L] log p(targets), differentiable in hidden and head.
+
+  Raises:
+    ValueError: on a bad temperature / chunk_size or inconsistent shapes.
+  """
+  temperature = _check_positive("temperature", temperature)
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or (
+      chunk_size <= 0
+  ):
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  if hidden.ndim != 3 or head.ndim != 2 or hidden.shape[2] != head.shape[0]:
+    raise ValueError(
+        f"hidden must be [N, L, D] and head [D, V], got {hidden.shape} and {head.shape}"
+    )
+  n, length, _ = hidden.shape
+  if targets.shape != (n, length) or length == 0:
+    raise ValueError(f"targets must be [N, L] = {(n, length)} with L > 0, got {targets.shape}")
+  chunk = min(int(chunk_size), length)
+  num_chunks = -(-length // chunk)
+  pad = num_chunks * chunk - length
+
+  def to_chunks(x: jax.Array) -> jax.Array:
+    """[N, L, ...] -> [num_chunks, N, chunk, ...], zero-padding L."""
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((n, num_chunks, chunk) + x.shape[2:]), 1, 0)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def chunk_logp(h, tgt, w):
+    logits = jnp.einsum("ncd,dv->ncv", h, w, preferred_element_type=jnp.float32)
+    logp = jax.nn.log_softmax(logits / temperature, axis=-1)  # [N, C, V]
+    return jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]  # [N, C]
+
+  def body(carry, xs):
+    return carry, chunk_logp(xs[0], xs[1], head)
+
+  _, out = jax.lax.scan(body, None, (to_chunks(hidden), to_chunks(targets)))
+  return jnp.moveaxis(out, 0, 1).reshape(n, num_chunks * chunk)[:, :length]

@@ -337,13 +337,53 @@ class OptimSettings(_Section):
       "size. Sampling always runs as one batch.")
 
 
-ALGORITHMS = ("mopd",)
+# Distillation from a teacher that reads a context / policy losses on the student alone.
+DISTILLATION_ALGORITHMS = ("mopd", "sdpo", "opd")
+POLICY_ALGORITHMS = ("grpo", "sft", "dpo", "simpo")
+ALGORITHMS = DISTILLATION_ALGORITHMS + POLICY_ALGORITHMS
 
 
 @dataclasses.dataclass(frozen=True)
 class AlgorithmSettings(_Section):
+  """The training objective (MOPD spec §6); all use the same rollouts.
+
+  mopd: the peers section's context. sdpo: the 1S context (primary success) plus the
+  rollout's own feedback when there is no success; it sets the peers section's
+  include_another / include_failure / include_feedback / feedback_only_without_solution.
+  opd: the teacher reads the plain prompt (no peers); pair it with teacher.mode 'external'
+  or 'frozen' and loss.alpha = 1 (reverse KL). grpo, sft, dpo, simpo: policy losses
+  without a teacher context (dpo's reference model is the frozen initial student, kept in
+  the teacher slot). Policy log-probs are taken at the sampling temperature.
+  """
+
   NAME: ClassVar[str] = "algorithm"
   name: str = knob("mopd", _one_of(ALGORITHMS), f"one of {ALGORITHMS}")
+  grpo_clip_low: float = knob(0.2, _num(0.0, 1.0, hi_open=True), "a number in [0, 1)",
+                              "Ratio lower clip 1 - grpo_clip_low.")
+  grpo_clip_high: float = knob(0.28, _num(0.0), "a number >= 0",
+                               "Ratio upper clip 1 + grpo_clip_high.")
+  grpo_dual_clip: float | None = knob(
+      3.0, _optional(_num(1.0, lo_open=True)), "None or a number > 1",
+      "Bound -A * c on the loss of a token with negative advantage A.", kind=float)
+  grpo_normalize_std: bool = knob(False, _bool, "True or False",
+                                  "Divide advantages by the group's reward std.")
+  dpo_beta: float = knob(0.1, _num(0.0, lo_open=True), "a number > 0")
+  simpo_beta: float = knob(2.0, _num(0.0, lo_open=True), "a number > 0")
+  simpo_gamma: float = knob(1.0, _num(), "a finite number", "Target reward margin.")
+  simpo_label_smoothing: float = knob(0.0, _num(0.0, 0.5), "a number in [0, 0.5]")
+
+  @property
+  def distills(self) -> bool:
+    """True when the loss is a divergence to a teacher (stages 2 and 3 use it)."""
+    return self.name in DISTILLATION_ALGORITHMS
+
+  def peer_settings(self, peers: PeerSettings) -> PeerSettings:
+    """The context the teacher reads: `peers`, or SDPO's 1S + own feedback."""
+    if self.name != "sdpo":
+      return peers
+    return dataclasses.replace(peers, include_primary=True, include_another=False,
+                               include_failure=False, include_feedback=True,
+                               feedback_only_without_solution=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,6 +434,17 @@ class Settings:
   mesh: MeshSettings
 
   def __post_init__(self):
+    name = self.algorithm.name
+    if name == "dpo" and self.teacher.mode != "frozen":
+      raise ConfigError(
+          f"Invalid config.teacher.mode = {self.teacher.mode!r} with config.algorithm.name = "
+          "'dpo': DPO's reference model is the initial student, kept in the teacher slot, so "
+          "the teacher mode must be 'frozen'.")
+    if name in ("dpo", "simpo") and 0 < self.optim.micro_batch_rows < self.rows:
+      raise ConfigError(
+          f"Invalid config.optim.micro_batch_rows = {self.optim.micro_batch_rows} with "
+          f"config.algorithm.name = {name!r}: a preference pair spans two rows of a group, so "
+          "pair losses run on the whole batch; set micro_batch_rows to 0.")
     mb = self.optim.micro_batch_rows
     if mb and self.rows % mb:
       divisors = [d for d in range(1, self.rows + 1) if self.rows % d == 0]

@@ -73,13 +73,15 @@ class StepConfig:
   success_threshold: float = 1.0
   # External teacher (classic OPD): its own shapes, same vocabulary. None = self-teacher.
   teacher_model: transformer.ModelConfig | None = None
+  algorithm: settings.AlgorithmSettings = settings.AlgorithmSettings()
 
   @classmethod
   def from_settings(cls, s: settings.Settings, model, tokenizer, teacher_model=None):
-    return cls(model=model, sampling=s.sampling, peers=s.peers, loss=s.loss,
+    return cls(model=model, sampling=s.sampling,
+               peers=s.algorithm.peer_settings(s.peers), loss=s.loss,
                teacher=s.teacher, optim=s.optim, stop_ids=tuple(tokenizer.stop_ids),
                pad_id=tokenizer.pad_id, success_threshold=s.verifier.success_threshold,
-               teacher_model=teacher_model)
+               teacher_model=teacher_model, algorithm=s.algorithm)
 
   @property
   def num_samples(self) -> int:
@@ -146,7 +148,8 @@ class TeacherInputs:
   teacher_tokens: jax.Array  # int32 [N, Ltp], teacher prompts, left-padded
   teacher_mask: jax.Array  # bool [N, Ltp]
   response_mask: jax.Array  # bool [N, Lr], True on response tokens (EOS included)
-  rollout_mask: jax.Array  # bool [N], the rollout got at least one context block
+  rollout_mask: jax.Array  # bool [N], the rollout enters the loss (e.g. has a context block)
+  advantages: jax.Array  # float32 [N], GRPO's group-relative advantages (else 0)
   success: jax.Array  # bool [B, G]
 
   @property
@@ -156,7 +159,11 @@ class TeacherInputs:
 
 def build_teacher_inputs(cfg: StepConfig, pieces, batch, rollouts: Rollouts,
                          peer_key) -> TeacherInputs:
-  """Stage 1: select peers per group and assemble every rollout's teacher prompt."""
+  """Stage 1: select peers per group and assemble every rollout's teacher prompt.
+
+  Algorithms without a peer context (opd and the policy losses) give the teacher the
+  plain prompt, and their own rollout mask (see `_plain_prompt_rollout_mask`).
+  """
   g, pc = cfg.num_samples, cfg.peers
   b = batch["prompt_tokens"].shape[0]
   n, lr = rollouts.tokens.shape
@@ -165,6 +172,18 @@ def build_teacher_inputs(cfg: StepConfig, pieces, batch, rollouts: Rollouts,
   prompt_mask = prompt_mask.astype(bool)
 
   success = (rollouts.rewards >= cfg.success_threshold).reshape(b, g)
+  response_mask = jnp.arange(lr)[None, :] < rollouts.lengths[:, None]
+  advantages = jnp.zeros((n,), jnp.float32)
+  if cfg.algorithm.name == "grpo":
+    advantages = losses.grpo_advantages(
+        rollouts.rewards.reshape(b, g),
+        normalize_std=cfg.algorithm.grpo_normalize_std).reshape(n)
+  if cfg.algorithm.name not in ("mopd", "sdpo"):
+    return TeacherInputs(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
+                         teacher_tokens=prompt_tokens, teacher_mask=prompt_mask,
+                         response_mask=response_mask,
+                         rollout_mask=_plain_prompt_rollout_mask(cfg, rollouts, b),
+                         advantages=advantages, success=success)
   selection = peer_context.select_peers(
       success, peer_key, include_primary=pc.include_primary,
       include_another=pc.include_another, include_failure=pc.include_failure,
@@ -188,11 +207,27 @@ def build_teacher_inputs(cfg: StepConfig, pieces, batch, rollouts: Rollouts,
       prompt_tokens, prompt_mask, rep(batch["insert_index"]), rollouts.tokens,
       text_lengths, rows, pieces, peer_cap=pc.peer_cap, pad_id=cfg.pad_id,
       **feedback_kwargs)
-  response_mask = jnp.arange(lr)[None, :] < rollouts.lengths[:, None]
   return TeacherInputs(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
                        teacher_tokens=teacher_tokens, teacher_mask=teacher_mask,
                        response_mask=response_mask, rollout_mask=rollout_mask,
-                       success=success)
+                       advantages=advantages, success=success)
+
+
+def _plain_prompt_rollout_mask(cfg: StepConfig, rollouts: Rollouts, b: int):
+  """bool [N]: which rollouts enter the loss when there is no peer context.
+
+  opd, grpo: all (a group with equal rewards has zero advantages); sft: the verified
+  rollouts (reward >= threshold, at least one token); dpo, simpo: rollouts of groups
+  with at least one pair of different rewards.
+  """
+  n = rollouts.rewards.shape[0]
+  if cfg.algorithm.name == "sft":
+    return (rollouts.rewards >= cfg.success_threshold) & (rollouts.lengths > 0)
+  if cfg.algorithm.name in ("dpo", "simpo"):
+    rewards = rollouts.rewards.reshape(b, -1)
+    has_pair = rewards.max(axis=1) > rewards.min(axis=1)  # [B]
+    return jnp.repeat(has_pair, n // b)
+  return jnp.ones((n,), bool)
 
 
 def score_with_teacher(cfg: StepConfig, teacher_params, inputs: TeacherInputs,
@@ -231,6 +266,85 @@ def distillation_loss(cfg: StepConfig, params, inputs: TeacherInputs, rollouts: 
   return loss, (student_logp, teacher_logp)
 
 
+def _policy_logp(cfg: StepConfig, model_cfg, params, prompt_tokens, prompt_mask,
+                 inputs: TeacherInputs, rollouts: Rollouts):
+  """float32 [N, Lr] log-probs of the response tokens at the sampling temperature."""
+  hidden = _response_hidden(model_cfg, params, prompt_tokens, prompt_mask, rollouts.tokens,
+                            inputs.response_mask)
+  return losses.chunked_token_logp(hidden, transformer.lm_head(model_cfg, params),
+                                   rollouts.tokens, temperature=cfg.sampling.temperature,
+                                   chunk_size=cfg.loss.chunk_size)
+
+
+def reference_logp(cfg: StepConfig, teacher_params, inputs: TeacherInputs,
+                   rollouts: Rollouts):
+  """Stage 2 of dpo: the reference model's response log-probs [N, Lr] on the plain
+  prompt (the frozen initial student, kept in the teacher slot); None otherwise."""
+  if cfg.algorithm.name != "dpo":
+    return None
+  return jax.lax.stop_gradient(_policy_logp(
+      cfg, cfg.teacher_cfg, jax.lax.stop_gradient(teacher_params), inputs.teacher_tokens,
+      inputs.teacher_mask, inputs, rollouts))
+
+
+def policy_loss(cfg: StepConfig, params, inputs: TeacherInputs, rollouts: Rollouts,
+                ref_logp, weights):
+  """Stage 3 of grpo, sft, dpo and simpo: the student's forward and its policy loss.
+
+  grpo and sft are per token and weighted like the distillation loss (`loss_weights`),
+  so they split over row micro-batches; dpo and simpo average over the valid pairs of
+  the whole batch. The rollout correction of the loss section applies to distillation
+  only. Returns (loss, (student log-prob of each response token, reference
+  log-prob for dpo, else the student's again)), both [N, Lr].
+  """
+  al = cfg.algorithm
+  logp = _policy_logp(cfg, cfg.model, params, inputs.prompt_tokens, inputs.prompt_mask,
+                      inputs, rollouts)  # [N, Lr]
+  if al.name in ("grpo", "sft"):
+    if al.name == "grpo":
+      # One update per batch: the sampling policy is the current one, so the ratio is 1
+      # in value and the gradient is the clipped surrogate's at 1.
+      per_token = losses.grpo_per_token(
+          logp, jax.lax.stop_gradient(logp), inputs.advantages, clip_low=al.grpo_clip_low,
+          clip_high=al.grpo_clip_high, dual_clip=al.grpo_dual_clip)
+    else:
+      per_token, _ = losses.verified_sft_per_token(logp, inputs.response_mask,
+                                                   rollouts.rewards,
+                                                   threshold=cfg.success_threshold)
+    loss = jnp.sum(jnp.where(weights != 0.0, per_token * weights, 0.0))
+  else:
+    fmask = inputs.response_mask.astype(jnp.float32)
+    seq_logp = jnp.sum(jnp.where(inputs.response_mask, logp, 0.0), axis=1)  # [N]
+    pairs = losses.group_pairs(rollouts.rewards.reshape(-1, cfg.num_samples))
+    chosen, rejected = pairs.chosen.reshape(-1), pairs.rejected.reshape(-1)  # [B*P]
+    if al.name == "dpo":
+      ref_seq = jnp.sum(jnp.where(inputs.response_mask, ref_logp, 0.0), axis=1)
+      per_pair = losses.dpo_loss(seq_logp[chosen], seq_logp[rejected], ref_seq[chosen],
+                                 ref_seq[rejected], beta=al.dpo_beta)
+    else:
+      length = fmask.sum(axis=1)
+      per_pair = losses.simpo_loss(seq_logp[chosen], seq_logp[rejected], length[chosen],
+                                   length[rejected], beta=al.simpo_beta,
+                                   gamma=al.simpo_gamma,
+                                   label_smoothing=al.simpo_label_smoothing)
+    valid = pairs.valid.reshape(-1)
+    loss = jnp.sum(jnp.where(valid, per_pair, 0.0)) / jnp.maximum(valid.sum(), 1)
+  logp = jax.lax.stop_gradient(logp)
+  return loss, (logp, logp if ref_logp is None else ref_logp)
+
+
+def loss_weights(cfg: StepConfig, inputs: TeacherInputs):
+  """float32 [N, Lr] weights of the whole batch: the loss is sum(per_token * weights).
+
+  sft: 1 / (number of verified rollouts) on their tokens (its per-token loss is already
+  length-normalised); the others: `losses.aggregation_weights` of the loss mask.
+  """
+  if cfg.algorithm.name == "sft":
+    count = jnp.maximum(inputs.rollout_mask.sum(), 1).astype(jnp.float32)
+    return inputs.loss_mask.astype(jnp.float32) / count
+  return losses.aggregation_weights(inputs.loss_mask, cfg.loss.aggregation)
+
+
 def _to_micro_batches(tree, num):
   """[N, ...] -> [num, N / num, ...] with micro-batch m = rows m, m + num, m + 2 num, ...
 
@@ -250,24 +364,33 @@ def loss_and_grads(cfg: StepConfig, state: TrainState, inputs: TeacherInputs,
                    rollouts: Rollouts):
   """Stages 2 and 3, over row micro-batches when `optim.micro_batch_rows` is set.
 
+  Stage 3 is `distillation_loss` for mopd, sdpo and opd, else `policy_loss`.
+
   Each micro-batch runs the teacher forward and the student forward + backward; the
   gradients (float32) and the loss are summed in a `lax.scan`, so only one micro-batch's
   activations are live at a time. Weights of the whole batch make the sum equal to the
   one-batch loss and gradient. Returns (loss, grads, student_logp, teacher_logp).
   """
-  weights = losses.aggregation_weights(inputs.loss_mask, cfg.loss.aggregation)
+  weights = loss_weights(cfg, inputs)
   row_inputs = (inputs.prompt_tokens, inputs.prompt_mask, inputs.teacher_tokens,
-                inputs.teacher_mask, inputs.response_mask, inputs.rollout_mask)
+                inputs.teacher_mask, inputs.response_mask, inputs.rollout_mask,
+                inputs.advantages)
 
   def one(params, row_inputs, rollouts, weights):
-    p_tok, p_mask, t_tok, t_mask, r_mask, ro_mask = row_inputs
+    p_tok, p_mask, t_tok, t_mask, r_mask, ro_mask, adv = row_inputs
     mb = inputs.replace(prompt_tokens=p_tok, prompt_mask=p_mask, teacher_tokens=t_tok,
-                        teacher_mask=t_mask, response_mask=r_mask, rollout_mask=ro_mask)
-    teacher_hidden, teacher_head = score_with_teacher(cfg, state.teacher_params, mb,
-                                                      rollouts)
-    loss_fn = functools.partial(distillation_loss, cfg)
+                        teacher_mask=t_mask, response_mask=r_mask, rollout_mask=ro_mask,
+                        advantages=adv)
+    if cfg.algorithm.distills:
+      teacher_hidden, teacher_head = score_with_teacher(cfg, state.teacher_params, mb,
+                                                        rollouts)
+      loss_fn = functools.partial(distillation_loss, cfg)
+      args = (teacher_hidden, teacher_head, weights)
+    else:
+      loss_fn = functools.partial(policy_loss, cfg)
+      args = (reference_logp(cfg, state.teacher_params, mb, rollouts), weights)
     (loss, (s_logp, t_logp)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, mb, rollouts, teacher_hidden, teacher_head, weights)
+        params, mb, rollouts, *args)
     return loss, grads, s_logp, t_logp
 
   n = rollouts.tokens.shape[0]
@@ -342,6 +465,29 @@ def step_metrics(inputs: TeacherInputs, rollouts: Rollouts, loss, grad_norm, fin
   }
 
 
+def algorithm_metrics(cfg: StepConfig, inputs: TeacherInputs, rollouts: Rollouts):
+  """Stage 5, per algorithm: what the loss could use, so that nothing is dropped silently.
+
+  grpo: groups whose rewards are all equal (zero advantage). sft: verified rollouts and
+  groups without one. dpo, simpo: valid pairs and groups without a pair.
+  """
+  name = cfg.algorithm.name
+  rewards = rollouts.rewards.reshape(-1, cfg.num_samples)  # [B, G]
+  if name == "grpo":
+    no_spread = rewards.max(axis=1) == rewards.min(axis=1)
+    return {"train/zero_advantage_groups": no_spread.sum(),
+            "train/advantage_abs_mean": jnp.abs(inputs.advantages).mean()}
+  if name == "sft":
+    verified = inputs.rollout_mask.reshape(rewards.shape)
+    return {"train/verified_fraction": verified.mean(),
+            "train/groups_without_verified": (~verified.any(axis=1)).sum()}
+  if name in ("dpo", "simpo"):
+    pairs = losses.group_pairs(rewards)
+    return {"train/num_pairs": pairs.num_pairs.sum(),
+            "train/groups_without_pairs": pairs.num_empty_groups}
+  return {}
+
+
 def update(cfg: StepConfig, optimizer, pieces, state: TrainState, batch,
            rollouts: Rollouts, peer_key):
   """Everything after verification, in the order it runs: peers and teacher prompts ->
@@ -349,8 +495,9 @@ def update(cfg: StepConfig, optimizer, pieces, state: TrainState, batch,
   inputs = build_teacher_inputs(cfg, pieces, batch, rollouts, peer_key)
   loss, grads, student_logp, teacher_logp = loss_and_grads(cfg, state, inputs, rollouts)
   new_state, grad_norm, finite = apply_update(cfg, optimizer, state, loss, grads)
-  return new_state, step_metrics(inputs, rollouts, loss, grad_norm, finite, student_logp,
-                                 teacher_logp)
+  metrics = step_metrics(inputs, rollouts, loss, grad_norm, finite, student_logp,
+                         teacher_logp)
+  return new_state, {**metrics, **algorithm_metrics(cfg, inputs, rollouts)}
 
 
 def _verify(cfg, mesh, host_fn, batch, out: SampleOutput) -> Rollouts:

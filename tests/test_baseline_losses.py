@@ -295,3 +295,37 @@ def test_dpo_on_group_pairs_end_to_end():
   ]
   assert len(terms) == 4 + 3
   np.testing.assert_allclose(got, np.mean(terms), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- token log-probs
+
+
+@pytest.mark.parametrize("chunk_size,temperature", [(3, 1.0), (16, 0.7)])
+def test_chunked_token_logp_matches_full_logits(chunk_size, temperature):
+  rng = np.random.default_rng(7)
+  n, length, d, v = 3, 7, 5, 11
+  hidden = rng.normal(size=(n, length, d))
+  head = rng.normal(size=(d, v))
+  targets = rng.integers(0, v, (n, length))
+  got = jax.jit(
+      lambda h, w, t: losses.chunked_token_logp(
+          h, w, t, temperature=temperature, chunk_size=chunk_size
+      )
+  )(jnp.asarray(hidden, jnp.float32), jnp.asarray(head, jnp.float32), jnp.asarray(targets))
+  h64, w64 = np.float32(hidden).astype(np.float64), np.float32(head).astype(np.float64)
+  logits = h64 @ w64 / temperature
+  logits -= logits.max(-1, keepdims=True)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  # Gradient of the sum with respect to the head matches the full-logit computation.
+  grad = jax.grad(
+      lambda w: losses.chunked_token_logp(
+          jnp.asarray(hidden, jnp.float32), w, jnp.asarray(targets),
+          temperature=temperature, chunk_size=chunk_size,
+      ).sum()
+  )(jnp.asarray(head, jnp.float32))
+  probs = np.exp(logp)
+  onehot = np.eye(v)[targets]
+  want_grad = np.einsum("nld,nlv->dv", h64, onehot - probs) / temperature
+  np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-4, atol=1e-4)
