@@ -1,6 +1,7 @@
 """Every config.algorithm in the update: the step runs, and its loss equals a float64 reference
 recomputed from the step's own inputs with full (unchunked) logits."""
 
+import dataclasses
 import functools
 import itertools
 
@@ -237,3 +238,25 @@ def test_dpo_settings_need_a_frozen_reference_and_whole_batch():
   config.optim.micro_batch_rows = 8
   with pytest.raises(settings.ConfigError, match="micro_batch_rows = 8.*'dpo'"):
     settings.from_config(config)
+
+
+@pytest.mark.parametrize("name", ["grpo", "sft"])
+def test_per_token_policy_losses_split_over_micro_batches(name):
+  batch, rollouts, state, _ = make_inputs(1)
+  results = []
+  for rows in (0, 4):
+    cfg = dataclasses.replace(make_cfg(name),
+                              optim=settings.OptimSettings(micro_batch_rows=rows))
+
+    @jax.jit
+    def fn(state, batch, rollouts, cfg=cfg):
+      inputs = train_step.build_teacher_inputs(cfg, PIECES, batch, rollouts,
+                                               jax.random.key(0))
+      return train_step.loss_and_grads(cfg, state, inputs, rollouts)[:2]
+
+    results.append(jax.device_get(fn(state, batch, rollouts)))
+  (loss, grads), (mb_loss, mb_grads) = results
+  assert loss != 0.0
+  np.testing.assert_allclose(mb_loss, loss, rtol=2e-5)
+  for a, b in zip(jax.tree.leaves(mb_grads), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
