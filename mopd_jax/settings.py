@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import ml_collections
 
-from mopd_jax import losses, peer_context, teacher
+from mopd_jax import losses, peer_context, peer_controls, teacher
 from mopd_jax.data import source_splits, sources
 
 
@@ -266,6 +266,24 @@ class PeerSettings(_Section):
   peer_cap: int = knob(2048, _int(1), "a positive integer", "Tokens per peer block.")
   feedback_len: int = knob(64, _int(1), "a positive integer",
                            "Tokens of the rollout's own verifier feedback.")
+  control: str = knob(
+      "", _one_of(("",) + peer_controls.CONTROLS),
+      f"'' (off) or one of {peer_controls.CONTROLS}",
+      "Matched-budget peer control: the 2S1F budget of every rollout filled with other "
+      "peers (mopd_jax.peer_controls); success_only_matched labels its extra success as "
+      "another successful solution.")
+  control_budget: str = knob("blocks", _one_of(peer_controls.BUDGETS),
+                             f"one of {peer_controls.BUDGETS}",
+                             "Match the 2S1F budget by block count or by token count.")
+
+  def check(self):
+    two_s_one_f = (self.include_primary and self.include_another and self.include_failure
+                   and self.failure_condition == "always")
+    if self.control and not two_s_one_f:
+      raise ConfigError(
+          f"Invalid config.peers.control = {self.control!r}: a control matches the 2S1F "
+          "budget, so config.peers.include_primary, include_another and include_failure "
+          "must be True and config.peers.failure_condition 'always'.")
 
 
 @dataclasses.dataclass(frozen=True)

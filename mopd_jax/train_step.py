@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mopd_jax import losses, peer_context, settings, sharding, teacher
+from mopd_jax import losses, peer_context, peer_controls, settings, sharding, teacher
 from mopd_jax.models import transformer
 from mopd_jax.sampling import Sampler, SampleOutput
 from mopd_jax.verifiers import callback
@@ -184,14 +184,25 @@ def build_teacher_inputs(cfg: StepConfig, pieces, batch, rollouts: Rollouts,
                          response_mask=response_mask,
                          rollout_mask=_plain_prompt_rollout_mask(cfg, rollouts, b),
                          advantages=advantages, success=success)
-  selection = peer_context.select_peers(
-      success, peer_key, include_primary=pc.include_primary,
-      include_another=pc.include_another, include_failure=pc.include_failure,
-      failure_condition=pc.failure_condition,
-      exclude_self_success=pc.exclude_self_success)
-  rows = jax.tree.map(lambda x: x.reshape(n), peer_context.to_row_indices(selection))
   text_lengths = rollouts.lengths - rollouts.finished.astype(jnp.int32)  # drop EOS
-  rollout_mask = selection.mask.reshape(n)
+  control_kwargs = {}
+  if pc.control:
+    control = peer_controls.matched_control(
+        success, text_lengths.reshape(b, g), peer_key, control=pc.control,
+        peer_cap=pc.peer_cap, budget=pc.control_budget,
+        exclude_self_success=pc.exclude_self_success)
+    rows = jax.tree.map(lambda x: x.reshape(n), control.rows)
+    control_kwargs = dict(block_lengths=control.block_lengths.reshape(n, 3))
+    if pc.control == "success_only_matched":  # its failure slot shows a success
+      pieces = pieces._replace(failure_header=pieces.another_header)
+  else:
+    selection = peer_context.select_peers(
+        success, peer_key, include_primary=pc.include_primary,
+        include_another=pc.include_another, include_failure=pc.include_failure,
+        failure_condition=pc.failure_condition,
+        exclude_self_success=pc.exclude_self_success)
+    rows = jax.tree.map(lambda x: x.reshape(n), peer_context.to_row_indices(selection))
+  rollout_mask = rows.mask
   feedback_kwargs = {}
   if pc.include_feedback:
     # The rollout's own verifier feedback, only without a (shown) primary solution
@@ -206,7 +217,7 @@ def build_teacher_inputs(cfg: StepConfig, pieces, batch, rollouts: Rollouts,
   teacher_tokens, teacher_mask = peer_context.assemble_teacher_prompts(
       prompt_tokens, prompt_mask, rep(batch["insert_index"]), rollouts.tokens,
       text_lengths, rows, pieces, peer_cap=pc.peer_cap, pad_id=cfg.pad_id,
-      **feedback_kwargs)
+      **feedback_kwargs, **control_kwargs)
   return TeacherInputs(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
                        teacher_tokens=teacher_tokens, teacher_mask=teacher_mask,
                        response_mask=response_mask, rollout_mask=rollout_mask,

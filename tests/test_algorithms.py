@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mopd_jax import peer_context, settings, teacher, train_step
+from mopd_jax import peer_context, peer_controls, settings, teacher, train_step
 from mopd_jax.models import transformer
 
 MODEL = transformer.ModelConfig(vocab_size=31, num_layers=1, embed_dim=16, num_heads=2,
@@ -260,3 +260,45 @@ def test_per_token_policy_losses_split_over_micro_batches(name):
   np.testing.assert_allclose(mb_loss, loss, rtol=2e-5)
   for a, b in zip(jax.tree.leaves(mb_grads), jax.tree.leaves(grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("control,budget", [("random_peer", "blocks"),
+                                            ("unrelated_prompt", "tokens"),
+                                            ("success_only_matched", "tokens")])
+def test_peer_controls_feed_the_teacher_prompts(control, budget):
+  cfg = make_cfg("mopd")
+  cfg = dataclasses.replace(cfg, peers=dataclasses.replace(cfg.peers, control=control,
+                                                           control_budget=budget))
+  batch, rollouts, state, optimizer = make_inputs()
+  rewards = np.array([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0], np.float32)
+  rollouts = rollouts.replace(rewards=rewards)
+  key = jax.random.key(3)
+  inputs = jax.device_get(train_step.build_teacher_inputs(cfg, PIECES, batch, rollouts, key))
+  want = jax.device_get(peer_controls.matched_control(
+      jnp.asarray(rewards.reshape(B, G) >= 1.0), jnp.asarray(rollouts.lengths.reshape(B, G)),
+      key, control=control, peer_cap=LR, budget=budget))
+  # Response ids (2..14) reach the teacher prompt only through peer blocks.
+  peer_tokens = ((inputs.teacher_tokens >= 2) & (inputs.teacher_tokens <= 14)).sum(1)
+  np.testing.assert_array_equal(peer_tokens, want.block_lengths.sum(-1).reshape(N))
+  np.testing.assert_array_equal(inputs.rollout_mask, want.rows.mask.reshape(N))
+  if budget == "tokens":
+    assert (peer_tokens <= want.budget_tokens.reshape(N)).all()
+    assert (peer_tokens > 0).any()
+  if control == "success_only_matched":
+    # The failure slot holds a success and is labelled as one.
+    assert not np.isin(inputs.teacher_tokens, PIECES.failure_header).any()
+    another = [np.sum(row == int(PIECES.another_header[0])) for row in inputs.teacher_tokens]
+    # Rollout 0's 2S1F budget is successes 1, 2 and failure 3: it sees 1, 2 and then
+    # success 4 of the other prompt in the failure slot.
+    assert another[0] == 2
+    np.testing.assert_array_equal(want.rows.failure[0, 0], 4)
+    update = jax.jit(functools.partial(train_step.update, cfg, optimizer, PIECES))
+    _, metrics = update(state, batch, rollouts, key)
+    assert np.isfinite(float(metrics["train/loss"])) and float(metrics["train/loss"]) > 0
+
+
+def test_peer_control_needs_the_2s1f_knobs():
+  with pytest.raises(settings.ConfigError, match="peers.control = 'random_peer'.*2S1F"):
+    settings.PeerSettings(control="random_peer", include_failure=False)
+  with pytest.raises(settings.ConfigError, match="control = 'nearest'"):
+    settings.PeerSettings(control="nearest")
