@@ -1,14 +1,15 @@
 """Autoregressive sampling with a KV cache: one prefill, then a `lax.while_loop` decode.
 
 Layout. Prompts are LEFT-padded to a common length Lp (`prompt_mask` True on real
-tokens), so every row's last prompt token sits at index Lp - 1 and every row writes
-its t-th response token's keys/values into cache slot Lp + t. The cache holds
-S = Lp + Lr slots; `cache_mask` [B, S] marks the slots a query may attend to (real
-prompt tokens and response tokens written so far), which gives causality for free.
-RoPE positions count real tokens only, so padding does not shift them.
-
-The prompt is prefilled once per prompt and the cache is then repeated for the G
-samples of that prompt (G x cheaper prefill than repeating the prompts).
+tokens), so every row's last prompt token sits at index Lp - 1. The cache has two parts:
+- the prompt cache [L, B, Lp, K, Dh], written once by the prefill and read by all G
+  samples of its prompt (no G-fold copy);
+- the response cache [L, B*G, Lr', K, Dh] (Lr' = Lr rounded up to `decode_block`),
+  where every row writes its t-th response token at slot t.
+A decode step attends to the real prompt slots, to the response blocks that hold
+written slots (ceil(t / decode_block) blocks, read with `dynamic_slice`), and to the
+current token itself; unwritten blocks are never read. RoPE positions count real tokens
+only, so padding does not shift them.
 
 Outputs per row: `tokens` [B*G, Lr] (pad after the end-of-sequence token), `logprobs`
 [B*G, Lr] = log p(token) under the temperature-scaled full distribution (before top-k
@@ -44,8 +45,7 @@ class _LoopState:
   logprobs: jax.Array
   done: jax.Array
   lengths: jax.Array
-  cache: list
-  cache_mask: jax.Array  # [N, S]
+  cache: dict  # response cache {"k", "v"} [L, N, Lr', K, Dh]
 
 
 def filter_logits(logits, *, top_k: int, top_p: float):
@@ -80,6 +80,7 @@ class Sampler:
   top_k: int = 0
   top_p: float = 1.0
   num_samples: int = 1
+  decode_block: int = 128  # response cache slots read per block in a decode step
 
   def __post_init__(self):
     if self.max_new_tokens <= 0:
@@ -90,6 +91,8 @@ class Sampler:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
     if self.top_k < 0:
       raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}.")
+    if self.decode_block <= 0:
+      raise ValueError(f"decode_block must be positive, got {self.decode_block}.")
     if not self.stop_ids:
       raise ValueError("stop_ids must name at least one end-of-sequence token.")
 
@@ -115,26 +118,17 @@ class Sampler:
     Row b * num_samples + g holds sample g of prompt b.
     """
     cfg = self.model
-    b, lp = prompt_tokens.shape
+    b = prompt_tokens.shape[0]
     lr, g = self.max_new_tokens, self.num_samples
     n = b * g
     prompt_mask = prompt_mask.astype(bool)
 
-    # Prefill once per prompt.
-    cache = transformer.init_cache(cfg, b, lp + lr)
-    positions = transformer.positions_from_mask(prompt_mask)
-    attn = transformer.causal_mask(prompt_mask)
-    attn = jnp.pad(attn, ((0, 0), (0, 0), (0, lr)))
-    hidden, cache = transformer.hidden_states(cfg, params, prompt_tokens, positions, attn,
-                                              cache=cache, cache_index=0)
-    last_logits = transformer.project(cfg, params, hidden[:, -1])  # [B, V]
-
-    # Repeat per sample.
-    rep = lambda x: jnp.repeat(x, g, axis=0)  # noqa: E731
-    cache = jax.tree.map(rep, cache)
-    last_logits = rep(last_logits)
-    cache_mask = jnp.concatenate([rep(prompt_mask), jnp.zeros((n, lr), bool)], axis=1)
-    last_position = rep(positions[:, -1])
+    # Prefill once per prompt; the G samples of a prompt share its prompt cache.
+    hidden, prompt_cache = transformer.prefill(cfg, params, prompt_tokens, prompt_mask)
+    last_logits = jnp.repeat(transformer.project(cfg, params, hidden[:, -1]), g, axis=0)
+    last_position = jnp.repeat(transformer.positions_from_mask(prompt_mask)[:, -1], g)
+    block = min(self.decode_block, lr)
+    cache = transformer.init_response_cache(cfg, n, -(-lr // block) * block)
 
     token, logp = self._pick(last_logits, jax.random.fold_in(key, 0))
     done = self._is_stop(token)
@@ -147,19 +141,16 @@ class Sampler:
         done=done,
         lengths=jnp.ones((n,), jnp.int32),
         cache=cache,
-        cache_mask=cache_mask,
     )
 
     def cond(s):
       return (s.step < lr) & ~jnp.all(s.done)
 
     def body(s):
-      # Feed token step-1 (written to slot lp + step - 1) and sample token `step`.
-      slot = lp + s.step - 1
-      cache_mask = s.cache_mask.at[:, slot].set(True)
-      hidden, cache = transformer.hidden_states(
-          cfg, params, s.last_token[:, None], s.position[:, None], cache_mask[:, None, :],
-          cache=s.cache, cache_index=slot)
+      # Feed token step-1 (written to response slot step - 1) and sample token `step`.
+      hidden, cache = transformer.decode_step(
+          cfg, params, s.last_token[:, None], s.position[:, None], prompt_cache, prompt_mask,
+          s.cache, s.step - 1, block=block)
       logits = transformer.project(cfg, params, hidden[:, 0])
       token, logp = self._pick(logits, jax.random.fold_in(key, s.step))
       token = jnp.where(s.done, self.pad_id, token)
@@ -174,7 +165,6 @@ class Sampler:
           done=s.done | self._is_stop(token),
           lengths=s.lengths + (~s.done).astype(jnp.int32),
           cache=cache,
-          cache_mask=cache_mask,
       )
 
     state = jax.lax.while_loop(cond, body, state)

@@ -3,10 +3,18 @@
 Mesh axes are `('data', 'fsdp', 'tensor')`. Model parameters carry logical axis names;
 one ordered rule list maps each name to a mesh axis (or to None = replicated). Batches
 are split over ('data', 'fsdp'). Teacher parameters use the student's rules.
+
+Activations and the KV cache carry their own logical names (`activation_*`, `cache_*`).
+`constrain` turns them into sharding constraints only while a function is traced inside
+`axis_rules(mesh, rules)`; outside it, it returns its input. Because jit caches traces,
+a function must be traced (first called or lowered) inside the context for the
+constraints to act.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Sequence
 
@@ -19,16 +27,31 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 DEFAULT_RULES = (
-    ("batch", BATCH_AXES),
+    # Parameters.
+    ("layers", None),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("head_dim", None),
-    ("length", None),
-    ("act_embed", None),
+    # Activations.
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    # KV cache of the sampler.
+    ("cache_batch", BATCH_AXES),
+    ("cache_sequence", None),
+    ("cache_heads", "tensor"),
+    ("cache_kv", None),
 )
+
+_ACTIVE_RULES = contextvars.ContextVar("mopd_jax_axis_rules", default=None)
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -95,3 +118,29 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_divisor(mesh: Mesh) -> int:
   return _axis_size(mesh, BATCH_AXES)
+
+
+@contextlib.contextmanager
+def axis_rules(mesh: Mesh, rules=DEFAULT_RULES):
+  """Within this context, `constrain` shards activations over `mesh` by `rules`."""
+  token = _ACTIVE_RULES.set((mesh, tuple(rules)))
+  try:
+    yield
+  finally:
+    _ACTIVE_RULES.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint of `x` from logical axis names, under `axis_rules`.
+
+  Outside `axis_rules` it returns `x`. A dimension that its mesh axes do not divide (e.g.
+  2 key/value heads over a tensor axis of 4) stays replicated rather than failing.
+  """
+  active = _ACTIVE_RULES.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+  spec = P(*(axis if dim % _axis_size(mesh, axis) == 0 else None
+             for dim, axis in zip(x.shape, tuple(spec))))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

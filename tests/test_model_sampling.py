@@ -1,5 +1,7 @@
 """Transformer forward, KV cache and sampler against brute-force recomputation."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ from mopd_jax.sampling import Sampler, filter_logits
 
 CFG = T.ModelConfig(vocab_size=61, num_layers=2, embed_dim=32, num_heads=4,
                     num_kv_heads=2, head_dim=8, mlp_dim=64, qk_norm=True,
-                    tie_embeddings=False, remat=False)
+                    tie_embeddings=False, remat_policy="none")
 EOS = 1
 
 
@@ -56,27 +58,34 @@ def test_padding_does_not_change_logits(params, prompts):
                                atol=2e-5, rtol=2e-5)
 
 
-def test_cached_decode_matches_full_forward(params, prompts):
+@pytest.mark.parametrize("block", [2, 8])
+def test_cached_decode_matches_full_forward(params, prompts, block):
+  """Prefill + decode steps (2 samples sharing each prompt cache) equal the full forward."""
   tokens, mask = prompts
   b, lp = tokens.shape
-  extra = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (b, 5), 3, CFG.vocab_size))
-  seq = np.concatenate([tokens, extra], 1)
-  seq_mask = np.concatenate([mask, np.ones_like(extra, bool)], 1)
+  g, steps = 2, 5
+  extra = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (b * g, steps), 3,
+                                        CFG.vocab_size))
+  seq = np.concatenate([np.repeat(tokens, g, 0), extra], 1)
+  seq_mask = np.concatenate([np.repeat(mask, g, 0), np.ones_like(extra, bool)], 1)
   full = np.asarray(T.logits(CFG, params, jnp.asarray(seq), jnp.asarray(seq_mask)))
-  total = seq.shape[1]
-  cache = T.init_cache(CFG, b, total)
   positions = T.positions_from_mask(jnp.asarray(seq_mask))
-  attn = jnp.pad(T.causal_mask(jnp.asarray(mask)), ((0, 0), (0, 0), (0, total - lp)))
-  hidden, cache = T.hidden_states(CFG, params, jnp.asarray(tokens), positions[:, :lp], attn,
-                                  cache=cache, cache_index=0)
-  got = [T.project(CFG, params, hidden)]
-  for t in range(lp, total):
-    attn = (jnp.arange(total)[None, None, :] <= t) & jnp.asarray(seq_mask)[:, None, :]
-    hidden, cache = T.hidden_states(CFG, params, jnp.asarray(seq[:, t:t + 1]),
-                                    positions[:, t:t + 1], attn, cache=cache, cache_index=t)
-    got.append(T.project(CFG, params, hidden))
-  got = np.asarray(jnp.concatenate(got, 1))
-  np.testing.assert_allclose(got[seq_mask], full[seq_mask], atol=2e-5, rtol=2e-5)
+  hidden, prompt_cache = T.prefill(CFG, params, jnp.asarray(tokens), jnp.asarray(mask))
+  prompt_logits = np.repeat(np.asarray(T.project(CFG, params, hidden)), g, 0)
+  np.testing.assert_allclose(prompt_logits[seq_mask[:, :lp]], full[:, :lp][seq_mask[:, :lp]],
+                             atol=2e-5, rtol=2e-5)
+  cache = T.init_response_cache(CFG, b * g, 8)
+  # Slots of blocks not yet written hold NaN: reading them would poison the output.
+  cache = jax.tree.map(lambda x: x.at[:, :, block:].set(jnp.nan), cache)
+  step = jax.jit(functools.partial(T.decode_step, CFG, block=block))
+  for t in range(steps):
+    if t % block == 0:  # the block about to be written starts clean
+      cache = jax.tree.map(lambda x: x.at[:, :, t:t + block].set(0.0), cache)
+    hidden, cache = step(params, jnp.asarray(seq[:, lp + t:lp + t + 1]),
+                         positions[:, lp + t:lp + t + 1], prompt_cache, jnp.asarray(mask),
+                         cache, jnp.int32(t))
+    np.testing.assert_allclose(np.asarray(T.project(CFG, params, hidden[:, 0])),
+                               full[:, lp + t], atol=2e-5, rtol=2e-5)
 
 
 def test_greedy_sampling_equals_repeated_argmax(params, prompts):

@@ -3,17 +3,22 @@
 RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP, optional
 RMSNorm on queries and keys (Qwen3), q/k/v biases (Qwen2.5), Llama 3.x RoPE scaling,
 tied or untied embeddings. Every parameter carries logical axis names (`embed`, `heads`,
-`kv_heads`, `head_dim`, `mlp`, `vocab`) that `mopd_jax.sharding` maps onto mesh axes.
+`kv_heads`, `head_dim`, `mlp`, `vocab`, and `layers` for the stacked per-layer axis) that
+`mopd_jax.sharding` maps onto mesh axes; activations and the KV cache carry
+`activation_*` / `cache_*` names, constrained when traced under `sharding.axis_rules`.
 
-Two entry points share one code path:
-- full-sequence forward (training, teacher scoring): `hidden_states(..., cache=None)`.
-- cached forward (sampling): `hidden_states(..., cache=cache, cache_index=i)` writes the
-  new keys/values into the cache at slots [i, i + T) and attends over the whole cache
-  under `attn_mask` [B, T, S] (S = cache length).
+Layers are stacked: every per-layer parameter has a leading `layers` axis of size
+num_layers (params["layers"]["attn"]["q_proj"]["kernel"] is [L, D, H, Dh]), and the stack
+runs under `nn.scan`, so compile time does not grow with depth. `remat_policy` names the
+`jax.checkpoint` policy of each layer in the backward pass.
 
-Padding convention: `attn_mask[b, q, k]` is True where query q may attend key k. Callers
-build it from a token mask with `causal_mask`; rows may be left- or right-padded, and
-`positions` (from `positions_from_mask`) make RoPE independent of the padding.
+Entry points:
+- `hidden_states(cfg, params, tokens, positions, token_mask)`: full-sequence causal
+  forward (training, teacher scoring); `token_mask` [B, L] is True on real tokens, rows
+  may be left- and right-padded, and `positions` (from `positions_from_mask`) make RoPE
+  independent of the padding. A dense bool mask [B, T, S] (`causal_mask`) is accepted for
+  arbitrary masks, but only the `naive` kind can use it.
+- `prefill` / `decode_step`: the sampler's cached forward (see `mopd_jax.sampling`).
 """
 
 from __future__ import annotations
@@ -21,11 +26,33 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mopd_jax import sharding
+from mopd_jax.models import attention as attention_lib
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable":
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+# Logical names of activations and of the KV cache (rules in `mopd_jax.sharding`).
+ACT_EMBED = ("activation_batch", "activation_length", "activation_embed")
+ACT_HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+ACT_KV_HEADS = ("activation_batch", "activation_length", "activation_kv_heads",
+                "activation_kv")
+ACT_MLP = ("activation_batch", "activation_length", "activation_mlp")
+ACT_VOCAB = ("activation_batch", "activation_length", "activation_vocab")
+CACHE = ("layers", "cache_batch", "cache_sequence", "cache_heads", "cache_kv")
 
 
 def dtype_from_name(name: str):
@@ -79,8 +106,12 @@ class ModelConfig:
   tie_embeddings: bool = True
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype of activations and matmuls
-  remat: bool = True  # rematerialise each block in the backward pass
+  # Per-layer jax.checkpoint policy in the backward pass ("none" = keep all activations).
+  remat_policy: str = "full"
   rope_scaling: Llama3RopeScaling | None = None
+  attention: str = "auto"  # see models.attention.KINDS
+  # Precision of float32 matmuls: "default" lets GPUs / TPUs use TF32 / bfloat16 passes.
+  matmul_precision: str = "default"
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "embed_dim", "num_heads",
@@ -96,11 +127,25 @@ class ModelConfig:
       raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}.")
     dtype_from_name(self.param_dtype)
     dtype_from_name(self.dtype)
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"model.remat_policy {self.remat_policy!r} is unknown; allowed: "
+                       f"{list(REMAT_POLICIES)}.")
+    if self.attention not in attention_lib.KINDS:
+      raise ValueError(f"model.attention {self.attention!r} is unknown; allowed: "
+                       f"{list(attention_lib.KINDS)}.")
+    if self.matmul_precision not in attention_lib.PRECISIONS:
+      raise ValueError(f"model.matmul_precision {self.matmul_precision!r} is unknown; "
+                       f"allowed: {list(attention_lib.PRECISIONS)}.")
     if isinstance(self.rope_scaling, dict):  # as read back from `dataclasses.asdict` JSON
       object.__setattr__(self, "rope_scaling", Llama3RopeScaling(**self.rope_scaling))
     if self.rope_scaling is not None and not isinstance(self.rope_scaling, Llama3RopeScaling):
       raise ValueError(
           f"model.rope_scaling must be None or a Llama3RopeScaling, got {self.rope_scaling!r}.")
+
+  @property
+  def precision(self):
+    """`jax.lax.Precision` of every matmul (None = the backend default)."""
+    return attention_lib.PRECISIONS[self.matmul_precision]
 
   @property
   def num_params(self) -> int:
@@ -121,7 +166,10 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
 
 
 def causal_mask(token_mask: jax.Array) -> jax.Array:
-  """bool [B, L, L]: query q attends key k iff k <= q and both are real tokens."""
+  """bool [B, L, L]: query q attends key k iff k <= q and both are real tokens.
+
+  O(B * L^2) bytes: for tests and arbitrary masks; the model itself takes `token_mask`.
+  """
   length = token_mask.shape[-1]
   causal = jnp.tril(jnp.ones((length, length), dtype=bool))
   return causal[None] & token_mask[:, None, :] & token_mask[:, :, None]
@@ -172,21 +220,33 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+  """Self-attention of one layer.
+
+  mode "full" / "prefill": `side` = (positions [B, T], mask) with mask the token mask
+  [B, T] (causal) or a dense bool mask [B, T, T]; returns (out, None), or for "prefill"
+  (out, (k, v) [B, T, K, Dh] after RoPE, for the prompt cache). mode "decode": `side` = (positions [N, 1], prompt_mask [B, Lp],
+  num_written), `cache` = this layer's prompt and response caches; returns (out, (k, v)
+  [N, K, Dh] of the current token).
+  """
+
   config: ModelConfig
+  mode: str = "full"
+  decode_block: int = 128
 
   @nn.compact
-  def __call__(self, x, positions, attn_mask, cache, cache_index):
+  def __call__(self, x, side, cache):
     cfg = self.config
     dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
 
     def proj(name, heads, head_axis):
       return nn.DenseGeneral(
           (heads, cfg.head_dim), use_bias=cfg.qkv_bias, dtype=dtype, param_dtype=pdtype,
-          kernel_init=_init(("embed", head_axis, "head_dim")),
+          precision=cfg.precision, kernel_init=_init(("embed", head_axis, "head_dim")),
           bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
                                                  (head_axis, "head_dim")),
           name=name)(x)
 
+    positions = side[0]
     q = proj("q_proj", cfg.num_heads, "heads")  # [B, T, H, Dh]
     k = proj("k_proj", cfg.num_kv_heads, "kv_heads")  # [B, T, K, Dh]
     v = proj("v_proj", cfg.num_kv_heads, "kv_heads")
@@ -195,30 +255,34 @@ class Attention(nn.Module):
       k = RMSNorm(cfg.norm_eps, pdtype, "head_dim", name="k_norm")(k)
     q = _apply_rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
     k = _apply_rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
+    q = sharding.constrain(q, ACT_HEADS)
+    k = sharding.constrain(k, ACT_KV_HEADS)
+    v = sharding.constrain(v, ACT_KV_HEADS)
 
-    new_cache = None
-    if cache is not None:
-      # Write this chunk's keys/values at [cache_index, cache_index + T) and attend
-      # over the whole cache; `attn_mask` hides unwritten and padding slots.
-      ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
-                                               cache_index, axis=1)
-      cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
-                                               cache_index, axis=1)
-      new_cache = {"k": ck, "v": cv}
-      k, v = ck.astype(dtype), cv.astype(dtype)
-
-    b, t, h, d = q.shape
-    groups = h // cfg.num_kv_heads
-    q = q.reshape(b, t, cfg.num_kv_heads, groups, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
-                        preferred_element_type=jnp.float32) * (d ** -0.5)
-    scores = jnp.where(attn_mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+    if self.mode == "decode":
+      _, prompt_mask, num_written = side
+      out = attention_lib.decode_attention(
+          q[:, 0], cache["prompt_k"].astype(dtype), cache["prompt_v"].astype(dtype),
+          prompt_mask, cache["response_k"].astype(dtype), cache["response_v"].astype(dtype),
+          num_written, k[:, 0], v[:, 0], block=self.decode_block, precision=cfg.precision)
+      out, new_kv = out[:, None], (k[:, 0], v[:, 0])
+    else:
+      mask = side[1]
+      if mask.ndim == 3:
+        if cfg.attention != "naive":
+          logging.info("A dense [B, T, S] attention mask was given: attention %r falls back "
+                       "to 'naive'; pass the token mask [B, L] to avoid it.", cfg.attention)
+        out = attention_lib.naive(q, k, v, mask, precision=cfg.precision)
+      else:
+        out = attention_lib.attention(q, k, v, mask, kind=cfg.attention, causal=True,
+                                      precision=cfg.precision)
+      new_kv = (k, v) if self.mode == "prefill" else None
+    out = sharding.constrain(out, ACT_HEADS)
     out = nn.DenseGeneral(
         cfg.embed_dim, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=pdtype,
-        kernel_init=_init(("heads", "head_dim", "embed")), name="o_proj")(out)
-    return out, new_cache
+        precision=cfg.precision, kernel_init=_init(("heads", "head_dim", "embed")),
+        name="o_proj")(out)
+    return out, new_kv
 
 
 class MLP(nn.Module):
@@ -229,54 +293,59 @@ class MLP(nn.Module):
     cfg = self.config
     dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
     dense = lambda feat, axes, name: nn.Dense(  # noqa: E731
-        feat, use_bias=False, dtype=dtype, param_dtype=pdtype,
+        feat, use_bias=False, dtype=dtype, param_dtype=pdtype, precision=cfg.precision,
         kernel_init=_init(axes), name=name)
     gate = dense(cfg.mlp_dim, ("embed", "mlp"), "gate_proj")(x)
     up = dense(cfg.mlp_dim, ("embed", "mlp"), "up_proj")(x)
-    return dense(cfg.embed_dim, ("mlp", "embed"), "down_proj")(nn.silu(gate) * up)
+    hidden = sharding.constrain(nn.silu(gate) * up, ACT_MLP)
+    return dense(cfg.embed_dim, ("mlp", "embed"), "down_proj")(hidden)
 
 
 class Block(nn.Module):
+  """One pre-norm layer; the scan body: (x, side, layer cache) -> (x, layer's new k/v)."""
+
   config: ModelConfig
+  mode: str = "full"
+  decode_block: int = 128
 
   @nn.compact
-  def __call__(self, x, positions, attn_mask, cache, cache_index):
+  def __call__(self, x, side, cache):
     cfg = self.config
     pdtype = dtype_from_name(cfg.param_dtype)
-    h, new_cache = Attention(cfg, name="attn")(
-        RMSNorm(cfg.norm_eps, pdtype, name="input_norm")(x),
-        positions, attn_mask, cache, cache_index)
+    h, new_kv = Attention(cfg, self.mode, self.decode_block, name="attn")(
+        RMSNorm(cfg.norm_eps, pdtype, name="input_norm")(x), side, cache)
     x = x + h
     x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, pdtype, name="post_attn_norm")(x))
-    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-    return x, new_cache
+    return sharding.constrain(x, ACT_EMBED), new_kv
 
 
 class Decoder(nn.Module):
-  """Returns final-normed hidden states [B, T, D] and the updated cache (or None)."""
+  """Returns final-normed hidden states [B, T, D] and the per-layer k/v stacked [L, ...]."""
 
   config: ModelConfig
+  mode: str = "full"
+  decode_block: int = 128
 
   @nn.compact
-  def __call__(self, tokens, positions, attn_mask, cache=None, cache_index=0):
+  def __call__(self, tokens, side, cache=None):
     cfg = self.config
     dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
     embedding = self.param("embedding", _init(("vocab", "embed"), cfg.embed_dim ** -0.5),
                            (cfg.vocab_size, cfg.embed_dim), pdtype)
-    x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+    x = sharding.constrain(jnp.take(embedding, tokens, axis=0).astype(dtype), ACT_EMBED)
     if not cfg.tie_embeddings:
       self.param("lm_head", _init(("embed", "vocab")), (cfg.embed_dim, cfg.vocab_size),
                  pdtype)
-    block_cls = nn.remat(Block, static_argnums=()) if cfg.remat else Block
-    new_cache = [] if cache is not None else None
-    for i in range(cfg.num_layers):
-      layer_cache = cache[i] if cache is not None else None
-      x, c = block_cls(cfg, name=f"layer_{i}")(x, positions, attn_mask, layer_cache,
-                                               cache_index)
-      if cache is not None:
-        new_cache.append(c)
+    block_cls = Block
+    policy = REMAT_POLICIES[cfg.remat_policy]
+    if cfg.remat_policy != "none" and self.mode == "full":  # only training differentiates
+      block_cls = nn.remat(Block, policy=policy, prevent_cse=False)
+    stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=(nn.broadcast, 0), length=cfg.num_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    x, new_kv = stack(cfg, self.mode, self.decode_block, name="layers")(x, side, cache)
     x = RMSNorm(cfg.norm_eps, pdtype, name="final_norm")(x)
-    return x, new_cache
+    return x, new_kv
 
 
 def init_params(config: ModelConfig, key: jax.Array):
@@ -286,8 +355,8 @@ def init_params(config: ModelConfig, key: jax.Array):
 
 def _init_boxed(config, key):
   tokens = jnp.zeros((1, 2), jnp.int32)
-  mask = causal_mask(jnp.ones((1, 2), bool))
-  return Decoder(config).init(key, tokens, positions_from_mask(mask[:, 0]), mask)["params"]
+  mask = jnp.ones((1, 2), bool)
+  return Decoder(config).init(key, tokens, (positions_from_mask(mask), mask))["params"]
 
 
 def param_logical_axes(config: ModelConfig):
@@ -296,11 +365,14 @@ def param_logical_axes(config: ModelConfig):
   return nn.get_partition_spec(boxed)
 
 
-def hidden_states(config, params, tokens, positions, attn_mask, cache=None,
-                  cache_index=0):
-  """tokens int32 [B, T] -> (hidden [B, T, D] in compute dtype, new cache or None)."""
-  return Decoder(config).apply({"params": params}, tokens, positions, attn_mask,
-                               cache, cache_index)
+def hidden_states(config, params, tokens, positions, token_mask):
+  """tokens int32 [B, T] -> (hidden [B, T, D] in compute dtype, None).
+
+  `token_mask` is bool [B, T] (causal attention over real tokens) or a dense bool mask
+  [B, T, T] (naive attention only).
+  """
+  token_mask = token_mask.astype(bool)
+  return Decoder(config).apply({"params": params}, tokens, (positions, token_mask))
 
 
 def lm_head(config: ModelConfig, params) -> jax.Array:
@@ -313,20 +385,63 @@ def lm_head(config: ModelConfig, params) -> jax.Array:
 def project(config, params, hidden) -> jax.Array:
   """float32 logits [..., V] from hidden states [..., D]."""
   head = lm_head(config, params).astype(hidden.dtype)
-  return jnp.einsum("...d,dv->...v", hidden, head, preferred_element_type=jnp.float32)
+  out = jnp.einsum("...d,dv->...v", hidden, head, precision=config.precision,
+                   preferred_element_type=jnp.float32)
+  if out.ndim == 3:
+    out = sharding.constrain(out, ACT_VOCAB)
+  return out
 
 
 def logits(model_config, params, tokens, attention_mask) -> jax.Array:
   """float32 logits [B, L, V] of a full forward; attention_mask bool/int [B, L]."""
   token_mask = attention_mask.astype(bool)
-  hidden, _ = hidden_states(model_config, params, tokens,
-                            positions_from_mask(token_mask), causal_mask(token_mask))
+  hidden, _ = hidden_states(model_config, params, tokens, positions_from_mask(token_mask),
+                            token_mask)
   return project(model_config, params, hidden)
 
 
-def init_cache(config: ModelConfig, batch: int, length: int, dtype=None):
-  """Per-layer {'k', 'v'} arrays [B, S, K, Dh], zero-filled."""
+def prefill(config, params, tokens, token_mask):
+  """Forward of left-padded prompts [B, Lp]; returns (hidden [B, Lp, D], prompt cache).
+
+  The prompt cache is {"k", "v"}: [L, B, Lp, K, Dh] in the compute dtype, named
+  ("layers", "cache_batch", "cache_sequence", "cache_heads", "cache_kv").
+  """
+  token_mask = token_mask.astype(bool)
+  hidden, (k, v) = Decoder(config, "prefill").apply(
+      {"params": params}, tokens, (positions_from_mask(token_mask), token_mask))
+  return hidden, {"k": sharding.constrain(k, CACHE), "v": sharding.constrain(v, CACHE)}
+
+
+def init_response_cache(config: ModelConfig, rows: int, length: int, dtype=None):
+  """Zero response cache {"k", "v"}: [L, rows, length, K, Dh] (compute dtype by default)."""
   dtype = dtype or dtype_from_name(config.dtype)
-  shape = (batch, length, config.num_kv_heads, config.head_dim)
-  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-          for _ in range(config.num_layers)]
+  shape = (config.num_layers, rows, length, config.num_kv_heads, config.head_dim)
+  zeros = sharding.constrain(jnp.zeros(shape, dtype), CACHE)
+  return {"k": zeros, "v": zeros}
+
+
+def decode_step(config, params, tokens, positions, prompt_cache, prompt_mask,
+                response_cache, num_written, *, block=128):
+  """One cached token for N = B*G rows (G samples per prompt share its prompt cache).
+
+  Args:
+    tokens, positions: int32 [N, 1], the current token and its RoPE position.
+    prompt_cache: from `prefill`, [L, B, Lp, K, Dh]; prompt_mask: bool [B, Lp].
+    response_cache: from `init_response_cache`, [L, N, Lr, K, Dh] with Lr a multiple of
+      `block`; slots [0, num_written) hold the earlier response tokens of each row.
+    num_written: int32 scalar; the current token is written at that slot.
+    block: response slots per read; the step reads ceil(num_written / block) blocks.
+
+  Returns:
+    (hidden [N, 1, D], response cache with the current token's keys/values written).
+  """
+  cache = {"prompt_k": prompt_cache["k"], "prompt_v": prompt_cache["v"],
+           "response_k": response_cache["k"], "response_v": response_cache["v"]}
+  hidden, (k, v) = Decoder(config, "decode", block).apply(
+      {"params": params}, tokens, (positions, prompt_mask.astype(bool), num_written), cache)
+
+  def write(buffer, new):  # new [L, N, K, Dh] -> slot num_written of [L, N, Lr, K, Dh]
+    new = new[:, :, None].astype(buffer.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(buffer, new, num_written, axis=2)
+
+  return hidden, {"k": write(response_cache["k"], k), "v": write(response_cache["v"], v)}

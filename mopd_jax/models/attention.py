@@ -1,0 +1,378 @@
+"""Dot-product attention behind one function, with interchangeable implementations.
+
+`attention(q, k, v, kv_mask, kind=...)` computes grouped-query attention of queries
+q [B, T, H, D] over keys/values k, v [B, S, K, D] (H a multiple of K). Masking is given
+without a dense [B, T, S] array:
+- `kv_mask` bool [B, S]: True on real keys (False on padding, left or right);
+- `q_offset`: query t sits at key slot `q_offset + t`; with `causal=True` it attends to
+  key slots <= its own. A full forward has q_offset = 0 and T = S.
+Each kind builds its own mask from these per block. Query rows that see no key at all (a
+left-padded row's padding) return zeros.
+
+Kinds:
+- `naive`: materialises float32 scores [B, H, T, S] (2*B*H*T*S*D FLOPs per matmul,
+  4*B*H*T*S bytes of scores); the test oracle.
+- `blockwise`: flash-style attention in pure JAX. Online softmax over key blocks inside a
+  `lax.scan`, query blocks in an outer scan, and a custom VJP that recomputes each block's
+  probabilities from the saved log-sum-exp, so neither pass holds more than one
+  [B, H, block_q, block_k] score block. Blocks wholly above the causal diagonal or wholly
+  padding are skipped with `lax.cond`. The portable default.
+- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` on GPU, for bfloat16 /
+  float16 inputs with head_dim <= 128 and a multiple of 8. Each row is shifted so that its
+  real tokens start at slot 0 (cuDNN takes right-padded lengths), which needs every row's
+  real tokens to be one contiguous run and T == S.
+- `auto`: `cudnn` where it applies, otherwise `blockwise`; logs when a GPU run falls back.
+
+`decode_attention` is the sampler's one-token step over a prompt cache shared by the G
+samples of each prompt plus the written blocks of a per-sample response cache.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+
+KINDS = ("auto", "naive", "blockwise", "cudnn")
+PRECISIONS = {
+    "default": None,
+    "high": jax.lax.Precision.HIGH,
+    "highest": jax.lax.Precision.HIGHEST,
+}
+DEFAULT_BLOCK = 512
+
+
+def check_kind(kind: str) -> None:
+  if kind not in KINDS:
+    raise ValueError(f"Unknown attention kind {kind!r}; allowed: {list(KINDS)}.")
+
+
+def precision_from_name(name: str):
+  if name not in PRECISIONS:
+    raise ValueError(f"Unknown matmul precision {name!r}; allowed: {list(PRECISIONS)}.")
+  return PRECISIONS[name]
+
+
+def _cudnn_unsupported_reason(q, k) -> str | None:
+  """Why cuDNN flash attention cannot run these inputs here, or None when it can."""
+  if jax.default_backend() != "gpu":
+    return f"it needs a GPU backend, and this one is {jax.default_backend()!r}"
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"it needs bfloat16 or float16 inputs, got {q.dtype}"
+  if q.shape[-1] > 128 or q.shape[-1] % 8:
+    return f"it needs head_dim <= 128 and a multiple of 8, got {q.shape[-1]}"
+  if q.shape[1] != k.shape[1]:
+    return f"it needs as many queries as keys here, got {q.shape[1]} and {k.shape[1]}"
+  return None
+
+
+def resolve_kind(kind: str, q, k) -> str:
+  """The implementation that `kind` means for these inputs on this backend."""
+  check_kind(kind)
+  if kind == "cudnn":
+    reason = _cudnn_unsupported_reason(q, k)
+    if reason is not None:
+      raise ValueError(
+          f"attention kind 'cudnn' cannot run: {reason}. Use attention='blockwise' (any "
+          f"backend) or 'auto' (cudnn where it applies, blockwise otherwise).")
+  if kind != "auto":
+    return kind
+  reason = _cudnn_unsupported_reason(q, k)
+  if reason is None:
+    return "cudnn"
+  if jax.default_backend() == "gpu":
+    logging.info("attention='auto' uses blockwise instead of cudnn: %s.", reason)
+  return "blockwise"
+
+
+def attention(q, k, v, kv_mask, *, kind="auto", causal=True, q_offset=0,
+              block_q=DEFAULT_BLOCK, block_k=DEFAULT_BLOCK, precision=None):
+  """Grouped-query attention; returns [B, T, H, D] in q.dtype (see the module docstring)."""
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads "
+                     f"({k.shape[2]}).")
+  kind = resolve_kind(kind, q, k)
+  kv_mask = kv_mask.astype(bool)
+  q_offset = jnp.asarray(q_offset, jnp.int32)
+  if kind == "naive":
+    return naive(q, k, v, dense_mask(kv_mask, q.shape[1], causal, q_offset),
+                 precision=precision)
+  if kind == "blockwise":
+    return blockwise(q, k, v, kv_mask, q_offset, causal=causal, block_q=block_q,
+                     block_k=block_k, precision=precision)
+  return _cudnn(q, k, v, kv_mask, causal=causal)
+
+
+def dense_mask(kv_mask, num_queries, causal, q_offset=0):
+  """bool [B, T, S]: query t attends key s (only for `naive`; O(B*T*S) bytes)."""
+  mask = kv_mask[:, None, :]
+  if causal:
+    q_slot = q_offset + jnp.arange(num_queries)[:, None]
+    mask = mask & (jnp.arange(kv_mask.shape[-1])[None, :] <= q_slot)[None]
+  return mask
+
+
+def naive(q, k, v, mask, *, precision=None):
+  """Materialised attention under a dense bool mask [B, T, S]; the reference."""
+  b, t, h, d = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, t, kh, h // kh, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, precision=precision,
+                      preferred_element_type=jnp.float32) * (d ** -0.5)
+  mask = mask[:, None, None]
+  scores = jnp.where(mask, scores, -jnp.inf)
+  row_max = jnp.max(scores, axis=-1, keepdims=True)
+  probs = jnp.exp(scores - jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+  denom = jnp.sum(probs, axis=-1, keepdims=True)
+  probs = probs / jnp.where(denom > 0, denom, 1.0)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, precision=precision,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Blockwise (flash-style) attention with a custom VJP.
+# Internal layout: q [B, K, G, T, D] (pre-scaled by 1/sqrt(D)), k/v [B, S, K, D].
+
+
+def _pad_to(x, axis, multiple, value=0):
+  pad = -x.shape[axis] % multiple
+  if not pad:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def blockwise(q, k, v, kv_mask, q_offset=0, *, causal=True, block_q=DEFAULT_BLOCK,
+              block_k=DEFAULT_BLOCK, precision=None):
+  """Flash-style attention; same contract as `attention(kind='blockwise')`.
+
+  Cost: the forward does the 4*B*H*T*S*D FLOPs of the two matmuls (less the skipped
+  blocks) and the backward recomputes the scores once (10*B*H*T*S*D in all). Memory beyond
+  inputs and outputs: one [B, H, block_q, block_k] float32 block, plus the float32
+  log-sum-exp [B, H, T] saved for the backward.
+  """
+  b, t, h, d = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  bq, bk = min(block_q, t), min(block_k, s)
+  qg = q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4) * jnp.asarray(
+      d ** -0.5, q.dtype)
+  qg = _pad_to(qg, 3, bq)
+  k, v = _pad_to(k, 1, bk), _pad_to(v, 1, bk)
+  kv_mask = _pad_to(kv_mask.astype(bool), 1, bk, False)
+  out = _flash(causal, bq, bk, precision, qg, k, v, kv_mask,
+               jnp.asarray(q_offset, jnp.int32))
+  return out[:, :, :, :t].transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def _block_needed(causal, q_offset, i, j, bq, bk, kvm_j):
+  """Whether key block j can be seen by any query of query block i."""
+  any_key = jnp.any(kvm_j)
+  if not causal:
+    return any_key
+  return any_key & (j * bk <= q_offset + i * bq + bq - 1)
+
+
+def _block_mask(causal, q_offset, i, j, bq, bk, kvm_j):
+  """bool [B, 1, 1, bq, bk] mask of one (query block, key block) pair."""
+  mask = kvm_j[:, None, None, None, :]
+  if causal:
+    q_slot = q_offset + i * bq + jnp.arange(bq)[:, None]
+    k_slot = j * bk + jnp.arange(bk)[None, :]
+    mask = mask & (k_slot <= q_slot)
+  return mask
+
+
+def _slice(x, axis, index, size):
+  return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis)
+
+
+def _flash_forward(causal, bq, bk, precision, q, k, v, kv_mask, q_offset):
+  """(out [B, K, G, Tp, D] in q.dtype, lse float32 [B, K, G, Tp])."""
+  b, kh, g, tp, d = q.shape
+  nq, nk = tp // bq, k.shape[1] // bk
+
+  def q_block(i):
+    q_i = _slice(q, 3, i, bq)
+
+    def k_step(carry, j):
+      m, l, acc = carry
+      k_j, v_j, kvm_j = _slice(k, 1, j, bk), _slice(v, 1, j, bk), _slice(kv_mask, 1, j, bk)
+
+      def update(carry):
+        m, l, acc = carry
+        scores = jnp.einsum("bkgqd,bskd->bkgqs", q_i, k_j, precision=precision,
+                            preferred_element_type=jnp.float32)
+        scores = jnp.where(_block_mask(causal, q_offset, i, j, bq, bk, kvm_j), scores,
+                           -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(scores - m_safe[..., None])
+        corr = jnp.exp(m - m_safe)
+        l = l * corr + jnp.sum(p, axis=-1)
+        acc = acc * corr[..., None] + jnp.einsum(
+            "bkgqs,bskd->bkgqd", p.astype(v.dtype), v_j, precision=precision,
+            preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+      needed = _block_needed(causal, q_offset, i, j, bq, bk, kvm_j)
+      return jax.lax.cond(needed, update, lambda c: c, carry), None
+
+    init = (jnp.full((b, kh, g, bq), -jnp.inf, jnp.float32),
+            jnp.zeros((b, kh, g, bq), jnp.float32),
+            jnp.zeros((b, kh, g, bq, d), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(k_step, init, jnp.arange(nk))
+    seen = l > 0
+    out = acc / jnp.where(seen, l, 1.0)[..., None]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+    return out.astype(q.dtype), lse
+
+  out, lse = jax.lax.map(q_block, jnp.arange(nq))  # [nq, B, K, G, bq, (D)]
+  out = jnp.moveaxis(out, 0, 3).reshape(b, kh, g, tp, d)
+  lse = jnp.moveaxis(lse, 0, 3).reshape(b, kh, g, tp)
+  return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _flash(causal, bq, bk, precision, q, k, v, kv_mask, q_offset):
+  return _flash_forward(causal, bq, bk, precision, q, k, v, kv_mask, q_offset)[0]
+
+
+def _flash_fwd(causal, bq, bk, precision, q, k, v, kv_mask, q_offset):
+  out, lse = _flash_forward(causal, bq, bk, precision, q, k, v, kv_mask, q_offset)
+  return out, (q, k, v, kv_mask, q_offset, out, lse)
+
+
+def _flash_bwd(causal, bq, bk, precision, residuals, d_out):
+  q, k, v, kv_mask, q_offset, out, lse = residuals
+  b, kh, g, tp, d = q.shape
+  nq, nk = tp // bq, k.shape[1] // bk
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  mm = functools.partial(jnp.einsum, precision=precision, preferred_element_type=jnp.float32)
+
+  def k_block(dq, j):
+    k_j, v_j, kvm_j = _slice(k, 1, j, bk), _slice(v, 1, j, bk), _slice(kv_mask, 1, j, bk)
+
+    def q_step(carry, i):
+      def grads(carry):
+        dk, dv = carry
+        q_i, do_i = _slice(q, 3, i, bq), _slice(d_out, 3, i, bq)
+        lse_i, delta_i = _slice(lse, 3, i, bq), _slice(delta, 3, i, bq)
+        scores = mm("bkgqd,bskd->bkgqs", q_i, k_j)
+        mask = _block_mask(causal, q_offset, i, j, bq, bk, kvm_j)
+        p = jnp.where(mask, jnp.exp(scores - lse_i[..., None]), 0.0)
+        dv = dv + mm("bkgqs,bkgqd->bskd", p.astype(do_i.dtype), do_i)
+        dp = mm("bkgqd,bskd->bkgqs", do_i, v_j)
+        ds = (p * (dp - delta_i[..., None])).astype(q.dtype)
+        dk = dk + mm("bkgqs,bkgqd->bskd", ds, q_i)
+        return (dk, dv), mm("bkgqs,bskd->bkgqd", ds, k_j)
+
+      def skip(carry):
+        return carry, jnp.zeros((b, kh, g, bq, d), jnp.float32)
+
+      needed = _block_needed(causal, q_offset, i, j, bq, bk, kvm_j)
+      return jax.lax.cond(needed, grads, skip, carry)
+
+    init = (jnp.zeros((b, bk, kh, d), jnp.float32), jnp.zeros((b, bk, kh, d), jnp.float32))
+    (dk, dv), dq_blocks = jax.lax.scan(q_step, init, jnp.arange(nq))
+    dq = dq + jnp.moveaxis(dq_blocks, 0, 3).reshape(b, kh, g, tp, d)
+    return dq, (dk, dv)
+
+  dq, (dk, dv) = jax.lax.scan(k_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))
+  dk = jnp.moveaxis(dk, 0, 1).reshape(k.shape)
+  dv = jnp.moveaxis(dv, 0, 1).reshape(v.shape)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ---------------------------------------------------------------------------------------
+# cuDNN.
+
+
+def _shift_rows(x, shift):
+  """Rolls each row of x [B, L, ...] left by shift [B] (row b: out[t] = x[t + shift])."""
+  length = x.shape[1]
+  index = (jnp.arange(length)[None, :] + shift[:, None]) % length
+  index = index.reshape(index.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
+def _cudnn(q, k, v, kv_mask, *, causal):
+  """cuDNN flash attention; rows' real tokens are moved to the front (right padding)."""
+  first = jnp.argmax(kv_mask, axis=1).astype(jnp.int32)
+  lengths = jnp.sum(kv_mask, axis=1, dtype=jnp.int32)
+  q, k, v = (_shift_rows(x, first) for x in (q, k, v))
+  out = jax.nn.dot_product_attention(
+      q, k, v, is_causal=causal, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+      implementation="cudnn")
+  out = _shift_rows(out, -first)
+  real = kv_mask[:, :, None, None]
+  return jnp.where(real, out, 0).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Sampler decode step.
+
+
+def decode_attention(q, prompt_k, prompt_v, prompt_mask, response_k, response_v,
+                     num_written, new_k, new_v, *, block=128, precision=None):
+  """One decode step of N = B*G rows, G samples per prompt.
+
+  Args:
+    q: [N, H, D] queries of the current token.
+    prompt_k, prompt_v: [B, Lp, K, D] prompt cache, shared by the G samples of a prompt.
+    prompt_mask: bool [B, Lp], True on real prompt tokens.
+    response_k, response_v: [N, Lr, K, D] response cache; slots [0, num_written) hold the
+      earlier response tokens; Lr is a multiple of `block`.
+    num_written: int32 scalar, response slots written so far (same for every row).
+    new_k, new_v: [N, K, D] keys/values of the current token (not yet in the cache).
+    block: response slots read per loop iteration; only ceil(num_written / block) blocks
+      are read, so the response part costs O(num_written), not O(Lr).
+
+  Returns:
+    [N, H, D] in q.dtype.
+  """
+  n, h, d = q.shape
+  b, lp, kh, _ = prompt_k.shape
+  g = n // b
+  qg = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, g, kh, h // kh, d)
+  mm = functools.partial(jnp.einsum, precision=precision, preferred_element_type=jnp.float32)
+
+  def merge(state, scores, values, eq):
+    """Online-softmax update with a block of scores [..., S] and values."""
+    m, l, acc = state
+    m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(scores - m_safe[..., None])
+    corr = jnp.exp(m - m_safe)
+    acc = acc * corr[..., None] + mm(eq, p.astype(values.dtype), values)
+    return m_new, l * corr + jnp.sum(p, axis=-1), acc
+
+  # The current token attends to itself: this starts every row's softmax.
+  self_scores = mm("bgkhd,bgkd->bgkh", qg, new_k.reshape(b, g, kh, d))
+  state = (self_scores, jnp.ones_like(self_scores),
+           new_v.reshape(b, g, kh, 1, d).astype(jnp.float32) * jnp.ones((h // kh, 1)))
+  # Prompt: one matmul against the shared cache.
+  scores = mm("bgkhd,bskd->bgkhs", qg, prompt_k)
+  scores = jnp.where(prompt_mask[:, None, None, None, :], scores, -jnp.inf)
+  state = merge(state, scores, prompt_v, "bgkhs,bskd->bgkhd")
+  # Response: only the blocks that hold written slots.
+  rk = response_k.reshape(b, g, -1, kh, d)
+  rv = response_v.reshape(b, g, -1, kh, d)
+
+  def response_block(j, state):
+    k_j = jax.lax.dynamic_slice_in_dim(rk, j * block, block, axis=2)
+    v_j = jax.lax.dynamic_slice_in_dim(rv, j * block, block, axis=2)
+    scores = mm("bgkhd,bgskd->bgkhs", qg, k_j)
+    written = j * block + jnp.arange(block) < num_written
+    scores = jnp.where(written, scores, -jnp.inf)
+    return merge(state, scores, v_j, "bgkhs,bgskd->bgkhd")
+
+  num_blocks = (num_written + block - 1) // block
+  m, l, acc = jax.lax.fori_loop(0, num_blocks, response_block, state)
+  return (acc / l[..., None]).reshape(n, h, d).astype(q.dtype)
