@@ -108,9 +108,16 @@ def references(checkpoints):
   return {family: _reference(d) for family, d in checkpoints.items()}
 
 
+def _load_highest(directory):
+  """Imported (config, params); float32 matmuls at full precision, as transformers on CPU
+  (GPUs would otherwise use TF32 and miss the tolerance)."""
+  config, params = hf_import.load(directory)
+  return dataclasses.replace(config, matmul_precision="highest"), params
+
+
 @pytest.fixture(scope="module")
 def imported(checkpoints):
-  return {family: hf_import.load(d) for family, d in checkpoints.items()}
+  return {family: _load_highest(d) for family, d in checkpoints.items()}
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +256,7 @@ def test_greedy_decoding_matches_transformers_generate(family, imported, referen
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_export_then_import_is_exact(family, imported, exported):
   config, params = imported[family]
-  config2, params2 = hf_import.load(exported[family])
+  config2, params2 = _load_highest(exported[family])
   assert config2 == config
   ours, theirs = _leaves(params), _leaves(params2)
   assert ours.keys() == theirs.keys()

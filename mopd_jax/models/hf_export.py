@@ -111,10 +111,11 @@ def config_to_hf(
   return hf_config
 
 
-def _leaf(params, path):
-  for key in path:
+def _leaf(params, spec):
+  """The part of our parameters that `spec` names (one layer of a stacked parameter)."""
+  for key in spec.path:
     params = params[key]
-  return params
+  return params if spec.layer is None else params[spec.layer]
 
 
 def _check_params(specs, params) -> None:
@@ -141,7 +142,7 @@ def _plan_shards(specs, params, itemsize: int, max_shard_bytes: int):
   """Groups tensor specs into shards of at most `max_shard_bytes` (a larger tensor alone)."""
   shards, current, current_bytes = [], [], 0
   for spec in specs:
-    size = _leaf(params, spec.path).size * itemsize
+    size = _leaf(params, spec).size * itemsize
     if current and current_bytes + size > max_shard_bytes:
       shards.append(current)
       current, current_bytes = [], 0
@@ -218,7 +219,7 @@ def save(
     )
     tensors = {}
     for spec in shard:
-      array = np.asarray(jax.device_get(_leaf(params, spec.path))).astype(np_dtype, copy=False)
+      array = np.asarray(jax.device_get(_leaf(params, spec))).astype(np_dtype, copy=False)
       tensors[spec.hf_name] = hf_import.to_hf(spec.layout, array)
       weight_map[spec.hf_name] = name
       total_bytes += array.nbytes

@@ -9,6 +9,8 @@ Layout of a Hugging Face linear layer `weight [out, in]` in ours:
 - q/k/v projections: kernel [embed, heads, head_dim] = weight.T reshaped; bias [heads, head_dim].
 - o projection: kernel [heads, head_dim, embed] = weight.T reshaped.
 - MLP and untied LM head: kernel = weight.T. Embedding and norm scales are unchanged.
+Per-layer tensors `model.layers.{i}.*` are stacked: they fill index i of the leading
+`layers` axis of our parameter (e.g. params["layers"]["attn"]["q_proj"]["kernel"][i]).
 
 The mapping table (`tensor_specs`) and the config translation are shared with `hf_export`.
 """
@@ -60,39 +62,39 @@ class TensorSpec:
   hf_name: str
   path: tuple[str, ...]  # keys into the nested parameter dict
   layout: str
+  layer: int | None = None  # index into the leading `layers` axis; None = not stacked
 
 
 def tensor_specs(config: transformer.ModelConfig) -> list[TensorSpec]:
   """Every checkpoint tensor of `config`, in the order Hugging Face writes them."""
   specs = [TensorSpec("model.embed_tokens.weight", ("embedding",), SAME)]
   for i in range(config.num_layers):
-    hf, ours = f"model.layers.{i}", f"layer_{i}"
+    hf = f"model.layers.{i}"
+
+    def add(name, path, layout, hf=hf, i=i):
+      specs.append(TensorSpec(f"{hf}.{name}", ("layers",) + path, layout, i))
+
     for proj in ("q_proj", "k_proj", "v_proj"):
-      specs.append(
-          TensorSpec(f"{hf}.self_attn.{proj}.weight", (ours, "attn", proj, "kernel"), HEADS_IN)
-      )
+      add(f"self_attn.{proj}.weight", ("attn", proj, "kernel"), HEADS_IN)
       if config.qkv_bias:
-        specs.append(
-            TensorSpec(f"{hf}.self_attn.{proj}.bias", (ours, "attn", proj, "bias"), HEADS_BIAS)
-        )
-    specs.append(
-        TensorSpec(f"{hf}.self_attn.o_proj.weight", (ours, "attn", "o_proj", "kernel"), HEADS_OUT)
-    )
+        add(f"self_attn.{proj}.bias", ("attn", proj, "bias"), HEADS_BIAS)
+    add("self_attn.o_proj.weight", ("attn", "o_proj", "kernel"), HEADS_OUT)
     if config.qk_norm:
       for norm in ("q_norm", "k_norm"):
-        specs.append(
-            TensorSpec(f"{hf}.self_attn.{norm}.weight", (ours, "attn", norm, "scale"), SAME)
-        )
+        add(f"self_attn.{norm}.weight", ("attn", norm, "scale"), SAME)
     for proj in ("gate_proj", "up_proj", "down_proj"):
-      specs.append(TensorSpec(f"{hf}.mlp.{proj}.weight", (ours, "mlp", proj, "kernel"), TRANSPOSE))
-    specs.append(TensorSpec(f"{hf}.input_layernorm.weight", (ours, "input_norm", "scale"), SAME))
-    specs.append(
-        TensorSpec(f"{hf}.post_attention_layernorm.weight", (ours, "post_attn_norm", "scale"), SAME)
-    )
+      add(f"mlp.{proj}.weight", ("mlp", proj, "kernel"), TRANSPOSE)
+    add("input_layernorm.weight", ("input_norm", "scale"), SAME)
+    add("post_attention_layernorm.weight", ("post_attn_norm", "scale"), SAME)
   specs.append(TensorSpec("model.norm.weight", ("final_norm", "scale"), SAME))
   if not config.tie_embeddings:
     specs.append(TensorSpec("lm_head.weight", ("lm_head",), TRANSPOSE))
   return specs
+
+
+def tensor_shape(spec: TensorSpec, param_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Shape of the part of our parameter that `spec` fills (one layer of a stacked one)."""
+  return tuple(param_shape[1:] if spec.layer is not None else param_shape)
 
 
 def hf_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -299,7 +301,7 @@ def _check_keys_and_shapes(specs, target_shapes, where, path: str, tie_embedding
     )
   for spec in specs:
     file, entry, _ = where[spec.hf_name]
-    want = hf_shape(spec.layout, target_shapes[spec.path])
+    want = hf_shape(spec.layout, tensor_shape(spec, target_shapes[spec.path]))
     if tuple(entry["shape"]) != want:
       raise ValueError(
           f"Tensor {spec.hf_name!r} in {file} has shape {tuple(entry['shape'])}, but config.json "
@@ -362,14 +364,29 @@ def load(path: str, *, dtype: str = "float32", mesh=None, rules=None):
   for spec in specs:
     specs_by_file.setdefault(where[spec.hf_name][0], []).append(spec)
 
-  params = {}
+  # Stacked parameters are assembled on the host one parameter at a time and placed on
+  # their devices once all their layers are read.
+  params, pending, layers_left = {}, {}, {}
+  for spec in specs:
+    if spec.layer is not None:
+      layers_left[spec.path] = layers_left.get(spec.path, 0) + 1
   for file, file_specs in specs_by_file.items():
     with safetensors.safe_open(file, framework="np") as handle:
       for spec in file_specs:
         _, entry, data_start = where[spec.hf_name]
         array = _read_tensor(handle, file, entry, data_start, spec.hf_name)
+        shape = target_shapes[spec.path]
         array = to_ours(
-            spec.layout, array.astype(target_dtype, copy=False), target_shapes[spec.path]
+            spec.layout, array.astype(target_dtype, copy=False), tensor_shape(spec, shape)
         )
-        _set_leaf(params, spec.path, jax.device_put(array, placement.get(spec.path)))
+        if spec.layer is None:
+          _set_leaf(params, spec.path, jax.device_put(array, placement.get(spec.path)))
+          continue
+        if spec.path not in pending:
+          pending[spec.path] = np.empty(shape, target_dtype)
+        pending[spec.path][spec.layer] = array
+        layers_left[spec.path] -= 1
+        if not layers_left[spec.path]:
+          stacked = pending.pop(spec.path)
+          _set_leaf(params, spec.path, jax.device_put(stacked, placement.get(spec.path)))
   return config, params
