@@ -42,7 +42,7 @@ from mopd_jax import peer_context, tokenizers
 from mopd_jax.data import demo_problems
 from mopd_jax.models import transformer
 
-VERSION = 2
+VERSION = 3  # 3: stacked per-layer parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,7 @@ def model_config(recipe: BaseRecipe, vocab_size: int) -> transformer.ModelConfig
       vocab_size=vocab_size, num_layers=recipe.num_layers, embed_dim=recipe.embed_dim,
       num_heads=recipe.num_heads, num_kv_heads=recipe.num_kv_heads,
       head_dim=recipe.head_dim, mlp_dim=recipe.mlp_dim, qk_norm=True,
-      tie_embeddings=True, rope_theta=10_000.0, remat=False)
+      tie_embeddings=True, rope_theta=10_000.0, remat_policy="none")
 
 
 def tokenizer_corpus() -> list[str]:

@@ -28,6 +28,7 @@ import ml_collections
 
 from mopd_jax import losses, peer_context, peer_controls, teacher
 from mopd_jax.data import source_splits, sources
+from mopd_jax.models import attention, transformer
 
 
 class ConfigError(ValueError):
@@ -141,7 +142,16 @@ class ModelSettings(_Section):
   dtype: str = knob("float32", _one_of(_DTYPES), "'float32' or 'bfloat16'",
                     "Compute dtype.")
   param_dtype: str = knob("float32", _one_of(_DTYPES), "'float32' or 'bfloat16'")
-  remat: bool = knob(True, _bool, "True or False")
+  remat_policy: str = knob(
+      "full", _one_of(tuple(transformer.REMAT_POLICIES)),
+      f"one of {list(transformer.REMAT_POLICIES)}",
+      "jax.checkpoint policy of each layer in the backward pass ('none' = no remat).")
+  attention: str = knob("auto", _one_of(attention.KINDS), f"one of {list(attention.KINDS)}",
+                        "Attention implementation (auto: cudnn on GPU where it applies, "
+                        "else blockwise).")
+  matmul_precision: str = knob(
+      "default", _one_of(tuple(attention.PRECISIONS)), f"one of {list(attention.PRECISIONS)}",
+      "Precision of float32 matmuls ('highest' = no TF32 / bfloat16 passes on GPU / TPU).")
 
   def check(self):
     if self.checkpoint is None:

@@ -5,10 +5,8 @@ one ordered rule list maps each name to a mesh axis (or to None = replicated). B
 are split over ('data', 'fsdp'). Teacher parameters use the student's rules.
 
 Activations and the KV cache carry their own logical names (`activation_*`, `cache_*`).
-`constrain` turns them into sharding constraints only while a function is traced inside
-`axis_rules(mesh, rules)`; outside it, it returns its input. Because jit caches traces,
-a function must be traced (first called or lowered) inside the context for the
-constraints to act.
+`constrain` turns them into sharding constraints while a function is traced under a
+context mesh, which `axis_rules(mesh, rules)` sets; without one it returns its input.
 """
 
 from __future__ import annotations
@@ -122,25 +120,38 @@ def batch_divisor(mesh: Mesh) -> int:
 
 @contextlib.contextmanager
 def axis_rules(mesh: Mesh, rules=DEFAULT_RULES):
-  """Within this context, `constrain` shards activations over `mesh` by `rules`."""
-  token = _ACTIVE_RULES.set((mesh, tuple(rules)))
+  """Sets `mesh` as JAX's context mesh (`jax.set_mesh`) and `rules` for `constrain`.
+
+  Functions traced inside get their activation and KV-cache sharding constraints. The
+  context mesh is part of JAX's trace-cache key, so a function traced before outside the
+  context is traced again inside it (the rule list is not: use one rule list per mesh).
+  """
+  token = _ACTIVE_RULES.set(tuple(rules))
   try:
-    yield
+    with jax.set_mesh(mesh):
+      yield
   finally:
     _ACTIVE_RULES.reset(token)
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint of `x` from logical axis names, under `axis_rules`.
+  """Sharding constraint of `x` from logical axis names while a context mesh is set.
 
-  Outside `axis_rules` it returns `x`. A dimension that its mesh axes do not divide (e.g.
+  Without a context mesh (see `axis_rules`) it returns `x`. Rules are those of
+  `axis_rules`, else `DEFAULT_RULES`. A dimension that its mesh axes do not divide (e.g.
   2 key/value heads over a tensor axis of 4) stays replicated rather than failing.
   """
-  active = _ACTIVE_RULES.get()
-  if active is None:
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
     return x
-  mesh, rules = active
+  rules = _ACTIVE_RULES.get() or DEFAULT_RULES
   spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
-  spec = P(*(axis if dim % _axis_size(mesh, axis) == 0 else None
-             for dim, axis in zip(x.shape, tuple(spec))))
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  def usable(dim, axis):
+    axes = () if axis is None else axis if isinstance(axis, tuple) else (axis,)
+    if any(a not in mesh.axis_names for a in axes):
+      return None
+    return axis if dim % math.prod(mesh.shape[a] for a in axes) == 0 else None
+
+  spec = P(*(usable(dim, axis) for dim, axis in zip(x.shape, tuple(spec))))
+  return jax.lax.with_sharding_constraint(x, spec)

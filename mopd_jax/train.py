@@ -201,7 +201,9 @@ def _load_external_teacher(st: settings.Settings, mesh, student_cfg):
         f"The external teacher's vocabulary ({teacher_cfg.vocab_size} tokens, "
         f"{st.teacher.checkpoint}) differs from the student's "
         f"({student_cfg.vocab_size} tokens): teacher and student must share a vocabulary.")
-  return dataclasses.replace(teacher_cfg, dtype=st.model.dtype, remat=False), params
+  return dataclasses.replace(teacher_cfg, dtype=st.model.dtype, remat_policy="none",
+                             attention=st.model.attention,
+                             matmul_precision=st.model.matmul_precision), params
 
 
 def domain_score_batch(domain: str, vs: settings.VerifierSettings):
@@ -249,7 +251,9 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
   base_cfg, base_params, tok, cache_dir, spm_path = _load_model(st, mesh)
   model_cfg = dataclasses.replace(base_cfg, dtype=st.model.dtype,
                                   param_dtype=st.model.param_dtype,
-                                  remat=st.model.remat)
+                                  remat_policy=st.model.remat_policy,
+                                  attention=st.model.attention,
+                                  matmul_precision=st.model.matmul_precision)
   teacher_cfg, teacher_params = _load_external_teacher(st, mesh, model_cfg)
 
   # ---------------------------------------------------------------- Data.

@@ -57,7 +57,7 @@ def test_step_on_eight_devices_matches_one_device(tiny_base_dir):
   assert eight["num_devices"] == 8
   # Parameters are really split: embedding over (tensor, fsdp), MLP over tensor.
   assert eight["shardings"]["['embedding']"] == ["tensor", "fsdp"]
-  assert "tensor" in eight["shardings"]["['layer_0']['mlp']['up_proj']['kernel']"]
+  assert "tensor" in eight["shardings"]["['layers']['mlp']['up_proj']['kernel']"]
   # Each row is verified once: 16 rows per step, in 4 shards of 4 (not 8 calls).
   assert eight["rows_seen"] == [4, 4, 4, 4] * 2
   assert one["rows_seen"] == [16, 16]

@@ -1,0 +1,222 @@
+"""Attention kinds against the naive oracle (itself against float64 numpy); scanned layers."""
+
+import dataclasses
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mopd_jax import sharding
+from mopd_jax.models import attention as A
+from mopd_jax.models import transformer as T
+
+B, T_LEN, H, K, D = 3, 21, 4, 2, 8
+
+
+def _inputs(seed, t=T_LEN, s=T_LEN):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+  q = jax.random.normal(ks[0], (B, t, H, D))
+  k = jax.random.normal(ks[1], (B, s, K, D))
+  v = jax.random.normal(ks[2], (B, s, K, D))
+  return q, k, v
+
+
+def _teacher_like_mask(s=T_LEN):
+  """Left-padded prompts of different lengths, then responses right-padded after EOS."""
+  index = np.arange(s)[None]
+  start = np.array([[0], [6], [13]])  # left padding
+  end = np.array([[s], [s - 4], [s - 1]])  # right padding
+  return jnp.asarray((index >= start) & (index < end))
+
+
+def _numpy_reference(q, k, v, mask):
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  g = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+  scores = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+  scores = np.where(np.asarray(mask)[:, None], scores, -np.inf)
+  out = np.zeros(q.shape)
+  for b in range(q.shape[0]):
+    for h in range(q.shape[2]):
+      for t in range(q.shape[1]):
+        row = scores[b, h, t]
+        if np.isfinite(row).any():
+          p = np.exp(row - row.max())
+          out[b, t, h] = (p / p.sum()) @ v[b, :, h]
+  return out
+
+
+def test_naive_matches_float64_numpy():
+  q, k, v = _inputs(0)
+  kv_mask = _teacher_like_mask()
+  mask = A.dense_mask(kv_mask, T_LEN, causal=True)
+  got = A.attention(q, k, v, kv_mask, kind="naive")
+  np.testing.assert_allclose(got, _numpy_reference(q, k, v, mask), atol=2e-6)
+  assert not np.asarray(got)[1, :6].any()  # left padding sees no key: zeros
+
+
+def _loss_and_grads(kind, q, k, v, kv_mask, **kw):
+  out_mask = kv_mask[:, :q.shape[1], None, None] if q.shape[1] == k.shape[1] else 1.0
+
+  def loss(q, k, v):
+    out = A.attention(q, k, v, kv_mask, kind=kind, **kw)
+    return jnp.sum(jnp.sin(out) * out_mask), out
+
+  (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  return out, grads
+
+
+@pytest.mark.parametrize("blocks", [(4, 8), (8, 5), (32, 32)])
+def test_blockwise_matches_naive_values_and_gradients(blocks):
+  q, k, v = _inputs(1)
+  kv_mask = _teacher_like_mask()
+  ref, ref_grads = _loss_and_grads("naive", q, k, v, kv_mask)
+  got, grads = _loss_and_grads("blockwise", q, k, v, kv_mask, block_q=blocks[0],
+                               block_k=blocks[1])
+  np.testing.assert_allclose(got, ref, atol=1e-5)
+  for name, a, b in zip("qkv", grads, ref_grads):
+    assert np.abs(np.asarray(b)).max() > 1e-2, name  # the gradient is not trivially zero
+    np.testing.assert_allclose(a, b, atol=2e-5, err_msg=name)
+
+
+def test_blockwise_with_query_offset_and_without_causality():
+  """Queries as the last 7 slots of 21 keys (chunked prefill), and a non-causal case."""
+  q, k, v = _inputs(2, t=7)
+  kv_mask = _teacher_like_mask()
+  for causal in (True, False):
+    ref, ref_grads = _loss_and_grads("naive", q, k, v, kv_mask, causal=causal, q_offset=14)
+    got, grads = _loss_and_grads("blockwise", q, k, v, kv_mask, causal=causal, q_offset=14,
+                                 block_q=4, block_k=4)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+      np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_blockwise_bfloat16_tracks_float32():
+  q, k, v = _inputs(3)
+  kv_mask = _teacher_like_mask()
+  ref = A.attention(q, k, v, kv_mask, kind="naive")
+  got = A.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), kv_mask, kind="blockwise",
+                    block_q=8, block_k=8)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), ref, atol=5e-2)
+
+
+def test_kind_errors_name_the_value():
+  q, k, v = _inputs(0)
+  mask = jnp.ones((B, T_LEN), bool)
+  with pytest.raises(ValueError, match=r"'flash'.*'auto', 'naive', 'blockwise', 'cudnn'"):
+    A.attention(q, k, v, mask, kind="flash")
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match=r"'cudnn' cannot run: it needs a GPU.*blockwise"):
+      A.attention(q, k, v, mask, kind="cudnn")
+    assert A.resolve_kind("auto", q, k) == "blockwise"
+  with pytest.raises(ValueError, match=r"model.attention 'flash'.*allowed"):
+    T.ModelConfig(vocab_size=8, num_layers=1, embed_dim=8, num_heads=2, num_kv_heads=2,
+                  head_dim=4, mlp_dim=8, attention="flash")
+  with pytest.raises(ValueError, match=r"model.matmul_precision 'fp32'.*'highest'"):
+    T.ModelConfig(vocab_size=8, num_layers=1, embed_dim=8, num_heads=2, num_kv_heads=2,
+                  head_dim=4, mlp_dim=8, matmul_precision="fp32")
+  with pytest.raises(ValueError, match=r"model.remat_policy 'some'.*dots_saveable"):
+    T.ModelConfig(vocab_size=8, num_layers=1, embed_dim=8, num_heads=2, num_kv_heads=2,
+                  head_dim=4, mlp_dim=8, remat_policy="some")
+
+
+# ------------------------------------------------------------------------- In the model.
+
+CFG = T.ModelConfig(vocab_size=53, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
+                    head_dim=8, mlp_dim=48, qk_norm=True, attention="naive",
+                    remat_policy="none")
+
+
+@pytest.fixture(scope="module")
+def params():
+  return T.init_params(CFG, jax.random.PRNGKey(0))
+
+
+def _model_loss(cfg):
+  tokens = jax.random.randint(jax.random.PRNGKey(4), (B, T_LEN), 0, CFG.vocab_size)
+  mask = _teacher_like_mask()
+
+  def loss(p):
+    logits = T.logits(cfg, p, tokens, mask)
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * mask), logits
+
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+def test_model_kinds_and_remat_policies_agree(params):
+  (_, ref), ref_grads = _model_loss(CFG)(params)
+  for attention, policy in (("blockwise", "full"), ("auto", "dots_saveable"),
+                            ("naive", "nothing_saveable")):
+    cfg = dataclasses.replace(CFG, attention=attention, remat_policy=policy)
+    (_, got), grads = _model_loss(cfg)(params)
+    mask = np.asarray(_teacher_like_mask())
+    np.testing.assert_allclose(np.asarray(got)[mask], np.asarray(ref)[mask], atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, ref_grads)
+
+
+def test_dense_mask_equals_token_mask(params):
+  tokens = jax.random.randint(jax.random.PRNGKey(5), (B, T_LEN), 0, CFG.vocab_size)
+  mask = _teacher_like_mask()
+  positions = T.positions_from_mask(mask)
+  cfg = dataclasses.replace(CFG, attention="blockwise")
+  dense, _ = T.hidden_states(cfg, params, tokens, positions, T.causal_mask(mask))
+  token, _ = T.hidden_states(cfg, params, tokens, positions, mask)
+  np.testing.assert_allclose(np.asarray(dense)[mask], np.asarray(token)[mask], atol=1e-5)
+
+
+def _dot_precisions(jaxpr):
+  """The `precision` of every dot_general in a jaxpr, sub-jaxprs (scan, remat) included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.append(eqn.params["precision"])
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      found += _dot_precisions(sub)
+  return found
+
+
+def _count_eqns(jaxpr):
+  return sum(1 + sum(_count_eqns(sub) for sub in jax.extend.core.jaxprs_in_params(e.params))
+             for e in jaxpr.eqns)
+
+
+def test_matmul_precision_reaches_every_matmul(params):
+  tokens, mask = jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), bool)
+  highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+  for name in ("highest", "default"):
+    cfg = dataclasses.replace(CFG, matmul_precision=name, attention="blockwise")
+    loss = lambda p: T.logits(cfg, p, tokens, mask).sum()  # noqa: E731  pylint: disable=cell-var-from-loop
+    found = _dot_precisions(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    assert len(found) >= 20  # forward and backward of projections, attention, MLP, head
+    assert all((p == highest) if name == "highest" else p is None for p in found), found
+
+
+def test_layers_are_scanned_so_the_program_does_not_grow_with_depth(params):
+  tokens, mask = jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), bool)
+
+  def size(layers):
+    cfg = dataclasses.replace(CFG, num_layers=layers, remat_policy="full")
+    p = jax.eval_shape(lambda: T.init_params(cfg, jax.random.PRNGKey(0)))
+    grad = jax.grad(lambda p: T.logits(cfg, p, tokens, mask).sum())
+    return _count_eqns(jax.make_jaxpr(grad)(p).jaxpr)
+
+  assert size(2) == size(12)
+  assert params["layers"]["attn"]["q_proj"]["kernel"].shape == (2, 32, 4, 8)
+  axes = T.param_logical_axes(CFG)
+  assert tuple(axes["layers"]["mlp"]["up_proj"]["kernel"]) == ("layers", "embed", "mlp")
+
+
+def test_activation_constraints_act_only_under_axis_rules(params):
+  tokens, mask = jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), bool)
+  fn = lambda p: T.logits(CFG, p, tokens, mask)  # noqa: E731
+  count = lambda: str(jax.make_jaxpr(fn)(params)).count("sharding_constraint")  # noqa: E731
+  assert count() == 0
+  with sharding.axis_rules(sharding.make_mesh((1, 1, -1), jax.devices()[:1])):
+    # Embedding, per layer (inside the scan, counted once): q, k, v, attention output, MLP
+    # hidden, residual; logits.
+    assert count() == 8
+  assert count() == 0  # traced again outside: the context mesh is part of the cache key
