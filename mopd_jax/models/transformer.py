@@ -384,8 +384,12 @@ def lm_head(config: ModelConfig, params) -> jax.Array:
 
 def project(config, params, hidden) -> jax.Array:
   """float32 logits [..., V] from hidden states [..., D]."""
-  head = lm_head(config, params).astype(hidden.dtype)
-  out = jnp.einsum("...d,dv->...v", hidden, head, precision=config.precision,
+  # A tied head contracts the embedding [V, D] directly, not a transposed copy of it.
+  if config.tie_embeddings:
+    equation, head = "...d,vd->...v", params["embedding"]
+  else:
+    equation, head = "...d,dv->...v", params["lm_head"]
+  out = jnp.einsum(equation, hidden, head.astype(hidden.dtype), precision=config.precision,
                    preferred_element_type=jnp.float32)
   if out.ndim == 3:
     out = sharding.constrain(out, ACT_VOCAB)
