@@ -6,8 +6,8 @@ A random Qwen3-shaped model (d512, 8 layers, 8 query / 4 key-value heads of 64, 
 vocabulary 32,000, float32) is built and saved by transformers, loaded by `hf_import`, and
 both sides sample 128 new tokens (temperature 1, no top-k / top-p, no early stop) for a
 batch of 16 prompts of 32 tokens. Each side runs once to warm up (our side: compile), then
-`--repeats` times; the median is reported. Prints one JSON line with tokens per second of
-both sides and their ratio.
+both run `--repeats` times, alternating, and the medians are reported. Prints one JSON
+line with tokens per second of both sides and their ratio.
 
 Expected cost per new token and row: 2 * 41M FLOPs (weights, LM head included), and every
 step reads all 164 MB of float32 weights once for the whole batch, so at batch 16 both
@@ -35,17 +35,22 @@ SHAPE = dict(vocab_size=32_000, hidden_size=512, num_hidden_layers=8, num_attent
              tie_word_embeddings=True)
 
 
-def _timed(fn, repeats):
-  """(seconds of the warm-up call, median seconds of `repeats` later calls)."""
-  start = time.perf_counter()
-  fn()
-  warmup = time.perf_counter() - start
-  times = []
-  for _ in range(repeats):
+def _timed_side_by_side(fns, repeats):
+  """Per function: (seconds of its first call, median seconds of `repeats` later calls).
+
+  The later calls alternate between the functions, so that both see the same machine load.
+  """
+  first, times = [], [[] for _ in fns]
+  for fn in fns:
     start = time.perf_counter()
     fn()
-    times.append(time.perf_counter() - start)
-  return warmup, statistics.median(times)
+    first.append(time.perf_counter() - start)
+  for _ in range(repeats):
+    for fn, record in zip(fns, times):
+      start = time.perf_counter()
+      fn()
+      record.append(time.perf_counter() - start)
+  return [(f, statistics.median(t)) for f, t in zip(first, times)]
 
 
 def main():
@@ -85,8 +90,8 @@ def main():
           min_new_tokens=new, eos_token_id=None, pad_token_id=0)
     assert out.shape == (args.batch, args.prompt_len + new)
 
-  ours_warmup, ours_s = _timed(ours, args.repeats)
-  theirs_warmup, theirs_s = _timed(theirs, args.repeats)
+  (ours_warmup, ours_s), (theirs_warmup, theirs_s) = _timed_side_by_side(
+      (ours, theirs), args.repeats)
   tokens = args.batch * new
   print(json.dumps({
       "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": new,

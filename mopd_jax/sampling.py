@@ -2,9 +2,9 @@
 
 Layout. Prompts are LEFT-padded to a common length Lp (`prompt_mask` True on real
 tokens), so every row's last prompt token sits at index Lp - 1. The cache has two parts:
-- the prompt cache [L, B, Lp, K, Dh], written once by the prefill and read by all G
+- the prompt cache [L, B, K, Lp, Dh], written once by the prefill and read by all G
   samples of its prompt (no G-fold copy);
-- the response cache [L, B*G, Lr', K, Dh] (Lr' = Lr rounded up to `decode_block`),
+- the response cache [L, B*G, K, Lr', Dh] (Lr' = Lr rounded up to `decode_block`),
   where every row writes its t-th response token at slot t.
 A decode step attends to the real prompt slots, to the response blocks that hold
 written slots (ceil(t / decode_block) blocks, read with `dynamic_slice`), and to the
@@ -45,7 +45,7 @@ class _LoopState:
   logprobs: jax.Array
   done: jax.Array
   lengths: jax.Array
-  cache: dict  # response cache {"k", "v"} [L, N, Lr', K, Dh]
+  cache: dict  # response cache {"k", "v"} [L, N, K, Lr', Dh]
 
 
 def filter_logits(logits, *, top_k: int, top_p: float):
@@ -63,6 +63,36 @@ def filter_logits(logits, *, top_k: int, top_p: float):
     threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < threshold, neg, logits)
   return logits
+
+
+def _first_above(cumulative, threshold, weights):
+  """Index of the first entry of `cumulative` [N, M] above `threshold` [N]; the last
+  entry of positive weight when rounding leaves none above it."""
+  above = cumulative > threshold[:, None]
+  last_positive = weights.shape[-1] - 1 - jnp.argmax(weights[:, ::-1] > 0, axis=-1)
+  return jnp.where(jnp.any(above, axis=-1), jnp.argmax(above, axis=-1), last_positive)
+
+
+def sample_categorical(key, logits, block: int = 128):
+  """One token per row of logits [N, V] (-inf or float min = excluded), by inverse CDF.
+
+  Draws one uniform per row and walks two short cumulative sums (over the V / block
+  block masses, then within the chosen block): O(N * V) exps and adds and N random
+  numbers, where `jax.random.categorical` draws N * V Gumbel variates (on CPU the
+  random-bit generation of a 32k vocabulary dominated a decode step). A token of zero
+  probability is never chosen.
+  """
+  n, v = logits.shape
+  probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  probs = jnp.pad(probs, ((0, 0), (0, -v % block))).reshape(n, -1, block)
+  block_mass = jnp.sum(probs, axis=-1)  # [N, V / block]
+  block_cdf = jnp.cumsum(block_mass, axis=-1)
+  target = jax.random.uniform(key, (n,)) * block_cdf[:, -1]
+  b = _first_above(block_cdf, target, block_mass)
+  take = lambda x: jnp.take_along_axis(x, b[:, None], axis=1)[:, 0]  # noqa: E731
+  rest = target - (take(block_cdf) - take(block_mass))  # mass to cover inside block b
+  in_block = jnp.take_along_axis(probs, b[:, None, None], axis=1)[:, 0]  # [N, block]
+  return b * block + _first_above(jnp.cumsum(in_block, axis=-1), rest, in_block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,14 +130,14 @@ class Sampler:
     """logits float32 [N, V] -> (token [N], log-prob [N])."""
     temp = self.temperature if self.temperature > 0 else 1.0
     scaled = logits / temp
-    logp_all = jax.nn.log_softmax(scaled, axis=-1)
     if self.temperature == 0:
       token = jnp.argmax(logits, axis=-1)
     else:
-      filtered = filter_logits(scaled, top_k=self.top_k, top_p=self.top_p)
-      token = jax.random.categorical(key, filtered, axis=-1)
+      token = sample_categorical(key, filter_logits(scaled, top_k=self.top_k, top_p=self.top_p))
     token = token.astype(jnp.int32)
-    return token, jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
+    logp = (jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0]
+            - jax.nn.logsumexp(scaled, axis=-1))
+    return token, logp
 
   def _is_stop(self, token):
     return jnp.isin(token, jnp.asarray(self.stop_ids, jnp.int32))

@@ -189,8 +189,8 @@ def test_matmul_precision_reaches_every_matmul(params):
   highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
   for name in ("highest", "default"):
     cfg = dataclasses.replace(CFG, matmul_precision=name, attention="blockwise")
-    loss = lambda p: T.logits(cfg, p, tokens, mask).sum()  # noqa: E731  pylint: disable=cell-var-from-loop
-    found = _dot_precisions(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    grad = jax.grad(lambda p, c=cfg: T.logits(c, p, tokens, mask).sum())
+    found = _dot_precisions(jax.make_jaxpr(grad)(params).jaxpr)
     assert len(found) >= 20  # forward and backward of projections, attention, MLP, head
     assert all((p == highest) if name == "highest" else p is None for p in found), found
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mopd_jax.models import transformer as T
-from mopd_jax.sampling import Sampler, filter_logits
+from mopd_jax.sampling import Sampler, filter_logits, sample_categorical
 
 CFG = T.ModelConfig(vocab_size=61, num_layers=2, embed_dim=32, num_heads=4,
                     num_kv_heads=2, head_dim=8, mlp_dim=64, qk_norm=True,
@@ -35,9 +35,16 @@ def prompts():
   return tokens, mask
 
 
+_WIDTH = 24  # every brute-force forward is right-padded to this width: one compilation
+_logits = jax.jit(T.logits, static_argnums=0)
+
+
 def _full_logits(params, seq):
-  seq = jnp.asarray([seq], jnp.int32)
-  return np.asarray(T.logits(CFG, params, seq, jnp.ones_like(seq, bool))[0])
+  """Logits [len(seq), V] of one unpadded sequence (right padding changes no earlier one)."""
+  tokens = np.zeros((1, _WIDTH), np.int32)
+  tokens[0, :len(seq)] = seq
+  mask = np.arange(_WIDTH)[None] < len(seq)
+  return np.asarray(_logits(CFG, params, tokens, mask)[0, :len(seq)])
 
 
 def test_param_count_and_axes(params):
@@ -76,11 +83,11 @@ def test_cached_decode_matches_full_forward(params, prompts, block):
                              atol=2e-5, rtol=2e-5)
   cache = T.init_response_cache(CFG, b * g, 8)
   # Slots of blocks not yet written hold NaN: reading them would poison the output.
-  cache = jax.tree.map(lambda x: x.at[:, :, block:].set(jnp.nan), cache)
+  cache = jax.tree.map(lambda x: x.at[:, :, :, block:].set(jnp.nan), cache)
   step = jax.jit(functools.partial(T.decode_step, CFG, block=block))
   for t in range(steps):
     if t % block == 0:  # the block about to be written starts clean
-      cache = jax.tree.map(lambda x: x.at[:, :, t:t + block].set(0.0), cache)
+      cache = jax.tree.map(lambda x: x.at[:, :, :, t:t + block].set(0.0), cache)
     hidden, cache = step(params, jnp.asarray(seq[:, lp + t:lp + t + 1]),
                          positions[:, lp + t:lp + t + 1], prompt_cache, jnp.asarray(mask),
                          cache, jnp.int32(t))
@@ -142,6 +149,21 @@ def test_early_exit_when_all_rows_stop(params, prompts):
   out = jax.device_get(jax.jit(sampler.__call__)(params, tokens, mask, jax.random.PRNGKey(0)))
   assert (out.lengths == 1).all() and out.finished.all()
   assert (out.tokens[:, 1:] == 0).all()
+
+
+def test_sample_categorical_frequencies_match_softmax():
+  """300 tokens (3 blocks of 128, the last padded); excluded tokens are never drawn."""
+  logits = 2.0 * jax.random.normal(jax.random.PRNGKey(7), (300,))
+  logits = logits.at[::7].set(jnp.finfo(jnp.float32).min).at[1].set(-jnp.inf)
+  draws = 200_000
+  tokens = sample_categorical(jax.random.PRNGKey(8), jnp.broadcast_to(logits, (draws, 300)))
+  counts = np.bincount(np.asarray(tokens), minlength=300)
+  assert counts.shape == (300,)
+  probs = np.asarray(jax.nn.softmax(logits))
+  assert counts[::7].sum() == 0 and counts[1] == 0
+  # Binomial standard error per token; 5 sigma over 300 tokens.
+  sigma = np.sqrt(draws * probs * (1 - probs)) + 1.0
+  assert (np.abs(counts - draws * probs) < 5 * sigma).all()
 
 
 def test_filter_logits_top_k_and_top_p():

@@ -325,9 +325,9 @@ def decode_attention(q, prompt_k, prompt_v, prompt_mask, response_k, response_v,
 
   Args:
     q: [N, H, D] queries of the current token.
-    prompt_k, prompt_v: [B, Lp, K, D] prompt cache, shared by the G samples of a prompt.
+    prompt_k, prompt_v: [B, K, Lp, D] prompt cache, shared by the G samples of a prompt.
     prompt_mask: bool [B, Lp], True on real prompt tokens.
-    response_k, response_v: [N, Lr, K, D] response cache; slots [0, num_written) hold the
+    response_k, response_v: [N, K, Lr, D] response cache; slots [0, num_written) hold the
       earlier response tokens; Lr is a multiple of `block`.
     num_written: int32 scalar, response slots written so far (same for every row).
     new_k, new_v: [N, K, D] keys/values of the current token (not yet in the cache).
@@ -338,7 +338,7 @@ def decode_attention(q, prompt_k, prompt_v, prompt_mask, response_k, response_v,
     [N, H, D] in q.dtype.
   """
   n, h, d = q.shape
-  b, lp, kh, _ = prompt_k.shape
+  b, kh, lp, _ = prompt_k.shape
   g = n // b
   qg = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, g, kh, h // kh, d)
   mm = functools.partial(jnp.einsum, precision=precision, preferred_element_type=jnp.float32)
@@ -358,20 +358,20 @@ def decode_attention(q, prompt_k, prompt_v, prompt_mask, response_k, response_v,
   state = (self_scores, jnp.ones_like(self_scores),
            new_v.reshape(b, g, kh, 1, d).astype(jnp.float32) * jnp.ones((h // kh, 1)))
   # Prompt: one matmul against the shared cache.
-  scores = mm("bgkhd,bskd->bgkhs", qg, prompt_k)
+  scores = mm("bgkhd,bksd->bgkhs", qg, prompt_k)
   scores = jnp.where(prompt_mask[:, None, None, None, :], scores, -jnp.inf)
-  state = merge(state, scores, prompt_v, "bgkhs,bskd->bgkhd")
+  state = merge(state, scores, prompt_v, "bgkhs,bksd->bgkhd")
   # Response: only the blocks that hold written slots.
-  rk = response_k.reshape(b, g, -1, kh, d)
-  rv = response_v.reshape(b, g, -1, kh, d)
+  rk = response_k.reshape(b, g, kh, -1, d)
+  rv = response_v.reshape(b, g, kh, -1, d)
 
   def response_block(j, state):
-    k_j = jax.lax.dynamic_slice_in_dim(rk, j * block, block, axis=2)
-    v_j = jax.lax.dynamic_slice_in_dim(rv, j * block, block, axis=2)
-    scores = mm("bgkhd,bgskd->bgkhs", qg, k_j)
+    k_j = jax.lax.dynamic_slice_in_dim(rk, j * block, block, axis=3)
+    v_j = jax.lax.dynamic_slice_in_dim(rv, j * block, block, axis=3)
+    scores = mm("bgkhd,bgksd->bgkhs", qg, k_j)
     written = j * block + jnp.arange(block) < num_written
     scores = jnp.where(written, scores, -jnp.inf)
-    return merge(state, scores, v_j, "bgkhs,bgskd->bgkhd")
+    return merge(state, scores, v_j, "bgkhs,bgksd->bgkhd")
 
   num_blocks = (num_written + block - 1) // block
   m, l, acc = jax.lax.fori_loop(0, num_blocks, response_block, state)

@@ -52,7 +52,9 @@ ACT_KV_HEADS = ("activation_batch", "activation_length", "activation_kv_heads",
                 "activation_kv")
 ACT_MLP = ("activation_batch", "activation_length", "activation_mlp")
 ACT_VOCAB = ("activation_batch", "activation_length", "activation_vocab")
-CACHE = ("layers", "cache_batch", "cache_sequence", "cache_heads", "cache_kv")
+# Heads before sequence: the decode step's matmuls batch over (row, head) without a
+# transposed copy of the cache.
+CACHE = ("layers", "cache_batch", "cache_heads", "cache_sequence", "cache_kv")
 
 
 def dtype_from_name(name: str):
@@ -224,9 +226,10 @@ class Attention(nn.Module):
 
   mode "full" / "prefill": `side` = (positions [B, T], mask) with mask the token mask
   [B, T] (causal) or a dense bool mask [B, T, T]; returns (out, None), or for "prefill"
-  (out, (k, v) [B, T, K, Dh] after RoPE, for the prompt cache). mode "decode": `side` = (positions [N, 1], prompt_mask [B, Lp],
-  num_written), `cache` = this layer's prompt and response caches; returns (out, (k, v)
-  [N, K, Dh] of the current token).
+  (out, (k, v) [B, T, K, Dh] after RoPE, for the prompt cache).
+  mode "decode": `side` = (positions [N, 1], prompt_mask [B, Lp], num_written), `cache` =
+  this layer's prompt and response caches; returns (out, (k, v) [N, K, Dh] of the current
+  token).
   """
 
   config: ModelConfig
@@ -407,19 +410,20 @@ def logits(model_config, params, tokens, attention_mask) -> jax.Array:
 def prefill(config, params, tokens, token_mask):
   """Forward of left-padded prompts [B, Lp]; returns (hidden [B, Lp, D], prompt cache).
 
-  The prompt cache is {"k", "v"}: [L, B, Lp, K, Dh] in the compute dtype, named
-  ("layers", "cache_batch", "cache_sequence", "cache_heads", "cache_kv").
+  The prompt cache is {"k", "v"}: [L, B, K, Lp, Dh] in the compute dtype, named
+  ("layers", "cache_batch", "cache_heads", "cache_sequence", "cache_kv").
   """
   token_mask = token_mask.astype(bool)
   hidden, (k, v) = Decoder(config, "prefill").apply(
       {"params": params}, tokens, (positions_from_mask(token_mask), token_mask))
-  return hidden, {"k": sharding.constrain(k, CACHE), "v": sharding.constrain(v, CACHE)}
+  k, v = (sharding.constrain(x.transpose(0, 1, 3, 2, 4), CACHE) for x in (k, v))
+  return hidden, {"k": k, "v": v}
 
 
 def init_response_cache(config: ModelConfig, rows: int, length: int, dtype=None):
-  """Zero response cache {"k", "v"}: [L, rows, length, K, Dh] (compute dtype by default)."""
+  """Zero response cache {"k", "v"}: [L, rows, K, length, Dh] (compute dtype by default)."""
   dtype = dtype or dtype_from_name(config.dtype)
-  shape = (config.num_layers, rows, length, config.num_kv_heads, config.head_dim)
+  shape = (config.num_layers, rows, config.num_kv_heads, length, config.head_dim)
   zeros = sharding.constrain(jnp.zeros(shape, dtype), CACHE)
   return {"k": zeros, "v": zeros}
 
@@ -430,8 +434,8 @@ def decode_step(config, params, tokens, positions, prompt_cache, prompt_mask,
 
   Args:
     tokens, positions: int32 [N, 1], the current token and its RoPE position.
-    prompt_cache: from `prefill`, [L, B, Lp, K, Dh]; prompt_mask: bool [B, Lp].
-    response_cache: from `init_response_cache`, [L, N, Lr, K, Dh] with Lr a multiple of
+    prompt_cache: from `prefill`, [L, B, K, Lp, Dh]; prompt_mask: bool [B, Lp].
+    response_cache: from `init_response_cache`, [L, N, K, Lr, Dh] with Lr a multiple of
       `block`; slots [0, num_written) hold the earlier response tokens of each row.
     num_written: int32 scalar; the current token is written at that slot.
     block: response slots per read; the step reads ceil(num_written / block) blocks.
@@ -444,8 +448,8 @@ def decode_step(config, params, tokens, positions, prompt_cache, prompt_mask,
   hidden, (k, v) = Decoder(config, "decode", block).apply(
       {"params": params}, tokens, (positions, prompt_mask.astype(bool), num_written), cache)
 
-  def write(buffer, new):  # new [L, N, K, Dh] -> slot num_written of [L, N, Lr, K, Dh]
-    new = new[:, :, None].astype(buffer.dtype)
-    return jax.lax.dynamic_update_slice_in_dim(buffer, new, num_written, axis=2)
+  def write(buffer, new):  # new [L, N, K, Dh] -> slot num_written of [L, N, K, Lr, Dh]
+    new = new[:, :, :, None].astype(buffer.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(buffer, new, num_written, axis=3)
 
   return hidden, {"k": write(response_cache["k"], k), "v": write(response_cache["v"], v)}
