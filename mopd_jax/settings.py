@@ -28,7 +28,8 @@ import ml_collections
 
 from mopd_jax import losses, peer_context, peer_controls, teacher
 from mopd_jax.data import source_splits, sources
-from mopd_jax.models import attention, transformer
+from mopd_jax.models import attention as attention_lib
+from mopd_jax.models import transformer
 
 
 class ConfigError(ValueError):
@@ -146,11 +147,13 @@ class ModelSettings(_Section):
       "full", _one_of(tuple(transformer.REMAT_POLICIES)),
       f"one of {list(transformer.REMAT_POLICIES)}",
       "jax.checkpoint policy of each layer in the backward pass ('none' = no remat).")
-  attention: str = knob("auto", _one_of(attention.KINDS), f"one of {list(attention.KINDS)}",
+  attention: str = knob("auto", _one_of(attention_lib.KINDS),
+                        f"one of {list(attention_lib.KINDS)}",
                         "Attention implementation (auto: cudnn on GPU where it applies, "
                         "else blockwise).")
   matmul_precision: str = knob(
-      "default", _one_of(tuple(attention.PRECISIONS)), f"one of {list(attention.PRECISIONS)}",
+      "default", _one_of(tuple(attention_lib.PRECISIONS)),
+      f"one of {list(attention_lib.PRECISIONS)}",
       "Precision of float32 matmuls ('highest' = no TF32 / bfloat16 passes on GPU / TPU).")
 
   def check(self):
