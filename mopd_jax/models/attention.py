@@ -374,5 +374,5 @@ def decode_attention(q, prompt_k, prompt_v, prompt_mask, response_k, response_v,
     return merge(state, scores, v_j, "bgkhs,bgksd->bgkhd")
 
   num_blocks = (num_written + block - 1) // block
-  m, l, acc = jax.lax.fori_loop(0, num_blocks, response_block, state)
+  _, l, acc = jax.lax.fori_loop(0, num_blocks, response_block, state)
   return (acc / l[..., None]).reshape(n, h, d).astype(q.dtype)
