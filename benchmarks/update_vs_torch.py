@@ -174,8 +174,7 @@ def make_jax_update(model_cfg, args):
   def response_hidden(params, tokens, prompt_len):
     mask = jnp.ones(tokens.shape, bool)
     hidden, _ = transformer.hidden_states(model_cfg, params, tokens,
-                                          transformer.positions_from_mask(mask),
-                                          transformer.causal_mask(mask))
+                                          transformer.positions_from_mask(mask), mask)
     return hidden[:, prompt_len - 1:prompt_len - 1 + args.response_len]
 
   def update(params, opt_state, teacher_params, student_tokens, teacher_tokens):

@@ -134,6 +134,25 @@ def axis_rules(mesh: Mesh, rules=DEFAULT_RULES):
     _ACTIVE_RULES.reset(token)
 
 
+class UnderRules:
+  """A jitted function whose tracing happens under `axis_rules(mesh, rules)`.
+
+  Calls and `lower` enter the context, so the model's activation and KV-cache
+  constraints act whenever the function is traced (compiled executables are unaffected).
+  """
+
+  def __init__(self, jitted, mesh: Mesh, rules=DEFAULT_RULES):
+    self._jitted, self._mesh, self._rules = jitted, mesh, rules
+
+  def __call__(self, *args, **kwargs):
+    with axis_rules(self._mesh, self._rules):
+      return self._jitted(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with axis_rules(self._mesh, self._rules):
+      return self._jitted.lower(*args, **kwargs)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint of `x` from logical axis names while a context mesh is set.
 

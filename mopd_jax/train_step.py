@@ -132,9 +132,10 @@ def _response_hidden(model_cfg, params, prompt_tokens, prompt_mask, responses,
   """Hidden states [N, Lr, D] that predict each response token."""
   tokens = jnp.concatenate([prompt_tokens, responses], axis=1)
   mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+  # The [B, L] token mask (causal attention over real tokens), never a dense [B, L, L]
+  # mask: the attention kind builds its mask per block.
   hidden, _ = transformer.hidden_states(model_cfg, params, tokens,
-                                        transformer.positions_from_mask(mask),
-                                        transformer.causal_mask(mask))
+                                        transformer.positions_from_mask(mask), mask)
   lp, lr = prompt_tokens.shape[1], responses.shape[1]
   return hidden[:, lp - 1:lp - 1 + lr]
 
@@ -562,27 +563,30 @@ def make_train_step(cfg: StepConfig, mesh, host_fn: Callable, optimizer, pieces,
     return update(cfg, optimizer, pieces, state, batch, rollouts, peer_key)
 
   # The template pieces are a few small constants: closed over, not arguments.
-  return jax.jit(step, in_shardings=(shardings, batch_shardings(mesh)),
-                 out_shardings=(shardings, sharding.replicated(mesh)),
-                 donate_argnums=(0,))
+  return sharding.UnderRules(
+      jax.jit(step, in_shardings=(shardings, batch_shardings(mesh)),
+              out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,)),
+      mesh)
 
 
 def make_split_step(cfg: StepConfig, mesh, host_fn: Callable, optimizer, pieces,
                     shardings: TrainState):
   """The same step as jit(sample) -> host verify -> jit(update)."""
 
-  @jax.jit
   def sample_fn(state, batch):
     sample_key, _ = step_keys(state)
     return cfg.sampler(state.params, batch["prompt_tokens"], batch["prompt_mask"],
                        sample_key)
 
+  sample_fn = sharding.UnderRules(jax.jit(sample_fn), mesh)
+
   def update_fn(state, batch, rollouts):
     _, peer_key = step_keys(state)
     return update(cfg, optimizer, pieces, state, batch, rollouts, peer_key)
 
-  update_jit = jax.jit(update_fn, in_shardings=(shardings, batch_shardings(mesh), None),
-                       out_shardings=(shardings, sharding.replicated(mesh)))
+  update_jit = sharding.UnderRules(
+      jax.jit(update_fn, in_shardings=(shardings, batch_shardings(mesh), None),
+              out_shardings=(shardings, sharding.replicated(mesh))), mesh)
 
   def step(state, batch):
     out = jax.device_get(sample_fn(state, batch))

@@ -14,7 +14,7 @@ from mopd_jax import peer_context, peer_controls, settings, teacher, train_step
 from mopd_jax.models import transformer
 
 MODEL = transformer.ModelConfig(vocab_size=31, num_layers=1, embed_dim=16, num_heads=2,
-                                num_kv_heads=1, head_dim=8, mlp_dim=32, remat=False)
+                                num_kv_heads=1, head_dim=8, mlp_dim=32, remat_policy="none")
 B, G, LP, LR = 2, 4, 5, 6
 N = B * G
 TEMPERATURE = 0.8  # sampling temperature: policy log-probs are taken at it
