@@ -1,9 +1,12 @@
 r"""Sampler throughput against transformers `generate`, same weights, side by side.
 
     python -m benchmarks.sampler_vs_hf
+    python -m benchmarks.sampler_vs_hf --embed-dim=1024 --layers=28 --heads=16 \
+        --kv-heads=8 --head-dim=128 --mlp-dim=3072 --vocab=151936 --dtype=bfloat16 \
+        --batch=64 --prompt-len=128 --new-tokens=256      # Qwen3-0.6B shape, on a GPU
 
 A random Qwen3-shaped model (d512, 8 layers, 8 query / 4 key-value heads of 64, MLP 1536,
-vocabulary 32,000, float32) is built and saved by transformers, loaded by `hf_import`, and
+vocabulary 32,000, float32, by default; flags change the shape and dtype) is built and saved by transformers, loaded by `hf_import`, and
 both sides sample 128 new tokens (temperature 1, no top-k / top-p, no early stop) for a
 batch of 16 prompts of 32 tokens. Each side runs once to warm up (our side: compile), then
 both run `--repeats` times, alternating, and the medians are reported. Prints one JSON
@@ -30,9 +33,6 @@ import transformers
 from mopd_jax.models import hf_import
 from mopd_jax.sampling import Sampler
 
-SHAPE = dict(vocab_size=32_000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-             num_key_value_heads=4, head_dim=64, intermediate_size=1536,
-             tie_word_embeddings=True)
 
 
 def _timed_side_by_side(fns, repeats):
@@ -59,15 +59,29 @@ def main():
   parser.add_argument("--prompt-len", type=int, default=32)
   parser.add_argument("--new-tokens", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--embed-dim", type=int, default=512)
+  parser.add_argument("--layers", type=int, default=8)
+  parser.add_argument("--heads", type=int, default=8)
+  parser.add_argument("--kv-heads", type=int, default=4)
+  parser.add_argument("--head-dim", type=int, default=64)
+  parser.add_argument("--mlp-dim", type=int, default=1536)
+  parser.add_argument("--vocab", type=int, default=32_000)
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   args = parser.parse_args()
 
+  shape = dict(vocab_size=args.vocab, hidden_size=args.embed_dim,
+               num_hidden_layers=args.layers, num_attention_heads=args.heads,
+               num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
+               intermediate_size=args.mlp_dim, tie_word_embeddings=True)
   torch.manual_seed(0)
-  model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**SHAPE)).eval()
+  model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**shape)).eval()
   with tempfile.TemporaryDirectory() as directory:
     model.save_pretrained(directory, safe_serialization=True)
-    config, params = hf_import.load(directory)
+    config, params = hf_import.load(directory, dtype=args.dtype)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = model.to(device=device, dtype=getattr(torch, args.dtype))
 
-  vocab = SHAPE["vocab_size"]
+  vocab = args.vocab
   prompts = np.random.default_rng(0).integers(1, vocab, (args.batch, args.prompt_len))
   mask = np.ones_like(prompts, dtype=bool)
   new = args.new_tokens
@@ -85,7 +99,8 @@ def main():
   def theirs():
     with torch.no_grad():
       out = model.generate(
-          torch.from_numpy(prompts), attention_mask=torch.from_numpy(mask.astype(np.int64)),
+          torch.from_numpy(prompts).to(device),
+          attention_mask=torch.from_numpy(mask.astype(np.int64)).to(device),
           do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new,
           min_new_tokens=new, eos_token_id=None, pad_token_id=0)
     assert out.shape == (args.batch, args.prompt_len + new)
@@ -95,6 +110,7 @@ def main():
   tokens = args.batch * new
   print(json.dumps({
       "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": new,
+      "dtype": args.dtype, "torch_device": device,
       "num_params": config.num_params, "backend": jax.default_backend(),
       "torch_threads": torch.get_num_threads(),
       "mopd_jax_tokens_per_s": round(tokens / ours_s, 1),

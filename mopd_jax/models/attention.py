@@ -341,7 +341,14 @@ def decode_attention(q, prompt_k, prompt_v, prompt_mask, response_k, response_v,
   b, kh, lp, _ = prompt_k.shape
   g = n // b
   qg = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, g, kh, h // kh, d)
-  mm = functools.partial(jnp.einsum, precision=precision, preferred_element_type=jnp.float32)
+  upcast = jax.default_backend() == "cpu"
+
+  def mm(eq, a, b):
+    # XLA's CPU runtime has no bf16 x bf16 -> f32 kernel for these batched
+    # matrix-vector products; on CPU they run in float32 (the result dtype is unchanged).
+    if upcast:
+      a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(eq, a, b, precision=precision, preferred_element_type=jnp.float32)
 
   def merge(state, scores, values, eq):
     """Online-softmax update with a block of scores [..., S] and values."""
