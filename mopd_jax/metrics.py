@@ -24,8 +24,13 @@ def to_python(value):
 
 
 class MetricWriter:
+  """active=False (every process but the first of a multi-process run): writes nothing."""
 
-  def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True,
+               active: bool = True):
+    self.active = active
+    if not active:
+      return
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._truncate_after(resume_step)
@@ -44,6 +49,8 @@ class MetricWriter:
       f.writelines(kept)
 
   def write(self, step: int, metrics: dict):
+    if not self.active:
+      return
     record = {"step": int(step)}
     record.update({k: to_python(v) for k, v in sorted(metrics.items())})
     # JSON has no NaN: write it as null so every line stays valid JSON.
@@ -58,6 +65,8 @@ class MetricWriter:
       self._tb.flush()
 
   def close(self):
+    if not self.active:
+      return
     self._file.close()
     if self._tb is not None:
       self._tb.close()
@@ -71,13 +80,16 @@ def read_jsonl(path: str) -> list[dict]:
 class Progress:
   """One-line progress: step, reward, loss, step time; redrawn on a terminal."""
 
-  def __init__(self, total: int, stream=sys.stderr):
+  def __init__(self, total: int, stream=sys.stderr, *, active: bool = True):
+    self.active = active
     self.total = total
     self.stream = stream
     self.tty = stream.isatty()
     self.start = time.time()
 
   def update(self, step: int, reward: float, loss: float, step_time: float):
+    if not self.active:
+      return
     elapsed = time.time() - self.start
     width = 24
     filled = int(width * step / max(self.total, 1))
@@ -91,6 +103,8 @@ class Progress:
     self.stream.flush()
 
   def close(self):
+    if not self.active:
+      return
     if self.tty:
       self.stream.write("\n")
     self.stream.flush()

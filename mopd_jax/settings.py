@@ -11,7 +11,8 @@ and `from_config(config)` builds and validates every section once, at start-up:
     config.optim   -> OptimSettings       config.algorithm -> AlgorithmSettings
     config.model   -> ModelSettings       config.data    -> DataSettings
     config.verifier-> VerifierSettings    config.eval    -> EvalSettings
-    config.mesh    -> MeshSettings        top-level keys -> RunSettings
+    config.mesh    -> MeshSettings        config.distributed -> DistributedSettings
+    top-level keys -> RunSettings
 
 The dataclasses are hashable, so the step takes them as static configuration. Every
 error is a `ConfigError` that names the key, the value and what is allowed.
@@ -429,22 +430,87 @@ class EvalSettings(_Section):
   top_k: int = knob(0, _int(0), "a non-negative integer (0 = off)")
 
 
+def _mesh_shape(v):
+  return (isinstance(v, tuple) and len(v) == 3
+          and all(_int()(s) and (s > 0 or s == -1) for s in v)
+          and sum(s == -1 for s in v) <= 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshSettings(_Section):
+  """('data', 'fsdp', 'tensor') mesh: `shape` within a slice (ICI), `dcn_shape` across
+  slices or hosts (DCN); the global mesh is their elementwise product."""
+
   NAME: ClassVar[str] = "mesh"
   shape: tuple[int, ...] = knob(
-      (-1, 1, 1),
-      lambda v: (isinstance(v, tuple) and len(v) == 3
-                 and all(_int()(s) and (s > 0 or s == -1) for s in v)
-                 and sum(s == -1 for s in v) <= 1),
+      (-1, 1, 1), _mesh_shape,
       "three sizes for ('data', 'fsdp', 'tensor'), each positive or -1 (at most one -1: "
       "the remaining devices)")
+  dcn_shape: tuple[int, ...] = knob(
+      (1, 1, 1), lambda v: _mesh_shape(v) and -1 not in v,
+      "three positive sizes for ('data', 'fsdp', 'tensor') across slices (TPU) or "
+      "processes (GPU, CPU)",
+      "(1, 1, 1): one slice. Otherwise the mesh is built with "
+      "mesh_utils.create_hybrid_device_mesh and `shape` is the shape within one slice.")
+
+
+DISTRIBUTED_MODES = ("auto", "off", "explicit")
+
+
+def _address(v):
+  host, _, port = v.rpartition(":")
+  return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSettings(_Section):
+  """Multi-process start-up (`mopd_jax.distributed`).
+
+  'auto' initialises jax.distributed when the environment describes a multi-process job
+  (TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID as a
+  Kubernetes Job or `launch/local.sh` sets them) and stays single-process otherwise;
+  'explicit' uses the three keys below; 'off' never initialises.
+  """
+
+  NAME: ClassVar[str] = "distributed"
+  mode: str = knob("auto", _one_of(DISTRIBUTED_MODES), f"one of {DISTRIBUTED_MODES}")
+  coordinator_address: str | None = knob(
+      None, _optional(lambda v: isinstance(v, str) and _address(v)),
+      "None or 'host:port' (port 1-65535)", "Process 0 serves here ('explicit' only).",
+      kind=str)
+  num_processes: int | None = knob(None, _optional(_int(1)),
+                                   "None or a positive integer", kind=int)
+  process_id: int | None = knob(None, _optional(_int(0)),
+                                "None or a non-negative integer", kind=int)
+  initialization_timeout_s: int = knob(
+      300, _int(1), "a positive integer",
+      "Seconds to wait for the coordinator and for every process to join.")
+  heartbeat_timeout_s: int = knob(
+      100, _int(1), "a positive integer",
+      "Seconds without a heartbeat after which the other processes stop.")
+
+  def check(self):
+    explicit = {"coordinator_address": self.coordinator_address,
+                "num_processes": self.num_processes, "process_id": self.process_id}
+    if self.mode == "explicit":
+      missing = [self.key(k) for k, v in explicit.items() if v is None]
+      if missing:
+        raise ConfigError(f"config.distributed.mode = 'explicit' needs {missing}.")
+      if self.process_id >= self.num_processes:
+        raise ConfigError(
+            f"Invalid config.distributed.process_id = {self.process_id}: must be below "
+            f"config.distributed.num_processes = {self.num_processes}.")
+    else:
+      given = [self.key(k) for k, v in explicit.items() if v is not None]
+      if given:
+        raise ConfigError(f"{given} apply only with config.distributed.mode = 'explicit' "
+                          f"(got mode {self.mode!r}).")
 
 
 SECTIONS = {cls.NAME: cls for cls in (
     ModelSettings, DataSettings, SamplingSettings, VerifierSettings, PeerSettings,
     LossSettings, TeacherSettings, OptimSettings, AlgorithmSettings, EvalSettings,
-    MeshSettings)}
+    MeshSettings, DistributedSettings)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -463,6 +529,7 @@ class Settings:
   algorithm: AlgorithmSettings
   eval: EvalSettings
   mesh: MeshSettings
+  distributed: DistributedSettings
 
   def __post_init__(self):
     name = self.algorithm.name
@@ -524,3 +591,9 @@ def from_config(config) -> Settings:
                       f"{sorted(SECTIONS)}.")
   built = {name: SECTIONS[name].from_section(dict(values.pop(name))) for name in SECTIONS}
   return Settings(run=RunSettings.from_section(values), **built)
+
+
+def to_dict(st: Settings) -> dict:
+  """The resolved settings in the layout of a config file (run keys at the top)."""
+  values = dataclasses.asdict(st)
+  return {**values.pop("run"), **values}

@@ -7,6 +7,12 @@ are split over ('data', 'fsdp'). Teacher parameters use the student's rules.
 Activations and the KV cache carry their own logical names (`activation_*`, `cache_*`).
 `constrain` turns them into sharding constraints while a function is traced under a
 context mesh, which `axis_rules(mesh, rules)` sets; without one it returns its input.
+
+The device order comes from `jax.experimental.mesh_utils` (topology-aware on TPU and GPU);
+with a DCN shape the mesh is a hybrid one: `shape` within each slice (or process), the
+DCN shape across them. On many processes each process holds a contiguous block of every
+batch's rows (`process_rows`) and builds only that block; `global_batch` assembles the
+global arrays with `jax.make_array_from_process_local_data`.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -71,10 +78,35 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
   return shape
 
 
-def make_mesh(shape: Sequence[int] = (1, 1, -1), devices=None) -> Mesh:
+def make_mesh(shape: Sequence[int] = (1, 1, -1), devices=None, *,
+              dcn_shape: Sequence[int] = (1, 1, 1)) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all devices).
+
+  dcn_shape: sizes across slices (TPU multi-slice) or processes (elsewhere); with a
+  product above 1 the mesh is `mesh_utils.create_hybrid_device_mesh(shape, dcn_shape)`
+  and `shape` (one -1 allowed) is the shape within one slice or process.
+  """
   devices = list(devices if devices is not None else jax.devices())
-  shape = resolve_mesh_shape(shape, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  dcn_shape = tuple(int(s) for s in dcn_shape)
+  if len(dcn_shape) != len(MESH_AXES) or any(s < 1 for s in dcn_shape):
+    raise ValueError(f"dcn shape must hold {len(MESH_AXES)} positive sizes {MESH_AXES}, "
+                     f"got {dcn_shape}.")
+  granules = math.prod(dcn_shape)
+  if granules == 1:
+    shape = resolve_mesh_shape(shape, len(devices))
+    return Mesh(mesh_utils.create_device_mesh(shape, devices,
+                                              allow_split_physical_axes=True), MESH_AXES)
+  by_slice = hasattr(devices[0], "slice_index")
+  groups = {d.slice_index if by_slice else d.process_index for d in devices}
+  if len(groups) != granules:
+    raise ValueError(
+        f"dcn shape {dcn_shape} needs {granules} "
+        f"{'slices' if by_slice else 'processes'}, but the devices come from "
+        f"{len(groups)}.")
+  shape = resolve_mesh_shape(shape, len(devices) // granules)
+  return Mesh(mesh_utils.create_hybrid_device_mesh(
+      shape, dcn_shape, devices, process_is_granule=not by_slice,
+      allow_split_physical_axes=True), MESH_AXES)
 
 
 def _axis_size(mesh: Mesh, axis) -> int:
@@ -174,3 +206,41 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 
   spec = P(*(usable(dim, axis) for dim, axis in zip(x.shape, tuple(spec))))
   return jax.lax.with_sharding_constraint(x, spec)
+
+
+def process_rows(mesh: Mesh, num_rows: int) -> slice:
+  """The rows [start, stop) of a `num_rows` batch that this process's devices hold.
+
+  Rows are split over ('data', 'fsdp'); a process holds one contiguous block of them
+  (meshes from `make_mesh` keep each process's devices together along those axes).
+  """
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((num_rows,))
+  spans = sorted({(i[0].start or 0, num_rows if i[0].stop is None else i[0].stop)
+                  for i in index_map.values()})
+  for (_, stop), (start, _) in zip(spans, spans[1:]):
+    if start != stop:
+      raise ValueError(
+          f"Process {jax.process_index()} holds rows {spans} of the batch: not one "
+          f"contiguous block; build the mesh with make_mesh (mesh {dict(mesh.shape)}).")
+  return slice(spans[0][0], spans[-1][1])
+
+
+def global_batch(mesh: Mesh, local_batch, num_rows: int):
+  """Global arrays (rows split over ('data', 'fsdp')) from this process's rows.
+
+  local_batch: a pytree of numpy arrays holding rows `process_rows(mesh, num_rows)`.
+  """
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(
+        batch_sharding(mesh, x.ndim), x, (num_rows,) + x.shape[1:])
+  return jax.tree.map(put, local_batch)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a global array split along its first axis (one copy of
+  each row, even where the 'tensor' axis holds it several times)."""
+  shards = {}
+  for shard in x.addressable_shards:
+    shards.setdefault(shard.index[0].start or 0, shard.data)
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])

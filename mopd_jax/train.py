@@ -1,4 +1,9 @@
-"""The training loop: init or restore, steps, evaluation, checkpoints, logging, summary."""
+"""The training loop: init or restore, steps, evaluation, checkpoints, logging, summary.
+
+On many processes (`mopd_jax.distributed`) every process runs this same loop: each builds
+and verifies only the rows its devices hold, all of them take part in checkpoints, and
+process 0 alone writes metrics, progress, `config.json` and `summary.json`.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +18,13 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from mopd_jax import (checkpointing, demo_base, memory_plan, metrics as metrics_lib,
-                      peer_context, settings, sharding, teacher, tokenizers, train_step)
+from mopd_jax import (checkpointing, demo_base, distributed, memory_plan,
+                      metrics as metrics_lib, peer_context, settings, sharding, teacher,
+                      tokenizers, train_step)
 from mopd_jax.data import pipeline
 from mopd_jax.models import presets, transformer
 from mopd_jax.sampling import Sampler
@@ -35,28 +42,44 @@ class Evaluator:
   """Held-out evaluation through the split pipeline: jit(sample) -> host verify.
 
   The same prompts and the same sampling key every time, so before/after numbers differ
-  only through the parameters.
+  only through the parameters. Prompts are split over the mesh like training batches;
+  each process verifies the rollouts of its own rows, and the per-row results are
+  gathered so every process computes the same metrics.
   """
 
-  def __init__(self, st: settings.Settings, model_cfg, tok, batches, host_verifier):
+  def __init__(self, st: settings.Settings, model_cfg, tok, batches, host_verifier, mesh,
+               param_shapes):
     e = st.eval
     self.sampler = Sampler(model=model_cfg, max_new_tokens=st.sampling.max_response_len,
                            stop_ids=tuple(tok.stop_ids), pad_id=tok.pad_id,
                            temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
                            num_samples=e.num_samples)
-    self.batch = batches.first(e.num_prompts)
+    local = batches.first(e.num_prompts, sharding.process_rows(mesh, e.num_prompts))
+    self.local_ids = local["example_id"]
+    self.batch = sharding.global_batch(mesh, local, e.num_prompts)
     self.k = e.num_samples
     self.host = host_verifier
     self.threshold = st.verifier.success_threshold
-    self.key = jax.random.fold_in(jax.random.PRNGKey(st.run.seed), 1_000_003)
-    self._sample = jax.jit(self.sampler.__call__)
+    key = jax.random.fold_in(jax.random.PRNGKey(st.run.seed), 1_000_003)
+    self.key = jax.make_array_from_process_local_data(sharding.replicated(mesh),
+                                                      np.asarray(key))
+    out_shapes = jax.eval_shape(self.sampler.__call__, param_shapes,
+                                self.batch["prompt_tokens"], self.batch["prompt_mask"],
+                                self.key)
+    self._sample = jax.jit(self.sampler.__call__, out_shardings=jax.tree.map(
+        lambda x: sharding.batch_sharding(mesh, x.ndim), out_shapes))
 
   def __call__(self, params) -> dict:
-    out = jax.device_get(self._sample(params, self.batch["prompt_tokens"],
-                                      self.batch["prompt_mask"], self.key))
-    ids = np.repeat(self.batch["example_id"], self.k)
-    rewards, status, _, _ = self.host(ids, out.tokens, out.lengths)
+    out = self._sample(params, self.batch["prompt_tokens"], self.batch["prompt_mask"],
+                       self.key)
+    ids = np.repeat(self.local_ids, self.k)
+    rewards, status, _, _ = self.host(ids, sharding.local_rows(out.tokens),
+                                      sharding.local_rows(out.lengths))
     self.host.pop_timing()  # evaluation time is not a training-step statistic
+    if jax.process_count() > 1:
+      # Each block holds whole groups of k rows, so the metrics below do not depend on
+      # the order of the blocks.
+      rewards, status = multihost_utils.process_allgather((rewards, status), tiled=True)
     success = (rewards >= self.threshold).reshape(-1, self.k)
     k = self.k
     return {
@@ -127,8 +150,17 @@ class Setup:
     return train_step.make_train_step(self.step_cfg, self.mesh, self.host_verifier,
                                       self.optimizer, self.pieces, self.shardings)
 
+  def batch(self, step: int):
+    """The global batch at `step`; this process builds only the rows its devices hold."""
+    n = self.settings.data.batch_size
+    local = self.train_batches.batch(step, sharding.process_rows(self.mesh, n))
+    return sharding.global_batch(self.mesh, local, n)
+
   def put_batch(self, batch):
-    return jax.device_put(batch, train_step.batch_shardings(self.mesh))
+    """A whole host batch as global arrays (each process keeps its own rows)."""
+    n = len(batch["example_id"])
+    rows = sharding.process_rows(self.mesh, n)
+    return sharding.global_batch(self.mesh, jax.tree.map(lambda x: x[rows], batch), n)
 
   def abstract_inputs(self):
     """(state, batch) of the step as ShapeDtypeStructs on their shardings."""
@@ -232,12 +264,20 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
   st = config if isinstance(config, settings.Settings) else settings.from_config(config)
 
   # ---------------------------------------------------------------- Mesh.
-  mesh = sharding.make_mesh(st.mesh.shape, devices)
-  divisor = sharding.batch_divisor(mesh)
-  if st.data.batch_size % divisor:
+  try:
+    mesh = sharding.make_mesh(st.mesh.shape, devices, dcn_shape=st.mesh.dcn_shape)
+  except ValueError as e:
     raise settings.ConfigError(
-        f"config.data.batch_size={st.data.batch_size} must be divisible by the "
-        f"data x fsdp mesh size {divisor} (mesh {dict(mesh.shape)}).")
+        f"config.mesh.shape = {st.mesh.shape} with config.mesh.dcn_shape = "
+        f"{st.mesh.dcn_shape} does not fit the {len(devices or jax.devices())} devices "
+        f"of {jax.process_count()} process(es): {e}") from e
+  divisor = sharding.batch_divisor(mesh)
+  for key, prompts in (("data.batch_size", st.data.batch_size),
+                       ("eval.num_prompts", st.eval.num_prompts)):
+    if prompts % divisor:
+      raise settings.ConfigError(
+          f"config.{key}={prompts} must be divisible by the data x fsdp mesh size "
+          f"{divisor} (mesh {dict(mesh.shape)}).")
   mb = st.optim.micro_batch_rows
   if mb and mb < st.rows and mb % divisor:
     raise settings.ConfigError(
@@ -307,9 +347,14 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
 def run(config, workdir: str) -> dict:
   """Runs training as configured; returns the summary (also written to summary.json)."""
   wall_start = time.time()
-  s = setup(config)
-  st = s.settings
+  st = config if isinstance(config, settings.Settings) else settings.from_config(config)
+  startup = distributed.initialize(st.distributed)
+  distributed.log_startup(startup)
+  primary = distributed.is_primary()
+  s = setup(st)
   os.makedirs(workdir, exist_ok=True)
+  if primary:
+    _write_json(os.path.join(workdir, "config.json"), settings.to_dict(st))
 
   # ---------------------------------------------------------------- Step and memory plan.
   # Compiled from abstract shapes before any state exists, so a run that cannot fit
@@ -338,10 +383,11 @@ def run(config, workdir: str) -> dict:
   else:
     state = s.init_state()
   start_step = int(state.step)
-  evaluator = Evaluator(st, s.model_cfg, s.tokenizer, s.eval_batches, s.host_verifier)
+  evaluator = Evaluator(st, s.model_cfg, s.tokenizer, s.eval_batches, s.host_verifier,
+                        s.mesh, s.state_shapes.params)
 
   # ---------------------------------------------------------------- Loop.
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start_step, active=primary)
   summary_path = os.path.join(workdir, "summary.json")
   previous = {}
   if resume_step is not None and os.path.exists(summary_path + ".partial"):
@@ -351,18 +397,18 @@ def run(config, workdir: str) -> dict:
   if eval_before is None:
     eval_before = evaluator(state.params)
     writer.write(start_step, eval_before)
-    _write_json(summary_path + ".partial", {"eval_before": eval_before})
+    if primary:
+      _write_json(summary_path + ".partial", {"eval_before": eval_before})
   step_times, last_metrics = [], {}
   stop = _StopFlag()
   stop.install()
-  progress = metrics_lib.Progress(st.run.total_steps)
+  progress = metrics_lib.Progress(st.run.total_steps, active=primary)
   interrupted = False
   try:
     step = start_step
     while step < st.run.total_steps:
       t0 = time.time()
-      batch = s.put_batch(s.train_batches.batch(step))
-      state, m = compiled(state, batch)
+      state, m = compiled(state, s.batch(step))
       m = jax.device_get(m)
       step += 1
       dt = time.time() - t0
@@ -383,9 +429,9 @@ def run(config, workdir: str) -> dict:
       meta = {"data_position": step, "seed": st.run.seed}
       if ckpt.should_save(step):
         ckpt.save(step, state, meta)
-      if stop.signum is not None:
-        logging.warning("Signal %d received: saving step %d and stopping.", stop.signum,
-                        step)
+      if _any_process(stop.signum is not None):
+        logging.warning("Signal %s received (here or on another process): saving step %d "
+                        "and stopping.", stop.signum, step)
         ckpt.save(step, state, meta)
         interrupted = True
         break
@@ -396,6 +442,7 @@ def run(config, workdir: str) -> dict:
   if interrupted:
     writer.close()
     ckpt.close()
+    _log_verified(s.host_verifier)
     return {"interrupted_at_step": int(state.step)}
 
   eval_after = evaluator(state.params)
@@ -403,6 +450,7 @@ def run(config, workdir: str) -> dict:
   writer.close()
   ckpt.save(int(state.step), state, {"data_position": int(state.step), "seed": st.run.seed})
   ckpt.close()
+  _log_verified(s.host_verifier)
   summary = {
       "steps": int(state.step),
       "eval_success_before": eval_before["eval/success_rate"],
@@ -419,13 +467,28 @@ def run(config, workdir: str) -> dict:
       "final_train_metrics": {k: metrics_lib.to_python(v) for k, v in last_metrics.items()},
       "device": f"{s.mesh.size} x {s.mesh.devices.flat[0].device_kind}",
       "memory_plan": plan.as_dict(),
+      "processes": jax.process_count(),
   }
-  _write_json(summary_path, summary)
-  if os.path.exists(summary_path + ".partial"):
-    os.remove(summary_path + ".partial")
+  if primary:
+    _write_json(summary_path, summary)
+    if os.path.exists(summary_path + ".partial"):
+      os.remove(summary_path + ".partial")
   logging.info("Held-out success before %.3f, after %.3f.", summary["eval_success_before"],
                summary["eval_success_after"])
   return summary
+
+
+def _log_verified(host_verifier):
+  logging.info("Process %d verified %d rows in %d calls.", jax.process_index(),
+               host_verifier.rows, host_verifier.calls)
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process if `flag` is True on any (a signal may reach one host only,
+  or the hosts at different steps; all of them must save and stop at the same step)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.process_allgather(np.int32(flag)).max())
 
 
 def _write_json(path, obj):

@@ -13,6 +13,10 @@ silently.
 
 `load_split` reads (or builds) the demo task's cache; `load_source_splits` those of a
 real-data task (`data.task` != "demo_code"), built through its seqio task.
+
+On many processes each process pads only its block of rows (`rows=` a slice of the
+global batch, see `sharding.process_rows`): the global order is computed (a permutation
+of row indices, cheap), the prompts are padded only for the rows this process holds.
 """
 
 from __future__ import annotations
@@ -101,8 +105,9 @@ class PromptBatches:
       out.extend(perm[offset:offset + b - len(out)])
     return self._rows[np.asarray(out)]
 
-  def batch(self, step: int) -> dict:
-    return self.rows(self.indices(step))
+  def batch(self, step: int, rows: slice = slice(None)) -> dict:
+    """The batch at `step`, or its rows `rows` (this process's block)."""
+    return self.rows(self.indices(step)[rows])
 
   def rows(self, idx) -> dict:
     tokens, mask, insert = left_pad([self.prompts[i] for i in idx], self.insert_index[idx],
@@ -110,9 +115,10 @@ class PromptBatches:
     return {"prompt_tokens": tokens, "prompt_mask": mask, "insert_index": insert,
             "example_id": self.split.example_id[idx].astype(np.int32)}
 
-  def first(self, count: int) -> dict:
-    """The first `count` usable rows in source order (fixed evaluation set)."""
-    return self.rows(self._rows[:count])
+  def first(self, count: int, rows: slice = slice(None)) -> dict:
+    """The first `count` usable rows in source order (fixed evaluation set), or their
+    rows `rows`."""
+    return self.rows(self._rows[:count][rows])
 
 
 def tokenize_split(split: str, tokenizer) -> cache.TokenizedSplit:

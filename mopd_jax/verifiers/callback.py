@@ -49,7 +49,8 @@ class HostVerifier:
     self.references = references
     self.tokenizer = tokenizer
     self.feedback_len = feedback_len
-    self.calls = 0
+    self.calls = 0  # calls and rows verified on this process, over the whole run
+    self.rows = 0
     # Host-side timing since the last `pop_timing` (calls may come from several threads).
     self._lock = threading.Lock()
     self._seconds = 0.0
@@ -68,8 +69,9 @@ class HostVerifier:
 
   def __call__(self, ids, tokens, lengths):
     start = time.perf_counter()
-    self.calls += 1
     n = len(ids)
+    self.calls += 1
+    self.rows += n
     rewards = np.zeros((n,), np.float32)
     status = np.full((n,), STATUS_CODES["error"], np.int32)
     feedback = np.zeros((n, self.feedback_len), np.int32)
