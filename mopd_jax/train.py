@@ -394,7 +394,8 @@ def run(config, workdir: str) -> dict:
     with open(summary_path + ".partial", encoding="utf-8") as f:
       previous = json.load(f)
   eval_before = previous.get("eval_before")
-  if eval_before is None:
+  # Evaluating is collective: every process follows process 0's record of it.
+  if _from_primary(eval_before is None):
     eval_before = evaluator(state.params)
     writer.write(start_step, eval_before)
     if primary:
@@ -481,6 +482,12 @@ def run(config, workdir: str) -> dict:
 def _log_verified(host_verifier):
   logging.info("Process %d verified %d rows in %d calls.", jax.process_index(),
                host_verifier.rows, host_verifier.calls)
+
+
+def _from_primary(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
 def _any_process(flag: bool) -> bool:
