@@ -180,9 +180,9 @@ def _serve(p: Plan, port: int, deadline: float, timeout_s: float):
         conn, _ = server.accept()
         conn.settimeout(max(remaining, 1.0))
         hello = _receive(conn)
-      except (OSError, ValueError):
-        continue
-      pid, count = hello["process_id"], hello["num_processes"]
+        pid, count = int(hello["process_id"]), int(hello["num_processes"])
+      except (OSError, ValueError, KeyError, TypeError):
+        continue  # not one of our processes
       if count != p.num_processes:
         problems.append(f"process {pid} has {count_name} = {count}, process 0 has "
                         f"{p.num_processes}")

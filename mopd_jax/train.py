@@ -192,7 +192,7 @@ def _load_model(st: settings.Settings, mesh):
   """(model config, params, tokenizer, data cache dir, SentencePiece path or None)."""
   if st.model.checkpoint == "demo":
     base_dir = st.model.cache_dir or demo_base.default_dir()
-    model_cfg, params, tok = demo_base.ensure(base_dir)
+    model_cfg, params, tok = _primary_first(lambda: demo_base.ensure(base_dir))
     return (model_cfg, params, tok, st.data.cache_dir or os.path.join(base_dir, "data"),
             os.path.join(base_dir, "tokenizer.model"))
   from mopd_jax.models import hf_import  # pylint: disable=import-outside-toplevel
@@ -297,12 +297,13 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
   teacher_cfg, teacher_params = _load_external_teacher(st, mesh, model_cfg)
 
   # ---------------------------------------------------------------- Data.
-  if st.data.task == "demo_code":
-    train_split = pipeline.load_split(cache_dir, "train", spm_path, tok)
-    heldout_split = pipeline.load_split(cache_dir, "heldout", spm_path, tok)
-  else:
+  def load_splits():
+    if st.data.task == "demo_code":
+      return tuple(pipeline.load_split(cache_dir, n, spm_path, tok)
+                   for n in ("train", "heldout"))
     splits = pipeline.load_source_splits(cache_dir, st.data, tok)
-    train_split, heldout_split = splits["train"], splits["heldout"]
+    return splits["train"], splits["heldout"]
+  train_split, heldout_split = _primary_first(load_splits)
   train_batches = pipeline.PromptBatches(
       train_split, batch_size=st.data.batch_size, max_prompt_len=st.data.max_prompt_len,
       seed=st.run.seed, pad_id=tok.pad_id, overlong=st.data.overlong)
@@ -482,6 +483,18 @@ def run(config, workdir: str) -> dict:
 def _log_verified(host_verifier):
   logging.info("Process %d verified %d rows in %d calls.", jax.process_index(),
                host_verifier.rows, host_verifier.calls)
+
+
+def _primary_first(load):
+  """`load()` on every process; on many processes process 0 calls it first and the
+  others wait, so that process 0 alone builds whatever is missing in the shared
+  directory (base model, data caches) instead of every process building it at once."""
+  if jax.process_count() > 1:
+    result = load() if distributed.is_primary() else None
+    multihost_utils.sync_global_devices("mopd_jax: process 0 has loaded")
+    if distributed.is_primary():
+      return result
+  return load()
 
 
 def _from_primary(flag: bool) -> bool:
