@@ -178,11 +178,15 @@ def _serve(p: Plan, port: int, deadline: float, timeout_s: float):
       server.settimeout(remaining)
       try:
         conn, _ = server.accept()
+      except OSError:
+        continue
+      try:
         conn.settimeout(max(remaining, 1.0))
         hello = _receive(conn)
         pid, count = int(hello["process_id"]), int(hello["num_processes"])
       except (OSError, ValueError, KeyError, TypeError):
-        continue  # not one of our processes
+        conn.close()  # not one of our processes
+        continue
       if count != p.num_processes:
         problems.append(f"process {pid} has {count_name} = {count}, process 0 has "
                         f"{p.num_processes}")
