@@ -66,8 +66,9 @@ class Evaluator:
     out_shapes = jax.eval_shape(self.sampler.__call__, param_shapes,
                                 self.batch["prompt_tokens"], self.batch["prompt_mask"],
                                 self.key)
-    self._sample = jax.jit(self.sampler.__call__, out_shardings=jax.tree.map(
-        lambda x: sharding.batch_sharding(mesh, x.ndim), out_shapes))
+    self._sample = sharding.UnderRules(jax.jit(
+        self.sampler.__call__, out_shardings=jax.tree.map(
+            lambda x: sharding.batch_sharding(mesh, x.ndim), out_shapes)), mesh)
 
   def __call__(self, params) -> dict:
     out = self._sample(params, self.batch["prompt_tokens"], self.batch["prompt_mask"],
