@@ -185,15 +185,16 @@ def _batch_time():
 
 @pytest.mark.parametrize("signum", [signal.SIGSEGV, signal.SIGKILL], ids=["crash", "killed"])
 def test_worker_crash_costs_only_its_response(signum):
-  pool = code.default_pool(2)
+  pool = code.default_pool(2)  # the process-wide pool: earlier tests may have grown it
   baseline = _batch_time()
+  workers = len(pool.worker_pids)
 
   victim, results, stats = _batch_with_fault(pool, lambda pid: os.kill(pid, signum))
   assert results[0].reward == 0.0 and results[0].status == "error", results[0]
   assert str(victim) in results[0].feedback
   assert [r.reward for r in results[1:]] == [1.0] * 3
   assert stats["verify/errors"] == 1.0 and stats["verify/timeouts"] == 0.0
-  assert victim not in pool.worker_pids and len(pool.worker_pids) == 2  # Already replaced.
+  assert victim not in pool.worker_pids and len(pool.worker_pids) == workers  # Replaced.
   assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == "zombie"
   assert _batch_time() < 3 * baseline + 0.5  # The next batches run at full speed.
 
