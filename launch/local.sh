@@ -86,7 +86,7 @@ stop_all() {
   done
 }
 
-# shellcheck disable=SC2317  # called by the traps below
+# shellcheck disable=SC2317,SC2329  # called by the traps below
 forward_signal() {
   echo "local.sh: $1 received, passing SIGTERM to every process" >&2
   stop_all TERM

@@ -82,7 +82,7 @@ else
 fi
 
 archive_dir=""
-# shellcheck disable=SC2317  # called by the trap below
+# shellcheck disable=SC2317,SC2329  # called by the trap below
 teardown() {
   [[ -z "${archive_dir}" ]] || rm -rf "${archive_dir}"
   if [[ "${keep}" -eq 0 ]]; then
