@@ -38,13 +38,59 @@ def pass_at_k(n: int, c: int, k: int) -> float:
   return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def pass_at_k_sizes(n: int) -> tuple:
+  """The k of the pass@k metrics for n samples: 1, 2, 4, ... up to n, and n itself."""
+  return tuple(sorted({1 << i for i in range(n.bit_length()) if 1 << i <= n} | {n}))
+
+
+def eval_metrics(rewards, status, sources, *, num_samples: int, threshold: float) -> dict:
+  """Held-out metrics over all problems and per source (a pure function of host arrays).
+
+  Args:
+    rewards: float [P * n], the n = `num_samples` rollouts of each problem in a row.
+    status: int [P * n], verifier status codes (`callback.STATUS_CODES`).
+    sources: str [P], the source name of each problem.
+    num_samples: n.
+    threshold: a rollout succeeds when its reward is >= threshold.
+
+  Returns:
+    `eval/mean@n` (mean reward), `eval/pass@k` (unbiased, averaged over problems) for k in
+    `pass_at_k_sizes(n)`, `eval/success_rate`, `eval/verifier_errors`, and per source
+    `eval/<source>/mean@n`, `eval/<source>/pass@k` and `eval/<source>/num_problems`.
+  """
+  n = num_samples
+  rewards = np.asarray(rewards, np.float64).reshape(-1, n)
+  sources = np.asarray(sources, dtype=str)
+  if len(sources) != len(rewards):
+    raise ValueError(f"{len(sources)} source names for {len(rewards)} problems of "
+                     f"{n} rollouts each.")
+  correct = (rewards >= threshold).sum(1)
+
+  def group(prefix, rows):
+    out = {f"{prefix}mean@{n}": float(rewards[rows].mean())}
+    for k in pass_at_k_sizes(n):
+      out[f"{prefix}pass@{k}"] = float(np.mean([pass_at_k(n, int(c), k)
+                                                for c in correct[rows]]))
+    return out
+
+  out = group("eval/", slice(None))
+  out["eval/success_rate"] = float(correct.sum() / rewards.size)
+  out["eval/verifier_errors"] = int((np.asarray(status) == callback.STATUS_CODES["error"]).sum())
+  for name in sorted(set(sources.tolist())):
+    rows = sources == name
+    out.update(group(f"eval/{name}/", rows))
+    out[f"eval/{name}/num_problems"] = int(rows.sum())
+  return out
+
+
 class Evaluator:
   """Held-out evaluation through the split pipeline: jit(sample) -> host verify.
 
   The same prompts and the same sampling key every time, so before/after numbers differ
   only through the parameters. Prompts are split over the mesh like training batches;
-  each process verifies the rollouts of its own rows, and the per-row results are
-  gathered so every process computes the same metrics.
+  each process verifies the rollouts of its own rows, and the per-row results (with the
+  example ids, which name each problem's source) are gathered so every process computes
+  the same metrics (`eval_metrics`).
   """
 
   def __init__(self, st: settings.Settings, model_cfg, tok, batches, host_verifier, mesh,
@@ -56,6 +102,7 @@ class Evaluator:
                            num_samples=e.num_samples)
     local = batches.first(e.num_prompts, sharding.process_rows(mesh, e.num_prompts))
     self.local_ids = local["example_id"]
+    self.sources = batches.split.source_table()
     self.batch = sharding.global_batch(mesh, local, e.num_prompts)
     self.k = e.num_samples
     self.host = host_verifier
@@ -79,16 +126,12 @@ class Evaluator:
     self.host.pop_timing()  # evaluation time is not a training-step statistic
     if jax.process_count() > 1:
       # Each block holds whole groups of k rows, so the metrics below do not depend on
-      # the order of the blocks.
-      rewards, status = multihost_utils.process_allgather((rewards, status), tiled=True)
-    success = (rewards >= self.threshold).reshape(-1, self.k)
-    k = self.k
-    return {
-        f"eval/mean@{k}": float(rewards.mean()),
-        f"eval/pass@{k}": float(np.mean([pass_at_k(k, int(c), k) for c in success.sum(1)])),
-        "eval/success_rate": float(success.mean()),
-        "eval/verifier_errors": int((status == callback.STATUS_CODES["error"]).sum()),
-    }
+      # the order of the blocks; the ids travel with them and name each group's source.
+      rewards, status, ids = multihost_utils.process_allgather(
+          (rewards, status, np.asarray(ids, np.int32)), tiled=True)
+    sources = [self.sources[int(i)] for i in np.asarray(ids)[::self.k]]
+    return eval_metrics(rewards, status, sources, num_samples=self.k,
+                        threshold=self.threshold)
 
 
 class _StopFlag:

@@ -6,7 +6,11 @@ Accelerator hosts without TensorFlow train from this file. One `.npz` per split:
   offsets     int64 [N + 1]    prompt i is tokens[offsets[i]:offsets[i+1]]
   insert      int32 [N]        insertion index of the peer context within prompt i
   references  str   [N]        JSON reference of example i (tests, answer, ...)
+  sources     str   [N]        source of example i: the name its evaluation metrics carry
   meta        str   []         JSON: task, split, vocabulary fingerprint
+
+A file written before `sources` existed reads as one source named by its task (`FORMAT`
+is part of the real-data tasks' cache names, so theirs are rebuilt instead).
 """
 
 from __future__ import annotations
@@ -20,6 +24,14 @@ import numpy as np
 
 from mopd_jax import tokenizers
 
+# Version of the file layout above; part of the real-data caches' names (`pipeline`).
+FORMAT = 2
+
+
+def default_source(meta: dict) -> str:
+  """The one source of a split whose examples carry none: its task without "mopd_"."""
+  return str(meta.get("task", "unknown")).removeprefix("mopd_")
+
 
 @dataclasses.dataclass
 class TokenizedSplit:
@@ -28,6 +40,7 @@ class TokenizedSplit:
   insert_index: np.ndarray
   references: list  # list of JSON strings
   meta: dict
+  sources: list | None = None  # per-example source names; None: one, `default_source(meta)`
 
   def __len__(self):
     return len(self.prompts)
@@ -36,9 +49,20 @@ class TokenizedSplit:
     """example id -> decoded reference (host side)."""
     return {int(i): json.loads(r) for i, r in zip(self.example_id, self.references)}
 
+  def source_names(self) -> list:
+    """The source name of each example, in order."""
+    if self.sources is None:
+      return [default_source(self.meta)] * len(self)
+    return [str(s) for s in self.sources]
+
+  def source_table(self) -> dict:
+    """example id -> source name (host side; names the per-source evaluation metrics)."""
+    return dict(zip((int(i) for i in self.example_id), self.source_names()))
+
 
 def tokenize_examples(examples, tokenizer, meta: dict) -> TokenizedSplit:
-  """A split from text examples {"example_id", "inputs", "reference", "system"} (numpy only).
+  """A split from text examples {"example_id", "inputs", "reference", "system", "source"}
+  (numpy only; without "source" an example belongs to the split's one default source).
 
   Each prompt is rendered with `tokenizers.encode_chat_prompt` (the tokenizer's chat
   template, or the plain chat format), which also gives the peer-context insertion index.
@@ -46,7 +70,7 @@ def tokenize_examples(examples, tokenizer, meta: dict) -> TokenizedSplit:
   has none, so there it opens the user text, followed by a blank line.
   """
   templated = bool(getattr(tokenizer, "chat_templates", None))
-  ids, prompts, inserts, refs = [], [], [], []
+  ids, prompts, inserts, refs, names = [], [], [], [], []
   for example in examples:
     system, text = example.get("system") or "", example["inputs"]
     if system and templated:
@@ -58,9 +82,10 @@ def tokenize_examples(examples, tokenizer, meta: dict) -> TokenizedSplit:
     prompts.append(np.asarray(tokens, np.int32))
     inserts.append(insert)
     refs.append(example["reference"])
+    names.append(example.get("source") or default_source(meta))
   return TokenizedSplit(example_id=np.asarray(ids, np.int64), prompts=prompts,
                         insert_index=np.asarray(inserts, np.int32), references=refs,
-                        meta={**meta, "vocab_size": tokenizer.vocab_size})
+                        meta={**meta, "vocab_size": tokenizer.vocab_size}, sources=names)
 
 
 def write(path: str, split: TokenizedSplit):
@@ -75,6 +100,7 @@ def write(path: str, split: TokenizedSplit):
   np.savez(tmp, example_id=np.asarray(split.example_id, np.int64), tokens=tokens,
            offsets=offsets, insert=np.asarray(split.insert_index, np.int32),
            references=np.asarray(split.references, dtype=str),
+           sources=np.asarray(split.source_names(), dtype=str),
            meta=np.asarray(json.dumps(split.meta)))
   os.replace(tmp, path)
 
@@ -88,4 +114,6 @@ def read(path: str) -> TokenizedSplit:
     return TokenizedSplit(example_id=f["example_id"], prompts=prompts,
                           insert_index=f["insert"], references=[str(r) for r in
                                                                 f["references"]],
-                          meta=json.loads(str(f["meta"])))
+                          meta=json.loads(str(f["meta"])),
+                          sources=([str(s) for s in f["sources"]] if "sources" in f.files
+                                   else None))

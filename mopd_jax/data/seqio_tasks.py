@@ -9,7 +9,8 @@ prompt in the chat format and returns a `cache.TokenizedSplit`.
 Tasks `mopd_code`, `mopd_math`, `mopd_science`, `mopd_tooluse` (`register_source_task`):
 splits `train` and `heldout` read by `data.sources` from the files each `SplitSpec` names
 (see `source_splits`), with text features `inputs` (the user message), `system` (the
-system prompt, often empty), `reference` (JSON), `problem_id` and `example_id`. They are
+system prompt, often empty), `reference` (JSON), `problem_id`, `example_id` and `source`
+(the name per-source evaluation metrics carry). They are
 not tokenised by seqio: prompts are rendered with the model's chat template by
 `cache.tokenize_examples`, which writes the TF-free cache.
 Each registered task keeps the load report of each split (`source_reports`).
@@ -88,6 +89,7 @@ _TEXT_SIGNATURE = {
     "inputs": tf.TensorSpec((), tf.string),
     "reference": tf.TensorSpec((), tf.string),
     "system": tf.TensorSpec((), tf.string),
+    "source": tf.TensorSpec((), tf.string),
 }
 
 
@@ -106,7 +108,7 @@ def register_source_task(task: str, specs: dict) -> seqio.Task:
   examples, reports = {}, {}
   for split, spec in specs.items():
     problems, reports[split] = source_splits.load_split_problems(task, spec)
-    examples[split] = source_splits.text_examples(problems, split)
+    examples[split] = source_splits.text_examples(problems, split, spec.kind)
 
   def dataset_fn(split: str, shuffle_files: bool, seed=None):
     del shuffle_files, seed  # served in source order; shuffling is by step (`pipeline`).
@@ -131,7 +133,7 @@ def text_examples(dataset) -> list[dict]:
   """The rows of a tf.data dataset of text features as Python values, in order."""
   return [{"example_id": int(ex["example_id"]), "problem_id": ex["problem_id"].decode(),
            "inputs": ex["inputs"].decode("utf-8"), "reference": ex["reference"].decode("utf-8"),
-           "system": ex["system"].decode("utf-8")}
+           "system": ex["system"].decode("utf-8"), "source": ex["source"].decode("utf-8")}
           for ex in dataset.as_numpy_iterator()]
 
 

@@ -7,7 +7,8 @@ counterparts do. `load_split_problems` loads a split through `sources.load` and 
 problems of the task's domain (a mixed source such as `mopd_parquet` counts the others as
 filtered). `text_examples` turns them into the rows that the seqio task serves and the
 cache stores: an int example id (unique across the two splits), the prompt text, the
-system prompt and the reference as JSON text.
+system prompt, the reference as JSON text and the source name that evaluation metrics are
+grouped by (`source_name`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 
 from mopd_jax.data import sources
 
@@ -62,11 +64,24 @@ def load_split_problems(task: str, spec: SplitSpec) -> tuple[list, dict]:
   return kept, report
 
 
-def text_examples(problems, split: str) -> list[dict]:
-  """{"example_id", "problem_id", "inputs", "reference", "system"} per problem, in order.
+def source_name(problem, kind: str) -> str:
+  """The source a problem's evaluation metrics are reported under.
 
-  "system" is the problem's system prompt (`meta["system"]`, as the authors' processed rows
-  and some BFCL items carry), "" when it has none.
+  The dataset the row itself names (MMATH's `data_source`, the authors' parquet `dataset`,
+  the AIME / HMMT file stem), else the source kind it was read with. Characters other than
+  letters, digits, "_", "-" and "." become "_" (the name is part of metric keys).
+  """
+  meta = problem.meta
+  name = meta.get("data_source") or meta.get("dataset") or meta.get("source") or kind
+  return re.sub(r"[^A-Za-z0-9_.-]", "_", str(name))
+
+
+def text_examples(problems, split: str, kind: str) -> list[dict]:
+  """{"example_id", "problem_id", "inputs", "reference", "system", "source"} per problem.
+
+  In order. "system" is the problem's system prompt (`meta["system"]`, as the authors'
+  processed rows and some BFCL items carry), "" when it has none; "source" is
+  `source_name(problem, kind)`, `kind` being the source kind the problems were read with.
   """
   if split not in SPLITS:
     raise ValueError(f"Unknown split {split!r}; allowed: {SPLITS}.")
@@ -75,7 +90,7 @@ def text_examples(problems, split: str) -> list[dict]:
     raise ValueError(f"{len(problems)} problems in one split; at most {HELDOUT_ID_OFFSET - 1}.")
   return [{"example_id": offset + i, "problem_id": p.id, "inputs": p.prompt,
            "reference": json.dumps(p.reference, ensure_ascii=False),
-           "system": p.meta.get("system") or ""}
+           "system": p.meta.get("system") or "", "source": source_name(p, kind)}
           for i, p in enumerate(problems)]
 
 

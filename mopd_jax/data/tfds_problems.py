@@ -95,11 +95,13 @@ class MopdProblems(tfds.core.GeneratorBasedBuilder):
 
 
 def cache_split(dataset, split: str, tokenizer, *, task: str,
-                load_report: dict | None = None) -> cache.TokenizedSplit:
+                load_report: dict | None = None, kind: str = "") -> cache.TokenizedSplit:
   """The tokenised cache of a built split (a tf.data dataset of `MopdProblems` rows).
 
   `split` is the cache's split ("train" or "heldout", which sets the example ids); rows of
-  another domain than the task's are left out and counted as filtered.
+  another domain than the task's are left out and counted as filtered. `kind` (the builder
+  config, e.g. "livecodebench") names the source of the rows whose meta names no dataset
+  (`source_splits.source_name`); without it, the task does.
   """
   domain = source_splits.TASK_DOMAINS[task]
   rows = list(dataset.as_numpy_iterator())
@@ -115,5 +117,5 @@ def cache_split(dataset, split: str, tokenizer, *, task: str,
   load["filtered"] += len(rows) - len(kept)
   load["problems"] = len(kept)
   return cache.tokenize_examples(
-      source_splits.text_examples(kept, split), tokenizer,
+      source_splits.text_examples(kept, split, kind or task), tokenizer,
       {"task": f"mopd_{task}", "split": split, "domain": domain, "load": load})
