@@ -168,14 +168,15 @@ def load_source_splits(cache_dir: str, data, tokenizer) -> dict:
 
   `data` is the run's `settings.DataSettings`. Each split's cache file is named after the
   task, the split and a digest of its source, path, options, vocabulary size and the cache
-  format, so a changed setting (or file layout) builds a new cache. Building reads the sources through the task's seqio
-  task (TensorFlow is imported only then); the load report travels in the cache's meta.
+  format, so a changed setting (or file layout) builds a new cache. Building reads the
+  sources through the task's seqio task (TensorFlow is imported only then); the load
+  report travels in the cache's meta.
   """
   specs = data.split_specs()
-  paths = {split: os.path.join(
-      cache_dir, f"mopd_{data.task}_{split}_"
-      f"{spec.fingerprint(data.task, tokenizer.vocab_size, cache.FORMAT)}.npz")
-           for split, spec in specs.items()}
+  digest = {split: spec.fingerprint(data.task, tokenizer.vocab_size, cache.FORMAT)
+            for split, spec in specs.items()}
+  paths = {split: os.path.join(cache_dir, f"mopd_{data.task}_{split}_{digest[split]}.npz")
+           for split in specs}
   if not all(os.path.exists(p) for p in paths.values()):
     from mopd_jax.data import seqio_tasks  # pylint: disable=import-outside-toplevel
     task = seqio_tasks.register_source_task(data.task, specs)
