@@ -1,9 +1,13 @@
 """Loads Hugging Face checkpoints (Qwen3, Qwen2.5, Llama 3.x) into `transformer` parameters.
 
 A checkpoint is a local directory with `config.json` and either one `*.safetensors` file or
-shards listed in `model.safetensors.index.json`. Tensors are read one at a time, rearranged
-into our layout and placed directly on their devices (on `mesh`, with the sharding that the
-logical axis rules give each parameter), so the host never holds a second copy of the model.
+shards listed in `model.safetensors.index.json`. On a mesh, each parameter is created with
+`jax.make_array_from_callback` on the sharding that the logical axis rules give it: each
+process reads, for each of its devices' shards, only the part of the Hugging Face tensor(s)
+that covers the shard (memory-mapped, so only those bytes are read), rearranges it into our
+layout and hands it to that device. No process reads the whole model, unless its devices
+hold all of it. Without a mesh, tensors are read whole, one at a time, and placed on the
+default device. `load(..., stats=dict)` reports the bytes read.
 
 Layout of a Hugging Face linear layer `weight [out, in]` in ours:
 - q/k/v projections: kernel [embed, heads, head_dim] = weight.T reshaped; bias [heads, head_dim].
@@ -23,10 +27,10 @@ import math
 import os
 from typing import Any, Iterator
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
 
 from mopd_jax import sharding as sharding_lib
 from mopd_jax.models import transformer
@@ -257,16 +261,49 @@ def read_header(file: str) -> tuple[dict[str, Any], int]:
   return header, 8 + size
 
 
-def _read_tensor(handle, file: str, entry: dict[str, Any], data_start: int, name: str):
-  """One tensor as numpy. bfloat16 is read from its bytes at the header's offsets: not every
-  safetensors release returns bfloat16 through the numpy API (numpy has no such dtype)."""
-  if entry["dtype"] == "BF16":
-    begin, end = entry["data_offsets"]
-    array = np.fromfile(
-        file, dtype=_SAFETENSORS_DTYPES["BF16"], count=(end - begin) // 2, offset=data_start + begin
-    )
-    return array.reshape(entry["shape"])
-  return handle.get_tensor(name)
+def _read_part(where, name: str, index: tuple) -> np.ndarray:
+  """The part `index` (one slice per axis) of checkpoint tensor `name`, as numpy.
+
+  The file is memory-mapped and only the requested elements are copied out, so only their
+  pages are read. (The numpy API of safetensors cannot return bfloat16, numpy having no
+  such dtype; the header's offsets and `ml_dtypes`' bfloat16 serve every dtype alike.)
+  """
+  file, entry, data_start = where[name]
+  begin, end = entry["data_offsets"]
+  dtype, shape = _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
+  if begin == end:  # an empty tensor: nothing to map
+    return np.zeros(shape, dtype)[index]
+  data = np.memmap(file, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
+  return np.array(data[index])
+
+
+def _ours_part(layout: str, read, index: tuple, shape: tuple[int, ...]) -> np.ndarray:
+  """The part `index` of our (unstacked) parameter of `shape`, as `to_ours` would give it.
+
+  `read(hf_index)` returns a part of the Hugging Face tensor. The part read is the smallest
+  block that covers `index`: for a split head_dim it is the whole heads, sliced afterwards.
+  """
+  index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+  if layout == SAME:
+    return read(index)
+  if layout == TRANSPOSE:
+    return np.ascontiguousarray(read(index[::-1]).T)
+  if layout == HEADS_BIAS:
+    heads, dims = index
+    head_dim = shape[1]
+    rows = slice(heads.start * head_dim, heads.stop * head_dim)
+    return np.ascontiguousarray(read((rows,)).reshape(-1, head_dim)[:, dims])
+  if layout == HEADS_IN:  # ours [embed, heads, head_dim]; Hugging Face [heads * head_dim, embed]
+    embed, heads, dims = index
+    head_dim = shape[2]
+    part = read((slice(heads.start * head_dim, heads.stop * head_dim), embed))
+    return np.ascontiguousarray(part.T.reshape(part.shape[1], -1, head_dim)[:, :, dims])
+  if layout == HEADS_OUT:  # ours [heads, head_dim, embed]; Hugging Face [embed, heads * head_dim]
+    heads, dims, embed = index
+    head_dim = shape[1]
+    part = read((embed, slice(heads.start * head_dim, heads.stop * head_dim)))
+    return np.ascontiguousarray(part.T.reshape(-1, head_dim, part.shape[0])[:, dims, :])
+  raise ValueError(f"Unknown tensor layout {layout!r}.")
 
 
 def _index_tensors(files: list[str]) -> dict[str, tuple[str, dict[str, Any], int]]:
@@ -323,16 +360,19 @@ def _set_leaf(tree: dict, path: tuple[str, ...], value) -> None:
   tree[path[-1]] = value
 
 
-def load(path: str, *, dtype: str = "float32", mesh=None, rules=None):
+def load(path: str, *, dtype: str = "float32", mesh=None, rules=None, stats=None):
   """Loads a Hugging Face checkpoint directory.
 
   Args:
     path: directory with `config.json` and `model.safetensors` or sharded safetensors files
       with `model.safetensors.index.json`.
     dtype: dtype of the returned parameters (and of the config's compute dtype).
-    mesh: optional `jax.sharding.Mesh`; each parameter is then placed on the NamedSharding
-      that `rules` give its logical axes. Without a mesh, parameters go to the default device.
+    mesh: optional `jax.sharding.Mesh`; each parameter is then created on the NamedSharding
+      that `rules` give its logical axes, and this process reads only the parts of the
+      tensors that its devices hold. Without a mesh, parameters go to the default device.
     rules: logical axis rules; defaults to `sharding.DEFAULT_RULES`.
+    stats: optional dict that receives {"bytes_read": bytes this process read from the
+      files, "checkpoint_bytes": bytes of all the tensors the model uses}.
 
   Returns:
     (model_config, params) with `params` shaped like `transformer.init_params(model_config)`.
@@ -351,42 +391,52 @@ def load(path: str, *, dtype: str = "float32", mesh=None, rules=None):
   where = _index_tensors(files)
   _check_keys_and_shapes(specs, target_shapes, where, path, config.tie_embeddings)
 
-  placement = {}  # parameter path -> NamedSharding; empty = default device
-  if mesh is not None:
-    shardings = sharding_lib.logical_to_shardings(
-        transformer.param_logical_axes(config),
-        shapes,
-        mesh,
-        sharding_lib.DEFAULT_RULES if rules is None else rules,
-    )
-    placement = dict(_flat_leaves(shardings))
-  specs_by_file = {}
-  for spec in specs:
-    specs_by_file.setdefault(where[spec.hf_name][0], []).append(spec)
+  counts = {"bytes_read": 0, "checkpoint_bytes": sum(
+      where[s.hf_name][1]["data_offsets"][1] - where[s.hf_name][1]["data_offsets"][0]
+      for s in specs)}
 
-  # Stacked parameters are assembled on the host one parameter at a time and placed on
-  # their devices once all their layers are read.
-  params, pending, layers_left = {}, {}, {}
+  def read(name, index):
+    part = _read_part(where, name, index)
+    counts["bytes_read"] += part.nbytes
+    return part.astype(target_dtype, copy=False)
+
+  by_path = {}  # parameter path -> its specs (one per layer for a stacked parameter)
   for spec in specs:
-    if spec.layer is not None:
-      layers_left[spec.path] = layers_left.get(spec.path, 0) + 1
-  for file, file_specs in specs_by_file.items():
-    with safetensors.safe_open(file, framework="np") as handle:
-      for spec in file_specs:
-        _, entry, data_start = where[spec.hf_name]
-        array = _read_tensor(handle, file, entry, data_start, spec.hf_name)
-        shape = target_shapes[spec.path]
-        array = to_ours(
-            spec.layout, array.astype(target_dtype, copy=False), tensor_shape(spec, shape)
-        )
-        if spec.layer is None:
-          _set_leaf(params, spec.path, jax.device_put(array, placement.get(spec.path)))
-          continue
-        if spec.path not in pending:
-          pending[spec.path] = np.empty(shape, target_dtype)
-        pending[spec.path][spec.layer] = array
-        layers_left[spec.path] -= 1
-        if not layers_left[spec.path]:
-          stacked = pending.pop(spec.path)
-          _set_leaf(params, spec.path, jax.device_put(stacked, placement.get(spec.path)))
+    by_path.setdefault(spec.path, []).append(spec)
+
+  def part(leaf, index):
+    """Our parameter `leaf`'s part `index`: the layers it names, each read in part."""
+    shape, path_specs = target_shapes[leaf], by_path[leaf]
+    if path_specs[0].layer is None:
+      spec, = path_specs
+      return _ours_part(spec.layout, lambda i: read(spec.hf_name, i), index, shape)
+    layers = range(*index[0].indices(shape[0]))
+    return np.stack([
+        _ours_part(path_specs[i].layout, lambda j, i=i: read(path_specs[i].hf_name, j),
+                   index[1:], shape[1:]) for i in layers])
+
+  params = {}
+  if mesh is None:
+    for leaf in by_path:
+      full = tuple(slice(None) for _ in target_shapes[leaf])
+      _set_leaf(params, leaf, jax.device_put(part(leaf, full)))
+  else:
+    shardings = dict(_flat_leaves(sharding_lib.logical_to_shardings(
+        transformer.param_logical_axes(config), shapes, mesh,
+        sharding_lib.DEFAULT_RULES if rules is None else rules)))
+    for leaf in by_path:
+      parts = {}  # devices that hold the same part share one read
+
+      def callback(index, leaf=leaf, parts=parts):
+        key = tuple(s.indices(n)[:2] for s, n in zip(index, target_shapes[leaf]))
+        if key not in parts:
+          parts[key] = part(leaf, index)
+        return parts[key]
+
+      _set_leaf(params, leaf, jax.make_array_from_callback(
+          target_shapes[leaf], shardings[leaf], callback))
+  logging.info("Read %.1f MB of the %.1f MB of checkpoint tensors in %s.",
+               counts["bytes_read"] / 1e6, counts["checkpoint_bytes"] / 1e6, path)
+  if stats is not None:
+    stats.update(counts)
   return config, params
