@@ -67,6 +67,10 @@ def parse_args(argv=None):
   add("--top-k", type=int, default=100)
   add("--alpha", type=float, default=0.5)
   add("--chunk-size", type=int, default=32, help="JAX loss chunk (positions)")
+  add("--remat-policy", default="none",
+      help="JAX student's remat policy (models.transformer.REMAT_POLICIES); 'none' keeps "
+      "the activations, as PyTorch eager does")
+  add("--attention", default="auto", help="JAX attention kind (models.attention.KINDS)")
   add("--steps", type=int, default=5, help="timed steps per framework")
   add("--warmup", type=int, default=1, help="untimed steps per framework after compile")
   add("--seed", type=int, default=0)
@@ -204,7 +208,8 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as directory:
     torch_model = build_checkpoint(args, directory)
     model_cfg, params = hf_import.load(directory, dtype="float32")
-  model_cfg = dataclasses.replace(model_cfg, dtype=args.dtype)
+  model_cfg = dataclasses.replace(model_cfg, dtype=args.dtype,
+                                  remat_policy=args.remat_policy, attention=args.attention)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch_model = torch_model.to(device)
 
@@ -267,6 +272,7 @@ def main(argv=None):
       "embed_dim": args.embed_dim, "layers": args.layers, "heads": args.heads,
       "kv_heads": args.kv_heads, "vocab": args.vocab, "dtype": args.dtype,
       "top_k": args.top_k, "alpha": args.alpha, "chunk_size": args.chunk_size,
+      "remat_policy": args.remat_policy, "attention": args.attention,
       "jax_backend": jax.default_backend(), "torch_device": device,
       "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
       "jax_version": jax.__version__, "torch_version": torch.__version__,

@@ -1,0 +1,103 @@
+"""The study's bookkeeping: run records, seed aggregates, ordering, tables and plots.
+
+The training runs themselves are the demo's (tested elsewhere); here synthetic run
+directories stand in for them.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from benchmarks import reproduce
+
+
+def _write_run(directory, *, before, after, rewards, k=4):
+  os.makedirs(directory, exist_ok=True)
+  lines = [{"step": 0, "eval/success_rate": before, f"eval/pass@{k}": before + 0.1,
+            "eval/pass@1": before}]
+  for step, reward in enumerate(rewards, start=1):
+    lines.append({"step": step, "train/reward_mean": reward, "train/loss": 0.1})
+  lines.append({"step": len(rewards), "eval/success_rate": after,
+                f"eval/pass@{k}": after + 0.1, "eval/pass@1": after})
+  with open(os.path.join(directory, "metrics.jsonl"), "w", encoding="utf-8") as f:
+    f.write("\n".join(json.dumps(line) for line in lines) + "\n")
+  summary = {"eval_before": lines[0], "eval_after": lines[-1], "wall_time_s": 12.0,
+             "step_time_median_s": 0.5, "compile_time_s": 3.0}
+  with open(os.path.join(directory, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f)
+
+
+@pytest.fixture
+def runs(tmp_path):
+  out = []
+  rng = np.random.default_rng(0)
+  for method, base in (("mopd_2s1f", 0.6), ("grpo", 0.45), ("sft_verified", 0.5)):
+    for seed in (0, 1, 2):
+      d = str(tmp_path / method / f"seed{seed}")
+      after = base + 0.03 * seed
+      _write_run(d, before=0.4, after=after, rewards=list(rng.uniform(0, 1, 12)))
+      out.append(reproduce.read_run(d, method, seed, {"seed": seed}))
+  out.append({"method": "grpo", "seed": 3, "failed": "exit 1"})
+  return out
+
+
+def test_read_run_takes_curves_and_summary(runs):
+  r = runs[0]
+  assert r["k"] == 4 and len(r["train_reward"]) == 12
+  assert [e["step"] for e in r["heldout"]] == [0, 12]
+  assert r["success_after"] == pytest.approx(0.6) and r["pass_after"] == pytest.approx(0.7)
+
+
+def test_mean_ci_is_the_t_interval():
+  values = [0.61, 0.55, 0.7]
+  got = reproduce.mean_ci(values)
+  lo, hi = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values),
+                            scale=stats.sem(values))
+  np.testing.assert_allclose(got["ci95"], [lo, hi], rtol=1e-3)
+  assert reproduce.mean_ci([0.5]) == {"mean": 0.5, "ci95": None, "n": 1}
+
+
+def test_aggregate_ordering_and_failed_seeds_are_reported(runs):
+  agg = reproduce.aggregate(runs)
+  assert reproduce.ordering(agg) == ["mopd_2s1f", "sft_verified", "grpo"]
+  assert agg["grpo"]["failed_seeds"] == [3] and agg["grpo"]["seeds"] == [0, 1, 2]
+  np.testing.assert_allclose(agg["mopd_2s1f"]["success_after"]["mean"], 0.63)
+  np.testing.assert_allclose(agg["mopd_2s1f"]["success_gain"]["mean"], 0.23)
+  # The late training reward is the mean of the last sixth of the steps (2 of 12).
+  late = np.mean([np.mean([v for _, v in r["train_reward"]][-2:]) for r in runs[:3]])
+  np.testing.assert_allclose(agg["mopd_2s1f"]["train_reward_late"]["mean"], late)
+  assert [s for s, _ in agg["grpo"]["heldout_curve"]] == [0, 12]
+
+
+def test_markdown_and_plots_are_written(runs, tmp_path):
+  agg = reproduce.aggregate(runs)
+  signal = {"prompts": 4, "samples_per_prompt": 8, "success_rate": 0.4, "variants": {
+      "base": {"auc": 0.5, "pairwise_accuracy": 0.5, "spearman": 0.0, "kendall": 0.0,
+               "point_biserial": 0.0, "num_prompts": 3, "mean_teacher_prompt_tokens": 40.0,
+               "ci95": {m: (0.1, 0.9) for m in ("auc", "pairwise_accuracy", "spearman",
+                                                "kendall", "point_biserial")}}}}
+  results = {"setup": {"seeds": [0, 1, 2], "steps": 12, "prompts_per_step": 16,
+                       "rollouts_per_prompt": 4, "eval_prompts": 96, "machine": "test"},
+             "aggregates": agg, "ordering": reproduce.ordering(agg),
+             "teacher_signal": signal, "wall_time_s": 120.0}
+  text = reproduce.markdown(results)
+  assert "| mopd_2s1f | 0.400 [0.400, 0.400] | 0.630 [" in text
+  assert "mopd_2s1f > sft_verified > grpo" in text
+  assert "| base | 3 | 0.500 [0.100, 0.900]" in text
+  written = reproduce.plots(results, str(tmp_path))
+  for path in written:
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_arguments_name_the_flag():
+  with pytest.raises(SystemExit):
+    reproduce.parse_args(["--methods=mopd_2s1f,ppo"])
+  args = reproduce.parse_args(["--quick"])
+  assert args.seeds == [0] and args.steps == 8 and args.out.startswith(args.workdir)
+  full = reproduce.parse_args([])
+  assert full.seeds == [0, 1, 2] and full.out.endswith(os.path.join("benchmarks",
+                                                                     "reproduction"))
