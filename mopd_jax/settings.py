@@ -150,8 +150,9 @@ class ModelSettings(_Section):
       "jax.checkpoint policy of each layer in the backward pass ('none' = no remat).")
   attention: str = knob("auto", _one_of(attention_lib.KINDS),
                         f"one of {list(attention_lib.KINDS)}",
-                        "Attention implementation (auto: cudnn on GPU where it applies, "
-                        "else blockwise).")
+                        "Attention implementation (auto: splash on TPU, cudnn on GPU where "
+                        "it applies, else blockwise; splash_interpret: the splash kernel in "
+                        "the Pallas interpreter, for tests).")
   matmul_precision: str = knob(
       "default", _one_of(tuple(attention_lib.PRECISIONS)),
       f"one of {list(attention_lib.PRECISIONS)}",

@@ -185,16 +185,16 @@ class UnderRules:
       return self._jitted.lower(*args, **kwargs)
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint of `x` from logical axis names while a context mesh is set.
+def logical_spec(shape: Sequence[int], logical_axes: Sequence[str | None]) -> P | None:
+  """PartitionSpec of an array of `shape` from logical axis names under the context mesh.
 
-  Without a context mesh (see `axis_rules`) it returns `x`. Rules are those of
-  `axis_rules`, else `DEFAULT_RULES`. A dimension that its mesh axes do not divide (e.g.
-  2 key/value heads over a tensor axis of 4) stays replicated rather than failing.
+  None without a context mesh (see `axis_rules`). Rules are those of `axis_rules`, else
+  `DEFAULT_RULES`. A dimension that its mesh axes do not divide (e.g. 2 key/value heads
+  over a tensor axis of 4) stays replicated rather than failing.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return x
+    return None
   rules = _ACTIVE_RULES.get() or DEFAULT_RULES
   spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
 
@@ -204,8 +204,13 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
       return None
     return axis if dim % math.prod(mesh.shape[a] for a in axes) == 0 else None
 
-  spec = P(*(usable(dim, axis) for dim, axis in zip(x.shape, tuple(spec))))
-  return jax.lax.with_sharding_constraint(x, spec)
+  return P(*(usable(dim, axis) for dim, axis in zip(shape, tuple(spec))))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint of `x` by `logical_spec`; `x` itself without a context mesh."""
+  spec = logical_spec(x.shape, logical_axes)
+  return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 def process_rows(mesh: Mesh, num_rows: int) -> slice:

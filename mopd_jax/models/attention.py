@@ -21,7 +21,20 @@ Kinds:
   float16 inputs with head_dim <= 128 and a multiple of 8. Each row is shifted so that its
   real tokens start at slot 0 (cuDNN takes right-padded lengths), which needs every row's
   real tokens to be one contiguous run and T == S.
-- `auto`: `cudnn` where it applies, otherwise `blockwise`; logs when a GPU run falls back.
+- `splash`: the Pallas splash-attention kernels of `jax.experimental.pallas.ops.tpu` on TPU,
+  fused in both passes (a forward kernel, and dq / dk+dv kernels in its own custom VJP).
+  Padding is expressed as segment ids (real keys segment 1, padding keys 0, every query 1),
+  the causal mask is static, so q_offset must be a Python int. GQA is native: query head h
+  reads key/value head h // (H / K), nothing is repeated in memory. Lengths are padded up to
+  the blocks, which are multiples of 128 (TPU lanes). The kernels take no matmul precision,
+  so float32 inputs with a matmul precision other than the default are refused.
+- `splash_interpret`: the same kernels run by the Pallas interpreter on any backend (slow;
+  for tests on CPU). Nothing else selects it.
+- `auto`: `splash` on TPU, `cudnn` on GPU where it applies, otherwise `blockwise`; logs when
+  a TPU or GPU run falls back.
+
+A kind that cannot run on this backend or these inputs raises an error that names
+`config.model.attention`, the value and the kinds that run here.
 
 `decode_attention` is the sampler's one-token step over a prompt cache shared by the G
 samples of each prompt plus the written blocks of a per-sample response cache.
@@ -30,18 +43,26 @@ samples of each prompt plus the written blocks of a per-sample response cache.
 from __future__ import annotations
 
 import functools
+import operator
 
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-KINDS = ("auto", "naive", "blockwise", "cudnn")
+from mopd_jax import sharding
+
+KINDS = ("auto", "naive", "blockwise", "cudnn", "splash", "splash_interpret")
 PRECISIONS = {
     "default": None,
     "high": jax.lax.Precision.HIGH,
     "highest": jax.lax.Precision.HIGHEST,
 }
 DEFAULT_BLOCK = 512
+SPLASH_LANES = 128  # splash's blocks are whole multiples of the TPU lane width
+# Logical axes of q [B, T, H, D] and k, v [B, S, K, D], as the model constrains them.
+_Q_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+_KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "activation_kv")
 
 
 def check_kind(kind: str) -> None:
@@ -68,17 +89,43 @@ def _cudnn_unsupported_reason(q, k) -> str | None:
   return None
 
 
-def resolve_kind(kind: str, q, k) -> str:
+def _splash_unsupported_reason(q, precision) -> str | None:
+  """Why the splash kernels cannot run these inputs here, or None when they can."""
+  if jax.default_backend() != "tpu":
+    return f"it needs a TPU backend, and this one is {jax.default_backend()!r}"
+  if precision is not None and q.dtype == jnp.float32:
+    return (f"its kernels take no matmul precision, and float32 inputs ask for {precision} "
+            f"(config.model.matmul_precision)")
+  return None
+
+
+def _kinds_that_run() -> list[str]:
+  backend = jax.default_backend()
+  return (["auto", "naive", "blockwise"] + ["cudnn"] * (backend == "gpu")
+          + ["splash"] * (backend == "tpu") + ["splash_interpret"])
+
+
+def resolve_kind(kind: str, q, k, precision=None) -> str:
   """The implementation that `kind` means for these inputs on this backend."""
   check_kind(kind)
+  reason = None
   if kind == "cudnn":
     reason = _cudnn_unsupported_reason(q, k)
-    if reason is not None:
-      raise ValueError(
-          f"attention kind 'cudnn' cannot run: {reason}. Use attention='blockwise' (any "
-          f"backend) or 'auto' (cudnn where it applies, blockwise otherwise).")
+  elif kind == "splash":
+    reason = _splash_unsupported_reason(q, precision)
+  if reason is not None:
+    raise ValueError(
+        f"config.model.attention={kind!r} cannot run: {reason}. Kinds that run here: "
+        f"{_kinds_that_run()} ('splash_interpret' is the splash kernel in the slow Pallas "
+        f"interpreter, for tests).")
   if kind != "auto":
     return kind
+  if jax.default_backend() == "tpu":
+    reason = _splash_unsupported_reason(q, precision)
+    if reason is None:
+      return "splash"
+    logging.info("attention='auto' uses blockwise instead of splash: %s.", reason)
+    return "blockwise"
   reason = _cudnn_unsupported_reason(q, k)
   if reason is None:
     return "cudnn"
@@ -93,8 +140,11 @@ def attention(q, k, v, kv_mask, *, kind="auto", causal=True, q_offset=0,
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads "
                      f"({k.shape[2]}).")
-  kind = resolve_kind(kind, q, k)
+  kind = resolve_kind(kind, q, k, precision)
   kv_mask = kv_mask.astype(bool)
+  if kind in ("splash", "splash_interpret"):
+    return splash(q, k, v, kv_mask, q_offset, causal=causal, block_q=block_q,
+                  block_k=block_k, interpret=kind == "splash_interpret")
   q_offset = jnp.asarray(q_offset, jnp.int32)
   if kind == "naive":
     return naive(q, k, v, dense_mask(kv_mask, q.shape[1], causal, q_offset),
@@ -313,6 +363,80 @@ def _cudnn(q, k, v, kv_mask, *, causal):
   out = _shift_rows(out, -first)
   real = kv_mask[:, :, None, None]
   return jnp.where(real, out, 0).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Splash attention (Pallas, TPU).
+
+
+def _lane_multiple(n):
+  return -(-n // SPLASH_LANES) * SPLASH_LANES
+
+
+def splash(q, k, v, kv_mask, q_offset=0, *, causal=True, block_q=DEFAULT_BLOCK,
+           block_k=DEFAULT_BLOCK, interpret=False):
+  """Splash attention; same contract as `attention(kind='splash')`.
+
+  Cost: the matmul FLOPs of `blockwise` over query and key lengths padded up to the
+  blocks (block_q / block_k capped at the length, rounded up to multiples of 128). Blocks
+  wholly above the causal diagonal are skipped; blocks of pure padding are not (segment ids
+  are data, the block map is built from the static mask), where `blockwise` skips them.
+  Memory beyond inputs and outputs: the padded, transposed copies of q, k, v and the
+  float32 log-sum-exp saved for the backward.
+
+  Under a context mesh (`sharding.axis_rules`) the kernels run in a `shard_map` over the
+  rows' mesh axes and, when query and key/value heads both divide, the heads' axis: XLA
+  cannot split a Pallas call itself, and would otherwise gather every row on every device.
+  """
+  try:
+    q_offset = operator.index(q_offset)
+  except TypeError as e:
+    raise ValueError("splash attention needs q_offset as a Python int (its causal mask is "
+                     f"static), got {q_offset!r}.") from e
+  run = functools.partial(_splash_rows, q_offset=q_offset, causal=causal, block_q=block_q,
+                          block_k=block_k, interpret=interpret)
+  q_spec = sharding.logical_spec(q.shape, _Q_AXES)
+  if q_spec is None:
+    return run(q, k, v, kv_mask)
+  kv_spec = sharding.logical_spec(k.shape, _KV_AXES)
+  heads = q_spec[2] if q_spec[2] == kv_spec[2] else None
+  q_spec, kv_spec = P(q_spec[0], None, heads, None), P(kv_spec[0], None, heads, None)
+  return jax.shard_map(run, in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[0], None)),
+                       out_specs=q_spec, check_vma=False)(q, k, v, kv_mask)
+
+
+def _splash_rows(q, k, v, kv_mask, *, q_offset, causal, block_q, block_k, interpret):
+  """`splash` on the rows and heads at hand."""
+  # Imported on first use: pallas' import costs most of a second, and only splash needs it.
+  from jax.experimental.pallas.ops.tpu import (  # pylint: disable=import-outside-toplevel
+      splash_attention as sa)
+
+  b, t, h, d = q.shape
+  s, dtype = k.shape[1], q.dtype
+  bq, bk = _lane_multiple(min(block_q, t)), _lane_multiple(min(block_k, s))
+  # Splash's layout: [heads, length, head_dim] per row; it does not scale the scores.
+  q = _pad_to(q.transpose(0, 2, 1, 3) * jnp.asarray(d ** -0.5, dtype), 2, bq)
+  k, v = (_pad_to(x.transpose(0, 2, 1, 3), 2, bk) for x in (k, v))
+  tp, sp = q.shape[2], k.shape[2]
+  mask = sa.CausalMask((tp, sp), offset=q_offset) if causal else sa.FullMask((tp, sp))
+  blocks = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
+                         block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq,
+                         block_kv_dq=bk)
+  kernel = sa.make_splash_mha(sa.MultiHeadMask([mask] * h), block_sizes=blocks,
+                              head_shards=1, q_seq_shards=1, interpret=interpret)
+  # A query attends to keys of its own segment: every query is in segment 1, real keys
+  # too, padding keys (the row's and the block padding) in segment 0.
+  segments = sa.SegmentIds(q=jnp.ones((b, tp), jnp.int32),
+                           kv=_pad_to(kv_mask, 1, bk, False).astype(jnp.int32))
+  out = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=seg))(q, k, v, segments)
+  out = out[:, :, :t].transpose(0, 2, 1, 3)
+  # A query that sees no key gets a finite average of masked values from the kernel; it
+  # returns zeros as in the other kinds (and so passes no gradient into the kernel).
+  seen = jnp.any(kv_mask, axis=1)[:, None]
+  if causal:
+    first_key = jnp.argmax(kv_mask, axis=1)[:, None]
+    seen = seen & (first_key <= q_offset + jnp.arange(t)[None, :])
+  return jnp.where(seen[:, :, None, None], out, 0).astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------
