@@ -1,6 +1,7 @@
 """Attention kinds against the naive oracle (itself against float64 numpy); scanned layers."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.extend
@@ -15,11 +16,11 @@ from mopd_jax.models import transformer as T
 B, T_LEN, H, K, D = 3, 21, 4, 2, 8
 
 
-def _inputs(seed, t=T_LEN, s=T_LEN):
+def _inputs(seed, t=T_LEN, s=T_LEN, b=B):
   ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-  q = jax.random.normal(ks[0], (B, t, H, D))
-  k = jax.random.normal(ks[1], (B, s, K, D))
-  v = jax.random.normal(ks[2], (B, s, K, D))
+  q = jax.random.normal(ks[0], (b, t, H, D))
+  k = jax.random.normal(ks[1], (b, s, K, D))
+  v = jax.random.normal(ks[2], (b, s, K, D))
   return q, k, v
 
 
@@ -64,7 +65,7 @@ def _loss_and_grads(kind, q, k, v, kv_mask, **kw):
     out = A.attention(q, k, v, kv_mask, kind=kind, **kw)
     return jnp.sum(jnp.sin(out) * out_mask), out
 
-  (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
   return out, grads
 
 
@@ -113,6 +114,12 @@ def test_kind_errors_name_the_value():
     with pytest.raises(ValueError, match=r"'cudnn' cannot run: it needs a GPU.*blockwise"):
       A.attention(q, k, v, mask, kind="cudnn")
     assert A.resolve_kind("auto", q, k) == "blockwise"
+  if jax.default_backend() != "tpu":
+    with pytest.raises(ValueError, match=r"config.model.attention='splash' cannot run: it "
+                       r"needs a TPU.*'blockwise'.*'splash_interpret'"):
+      A.attention(q, k, v, mask, kind="splash")
+  with pytest.raises(ValueError, match=r"q_offset as a Python int"):
+    jax.jit(lambda o: A.attention(q, k, v, mask, kind="splash_interpret", q_offset=o))(0)
   with pytest.raises(ValueError, match=r"model.attention 'flash'.*allowed"):
     T.ModelConfig(vocab_size=8, num_layers=1, embed_dim=8, num_heads=2, num_kv_heads=2,
                   head_dim=4, mlp_dim=8, attention="flash")
@@ -122,6 +129,59 @@ def test_kind_errors_name_the_value():
   with pytest.raises(ValueError, match=r"model.remat_policy 'some'.*dots_saveable"):
     T.ModelConfig(vocab_size=8, num_layers=1, embed_dim=8, num_heads=2, num_kv_heads=2,
                   head_dim=4, mlp_dim=8, remat_policy="some")
+
+
+def test_splash_resolution_on_tpu_and_gpu(monkeypatch):
+  """Which kind `auto` means and what `splash` refuses, with the backend's name faked."""
+  q, k, _ = _inputs(0)
+  highest = jax.lax.Precision.HIGHEST
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert A.resolve_kind("auto", q, k) == "splash"
+  assert A.resolve_kind("auto", q, k, highest) == "blockwise"  # logged
+  assert A.resolve_kind("auto", q.astype(jnp.bfloat16), k, highest) == "splash"
+  with pytest.raises(ValueError, match=r"'splash' cannot run: its kernels take no matmul "
+                     r"precision.*matmul_precision.*'blockwise', 'splash'"):
+    A.resolve_kind("splash", q, k, highest)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.raises(ValueError, match=r"'splash' cannot run: it needs a TPU backend, and "
+                     r"this one is 'gpu'.*'cudnn', 'splash_interpret'"):
+    A.resolve_kind("splash", q, k)
+
+
+# --------------------------------------------------------------- Splash, interpreted.
+# The Pallas interpreter is slow: few, small calls. Splash blocks are 128 wide.
+
+
+def _long_teacher_mask(s=150):
+  """Teacher rows: a prompt with peer context longer than the student's, past one block;
+  row 1's left padding fills its whole first block (queries that see no key, and a key
+  block of pure padding)."""
+  index = np.arange(s)[None]
+  return jnp.asarray((index >= np.array([[4], [131]])) & (index < np.array([[s - 9], [s]])))
+
+
+@pytest.mark.parametrize("case", ["student", "teacher", "offset", "non_causal"])
+def test_splash_interpret_matches_naive_and_float64(case):
+  """Left and right padding, GQA (4 query heads over 2), several blocks, chunked prefill
+  (queries in the last 7 of 21 slots), non-causal."""
+  t, s, rows, kw = T_LEN, T_LEN, B, {}
+  kv_mask = _teacher_like_mask()
+  if case == "teacher":
+    t = s = 150
+    rows, kv_mask = 2, _long_teacher_mask()
+  elif case == "offset":
+    t, kw = 7, {"q_offset": 14}
+  elif case == "non_causal":
+    kw = {"causal": False}
+  q, k, v = _inputs(5, t, s, rows)
+  ref, ref_grads = _loss_and_grads("naive", q, k, v, kv_mask, **kw)
+  got, grads = _loss_and_grads("splash_interpret", q, k, v, kv_mask, **kw)
+  dense = A.dense_mask(kv_mask, t, kw.get("causal", True), kw.get("q_offset", 0))
+  np.testing.assert_allclose(got, _numpy_reference(q, k, v, dense), atol=1e-5)
+  np.testing.assert_allclose(got, ref, atol=1e-5)
+  for name, a, b in zip("qkv", grads, ref_grads):
+    assert np.abs(np.asarray(b)).max() > 1e-2, name
+    np.testing.assert_allclose(a, b, atol=2e-5, err_msg=name)
 
 
 # ------------------------------------------------------------------------- In the model.
@@ -156,6 +216,18 @@ def test_model_kinds_and_remat_policies_agree(params):
     mask = np.asarray(_teacher_like_mask())
     np.testing.assert_allclose(np.asarray(got)[mask], np.asarray(ref)[mask], atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, ref_grads)
+
+
+def test_model_logits_with_splash_interpret_equal_naive(params):
+  """Under a (one-device) mesh and axis rules, so the kernel runs inside its shard_map."""
+  tokens = jax.random.randint(jax.random.PRNGKey(6), (B, T_LEN), 0, CFG.vocab_size)
+  mask = _teacher_like_mask()
+  ref = jax.jit(functools.partial(T.logits, CFG))(params, tokens, mask)
+  fn = jax.jit(functools.partial(T.logits, dataclasses.replace(CFG, attention="splash_interpret")))
+  with sharding.axis_rules(sharding.make_mesh((1, 1, -1), jax.devices()[:1])):
+    assert "shard_map" in str(jax.make_jaxpr(fn)(params, tokens, mask))
+    got = fn(params, tokens, mask)
+  np.testing.assert_allclose(np.asarray(got)[mask], np.asarray(ref)[mask], atol=1e-5)
 
 
 def test_dense_mask_equals_token_mask(params):
