@@ -28,8 +28,8 @@ Kinds:
   reads key/value head h // (H / K), nothing is repeated in memory. Lengths are padded up to
   the blocks, which are multiples of 128 (TPU lanes). The kernels take no matmul precision,
   so float32 inputs with a matmul precision other than the default are refused.
-- `splash_interpret`: the same kernels run by the Pallas interpreter on any backend (slow;
-  for tests on CPU). Nothing else selects it.
+- `splash_interpret`: the same kernels run by the Pallas interpreter (slow; for tests on
+  CPU, the backend it is tested on). Only an explicit setting selects it.
 - `auto`: `splash` on TPU, `cudnn` on GPU where it applies, otherwise `blockwise`; logs when
   a TPU or GPU run falls back.
 
