@@ -26,7 +26,7 @@ from mopd_jax import (checkpointing, demo_base, distributed, memory_plan,
                       metrics as metrics_lib, peer_context, settings, sharding, teacher,
                       tokenizers, train_step)
 from mopd_jax.data import pipeline
-from mopd_jax.models import presets, transformer
+from mopd_jax.models import attention as attention_lib, presets, transformer
 from mopd_jax.sampling import Sampler
 from mopd_jax.verifiers import callback, choice, code, math as math_verifier, tooluse
 
@@ -330,6 +330,10 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
         "on every device.")
   logging.info("Mesh %s over %d %s devices.", dict(mesh.shape), mesh.size,
                mesh.devices.flat[0].platform)
+  try:
+    attention_lib.check_backend(st.model.attention)
+  except ValueError as e:
+    raise settings.ConfigError(str(e)) from e
 
   # ---------------------------------------------------------------- Models and tokenizer.
   base_cfg, base_params, tok, cache_dir, spm_path = _load_model(st, mesh)

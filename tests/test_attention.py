@@ -3,6 +3,8 @@
 import dataclasses
 import functools
 
+import os
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -292,3 +294,20 @@ def test_activation_constraints_act_only_under_axis_rules(params):
     # hidden, residual; logits.
     assert count() == 8
   assert count() == 0  # traced again outside: the context mesh is part of the cache key
+
+
+def test_kind_the_backend_lacks_stops_the_run_before_the_model_loads(monkeypatch, tmp_path):
+  from mopd_jax import settings, train  # pylint: disable=import-outside-toplevel
+  from tests.conftest import load_config  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  A.check_backend("splash_interpret")
+  with pytest.raises(ValueError, match=r"'cudnn' needs a GPU backend.*'blockwise'"):
+    A.check_backend("cudnn")
+  # The model directory is empty: the run must stop on the attention kind first.
+  config = load_config(**{"model.attention": "splash", "model.cache_dir": str(tmp_path)})
+  with pytest.raises(settings.ConfigError, match=r"'splash' needs a TPU backend, and this "
+                     r"one is 'cpu'"):
+    train.setup(config)
+  assert not os.listdir(tmp_path)
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  A.check_backend("splash")

@@ -105,6 +105,20 @@ def _kinds_that_run() -> list[str]:
           + ["splash"] * (backend == "tpu") + ["splash_interpret"])
 
 
+def check_backend(kind: str) -> None:
+  """Raises ValueError, naming the kinds that run here, when `kind` needs another backend.
+
+  Called at start-up, so that a run with a kind this backend lacks stops before building
+  the model and the data (the shape and dtype checks of `resolve_kind` come at tracing).
+  """
+  check_kind(kind)
+  if kind not in _kinds_that_run():
+    needs = {"cudnn": "a GPU", "splash": "a TPU"}[kind]
+    raise ValueError(
+        f"config.model.attention={kind!r} needs {needs} backend, and this one is "
+        f"{jax.default_backend()!r}. Kinds that run here: {_kinds_that_run()}.")
+
+
 def resolve_kind(kind: str, q, k, precision=None) -> str:
   """The implementation that `kind` means for these inputs on this backend."""
   check_kind(kind)
