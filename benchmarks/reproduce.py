@@ -238,43 +238,24 @@ def teacher_signal_study(args) -> dict:
   """Samples, verifies and saves base-model rollouts on held-out prompts, then scores
   them under every context variant with the base model as the teacher."""
   # Imported here so that `--help` and the aggregation functions need no JAX.
-  import jax  # pylint: disable=import-outside-toplevel
-  from mopd_jax import train  # pylint: disable=import-outside-toplevel
-  from mopd_jax.analysis import context_scores, teacher_signal  # pylint: disable=import-outside-toplevel
+  from mopd_jax.analysis import context_scores  # pylint: disable=import-outside-toplevel
 
   start = time.time()
   config = demo_config()
   config.sampling.num_samples = args.signal_samples
-  config.data.batch_size = 16
   config.eval.num_prompts = args.signal_prompts
-  s = train.setup(config)
-  cfg = s.step_cfg
   path = os.path.join(args.workdir, f"signal_rollouts_{args.signal_prompts}x"
                       f"{args.signal_samples}.npz")
-  if not os.path.exists(path):
-    batch = s.eval_batches.first(args.signal_prompts)
-    out = jax.device_get(cfg.sampler(s.base_params, batch["prompt_tokens"],
-                                     batch["prompt_mask"], jax.random.PRNGKey(2024)))
-    ids = np.repeat(batch["example_id"], cfg.num_samples)
-    rewards, status, _, _ = s.host_verifier(ids, out.tokens, out.lengths)
-    os.makedirs(args.workdir, exist_ok=True)
-    context_scores.save_rollouts(path, batch, dict(
-        tokens=out.tokens, lengths=out.lengths, finished=out.finished, rewards=rewards,
-        status=status))
-  batch, rollouts = context_scores.load_rollouts(path)
-  scored = context_scores.score(cfg, s.pieces, s.base_params, batch, rollouts)
-  rewards = rollouts["rewards"].reshape(-1, cfg.num_samples)
-  result = {"prompts": int(rewards.shape[0]), "samples_per_prompt": cfg.num_samples,
-            "success_rate": float((rewards >= 1.0).mean()), "variants": {}}
-  for variant, v in scored.items():
-    scores = list(v["scores"])
-    result["variants"][variant] = {
-        **teacher_signal.alignment(scores, list(rewards)),
-        "ci95": teacher_signal.bootstrap_ci(scores, list(rewards), num_resamples=1000),
-        "mean_teacher_prompt_tokens": float(v["teacher_prompt_tokens"].mean()),
-    }
-  result["wall_time_s"] = time.time() - start
-  return result
+  os.makedirs(args.workdir, exist_ok=True)
+  report = context_scores.analyse(
+      config, path, sample_prompts=0 if os.path.exists(path) else args.signal_prompts,
+      sample_seed=2024)
+  rewards = np.asarray(context_scores.load_rollouts(path)[1]["rewards"])
+  for v in report["variants"].values():
+    del v["scores"]
+  return {"prompts": report["prompts"], "samples_per_prompt": report["samples_per_prompt"],
+          "success_rate": float((rewards >= 1.0).mean()), "variants": report["variants"],
+          "wall_time_s": time.time() - start}
 
 
 def _fmt(stat, digits=3) -> str:

@@ -123,3 +123,21 @@ def test_wrong_group_size_is_an_error(saved):
       s.step_cfg, sampling=dataclasses.replace(s.step_cfg.sampling, num_samples=2))
   with pytest.raises(ValueError, match="4 samples per prompt"):
     context_scores.score(cfg, s.pieces, s.base_params, batch, rollouts, ("base",))
+
+
+def test_analyse_samples_saves_and_scores_with_the_runs_config(tiny_base_dir, tmp_path):
+  config = tiny_config(tiny_base_dir, **{"data.batch_size": 8})
+  path = str(tmp_path / "r.npz")
+  report = context_scores.analyse(config, path, sample_prompts=8, variants=("base", "1S"),
+                                  num_resamples=50)
+  batch, rollouts = context_scores.load_rollouts(path)
+  assert batch["prompt_tokens"].shape[0] == 8 and report["prompts"] == 8
+  s = train.setup(config)
+  direct = context_scores.score(s.step_cfg, s.pieces, s.base_params, batch, rollouts,
+                                ("base", "1S"))
+  for variant in ("base", "1S"):
+    np.testing.assert_allclose(report["variants"][variant]["scores"],
+                               direct[variant]["scores"], rtol=1e-6)
+    assert set(report["variants"][variant]["ci95"]) == set(teacher_signal.METRICS)
+  with pytest.raises(FileNotFoundError, match="No checkpoint"):
+    context_scores.analyse(config, path, workdir=str(tmp_path), variants=("base",))

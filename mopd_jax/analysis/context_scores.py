@@ -13,6 +13,17 @@ Rollouts are saved as one `.npz` (`save_rollouts` / `load_rollouts`): the prompt
 rollouts (`tokens`, `lengths`, `finished`, `rewards`, `status`, [N, ...]); row
 b * G + g is sample g of prompt b.
 
+From the command line, with a run's config (and optionally its workdir, whose latest
+checkpoint's teacher then scores; else the initial model does):
+
+  python -m mopd_jax.analysis.context_scores --config=configs/code.py \
+      --rollouts=/tmp/r.npz --sample_prompts=96 --out=/tmp/signal.json [--workdir=RUN]
+
+`--sample_prompts=P` first samples the held-out set's first P prompts with the student
+(`config.sampling.num_samples` each), verifies and saves them to `--rollouts`; without
+it, `--rollouts` must exist. The output JSON holds, per variant, the alignment averages,
+their bootstrap intervals and the scores.
+
 Cost: one teacher forward per variant over N rows of (teacher prompt + response)
 tokens; no backward. The vocabulary projection runs one chunk of positions at a time.
 """
@@ -21,12 +32,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mopd_jax import losses, train_step
+from mopd_jax import checkpointing, losses, train_step
 
 # name -> changes to the run's peer settings (None: the plain prompt, no context).
 VARIANTS = {
@@ -147,3 +160,93 @@ def score(cfg: train_step.StepConfig, pieces, teacher_params, batch: dict, rollo
                     "teacher_prompt_tokens": np.concatenate(lengths).reshape(b, g)}
   return out
 
+
+
+def sample_and_save(s, params, path: str, num_prompts: int, seed: int = 0) -> None:
+  """Samples `num_prompts` held-out prompts with `params` (a `train.Setup`'s sampler
+  settings), verifies the rollouts on the host and saves them to `path`."""
+  cfg = s.step_cfg
+  batch = s.eval_batches.first(num_prompts)
+  if len(batch["example_id"]) < num_prompts:
+    raise ValueError(f"The held-out split has {len(batch['example_id'])} usable prompts; "
+                     f"asked for {num_prompts}.")
+  out = jax.device_get(cfg.sampler(params, batch["prompt_tokens"], batch["prompt_mask"],
+                                   jax.random.PRNGKey(seed)))
+  ids = np.repeat(batch["example_id"], cfg.num_samples)
+  rewards, status, _, _ = s.host_verifier(ids, out.tokens, out.lengths)
+  save_rollouts(path, batch, dict(tokens=out.tokens, lengths=out.lengths,
+                                  finished=out.finished, rewards=rewards, status=status))
+
+
+def analyse(config, rollouts_path: str, *, workdir: str | None = None,
+            sample_prompts: int = 0, variants=tuple(VARIANTS), num_resamples: int = 1000,
+            sample_seed: int = 0):
+  """Scores saved rollouts under `variants` with a run's teacher; returns the report.
+
+  config: the run's ConfigDict (its model, data, peers and sampling sections are used).
+  workdir: the run's directory; its latest checkpoint's teacher (and, for sampling, its
+    student) is used. None: the initial model plays both.
+  """
+  # Imported here: train imports the whole pipeline, which the scoring functions above
+  # do not need.
+  from mopd_jax import train  # pylint: disable=import-outside-toplevel
+  from mopd_jax.analysis import teacher_signal  # pylint: disable=import-outside-toplevel
+  s = train.setup(config)
+  student, teacher_params, step = s.base_params, None, 0
+  if workdir is not None:
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), every=0)
+    restored = ckpt.restore_latest(checkpointing.abstract_like(s.state_shapes, s.shardings))
+    ckpt.close()
+    if restored is None:
+      raise FileNotFoundError(f"No checkpoint under {workdir}/checkpoints.")
+    step, state, _ = restored
+    student, teacher_params = state.params, state.teacher_params
+  if teacher_params is None:
+    teacher_params = (s.external_teacher_params if s.external_teacher_params is not None
+                      else student)
+  if sample_prompts:
+    sample_and_save(s, student, rollouts_path, sample_prompts, seed=sample_seed)
+  batch, rollouts = load_rollouts(rollouts_path)
+  scored = score(s.step_cfg, s.pieces, teacher_params, batch, rollouts, variants)
+  rewards = list(rollouts["rewards"].reshape(-1, s.step_cfg.num_samples))
+  threshold = s.settings.verifier.success_threshold
+  report = {"rollouts": rollouts_path, "checkpoint_step": int(step),
+            "prompts": len(rewards), "samples_per_prompt": s.step_cfg.num_samples,
+            "variants": {}}
+  for variant, v in scored.items():
+    scores = list(v["scores"])
+    report["variants"][variant] = {
+        **teacher_signal.alignment(scores, rewards, success_threshold=threshold),
+        "ci95": teacher_signal.bootstrap_ci(scores, rewards, success_threshold=threshold,
+                                            num_resamples=num_resamples),
+        "mean_teacher_prompt_tokens": float(v["teacher_prompt_tokens"].mean()),
+        "scores": v["scores"].tolist(),
+    }
+  return report
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  del argv
+  f = flags.FLAGS
+  report = analyse(f.config, f.rollouts, workdir=f.workdir, sample_prompts=f.sample_prompts,
+                   variants=tuple(f.variants))
+  with open(f.out, "w", encoding="utf-8") as out:
+    json.dump(report, out, indent=1)
+  for variant, v in report["variants"].items():
+    print(f"{variant:>16}: auc {v['auc']:.3f}  spearman {v['spearman']:.3f}  "
+          f"({v['num_prompts']} prompts)")
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "The run's config file.")
+  flags.DEFINE_string("rollouts", None, "Saved rollouts (.npz); written with "
+                      "--sample_prompts.")
+  flags.DEFINE_string("out", None, "Report (JSON).")
+  flags.DEFINE_string("workdir", None, "The run's workdir (its latest checkpoint).")
+  flags.DEFINE_integer("sample_prompts", 0, "Sample this many held-out prompts first.")
+  flags.DEFINE_list("variants", list(VARIANTS), f"Context variants of {list(VARIANTS)}.")
+  flags.mark_flags_as_required(["config", "rollouts", "out"])
+  app.run(main)
