@@ -310,3 +310,27 @@ def test_kind_the_backend_lacks_stops_the_run_before_the_model_loads(monkeypatch
   assert not os.listdir(tmp_path)
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   A.check_backend("splash")
+
+
+def test_blockwise_memory_inside_a_differentiated_scan():
+  """The scanned layers differentiate attention inside lax.scan, where JAX hoists what
+  does not depend on the carry out of the loop; the per-block masks and fill values must
+  not be stacked over every (query block, key block) pair."""
+  t, block = 1024, 128  # 8 x 8 block pairs
+  q = jnp.zeros((1, t, 2, 8), jnp.float32)
+  k = jnp.zeros((1, t, 1, 8), jnp.float32)
+  mask = jnp.ones((1, t), bool)
+
+  def attend(x):
+    return A.attention(x, k, k, mask, kind="blockwise", block_q=block, block_k=block)
+
+  def plain(x):
+    return attend(x).sum()
+
+  def scanned(x):
+    return jax.lax.scan(lambda c, _: (attend(c), None), x, None, length=1)[0].sum()
+
+  temp = {f.__name__: jax.jit(jax.grad(f)).lower(q).compile().memory_analysis()
+          .temp_size_in_bytes for f in (plain, scanned)}
+  stacked_scores = 8 * 8 * 2 * block * block * 4  # one float32 [nq, nk, H, bq, bk]
+  assert temp["scanned"] < temp["plain"] + stacked_scores // 4, temp

@@ -250,6 +250,20 @@ def _block_mask(causal, q_offset, i, j, bq, bk, kvm_j):
   return mask
 
 
+def _opaque(step):
+  """`step` (one block pair's work) kept whole under partial evaluation.
+
+  Inside a differentiated lax.scan (the scanned layers), JAX moves the part of a loop
+  body that does not depend on the loop's carry ahead of the loop and keeps its values
+  for every iteration: here the block masks and the broadcast fill values of every
+  (query block, key block) pair, [nq, nk, B, H, bq, bk] -- the size of the [T, S]
+  scores that blockwise attention exists to avoid. A checkpoint that saves nothing makes
+  partial evaluation recompute them inside the step instead.
+  """
+  return jax.checkpoint(step, prevent_cse=False,
+                        policy=jax.checkpoint_policies.nothing_saveable)
+
+
 def _slice(x, axis, index, size):
   return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis)
 
@@ -283,7 +297,7 @@ def _flash_forward(causal, bq, bk, precision, q, k, v, kv_mask, q_offset):
         return m_new, l, acc
 
       needed = _block_needed(causal, q_offset, i, j, bq, bk, kvm_j)
-      return jax.lax.cond(needed, update, lambda c: c, carry), None
+      return _opaque(lambda c: jax.lax.cond(needed, update, lambda c: c, c))(carry), None
 
     init = (jnp.full((b, kh, g, bq), -jnp.inf, jnp.float32),
             jnp.zeros((b, kh, g, bq), jnp.float32),
@@ -338,7 +352,7 @@ def _flash_bwd(causal, bq, bk, precision, residuals, d_out):
         return carry, jnp.zeros((b, kh, g, bq, d), jnp.float32)
 
       needed = _block_needed(causal, q_offset, i, j, bq, bk, kvm_j)
-      return jax.lax.cond(needed, grads, skip, carry)
+      return _opaque(lambda c: jax.lax.cond(needed, grads, skip, c))(carry)
 
     init = (jnp.zeros((b, bk, kh, d), jnp.float32), jnp.zeros((b, bk, kh, d), jnp.float32))
     (dk, dv), dq_blocks = jax.lax.scan(q_step, init, jnp.arange(nq))
