@@ -337,7 +337,14 @@ class TeacherSettings(_Section):
                                 "External teacher only.", kind=str)
   param_dtype: str = knob("bfloat16", _one_of(_DTYPES), "'float32' or 'bfloat16'",
                           "The external teacher's parameters.")
-  ema_rate: float = knob(0.05, _num(0.0, 1.0), "a number in [0, 1]")
+  ema_rate: float = knob(0.05, _num(0.0, 1.0), "a number in [0, 1]",
+                         "Mode 'ema' only (ignored by the other modes).")
+  trust_region_rate: float = knob(
+      0.5, _num(0.0, 1.0), "a number in [0, 1]",
+      "Mode 'trust_region' only (ignored by the other modes): the teacher's logits are "
+      "(1 - rate) * frozen initial student + rate * current student (stop-gradient), both "
+      "reading the teacher prompt. 0 = 'frozen', 1 = the student itself with the context. "
+      "Costs one more teacher-length forward of the student per step (no backward).")
 
   def check(self):
     if self.mode == "external" and not self.checkpoint:
@@ -349,6 +356,11 @@ class TeacherSettings(_Section):
   def ema(self) -> float:
     """The EMA rate the step applies: 0 unless the mode is 'ema'."""
     return self.ema_rate if self.mode == "ema" else 0.0
+
+  @property
+  def trust_region(self) -> float | None:
+    """The trust-region rate the step applies: None unless the mode is 'trust_region'."""
+    return self.trust_region_rate if self.mode == "trust_region" else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,15 @@
-"""The teacher: an EMA copy of the student (default), a frozen copy (rate 0), or an
-external model with the same vocabulary (classic on-policy distillation; frozen).
+"""The teacher: an EMA copy of the student (default), a frozen copy (rate 0), a trust
+region between the frozen copy and the current student, or an external model with the
+same vocabulary (classic on-policy distillation; frozen).
+
+Trust region (MOPD spec §4): the teacher's logits are
+``lerp(reference, student, rate) = (1 - rate) * reference + rate * student``, where the
+reference is the frozen initial student (kept in the teacher slot, never updated) and
+the student is the current student under stop-gradient; both read the teacher prompt,
+and both logits are taken before the distillation temperature and top-k. Extra cost per
+step against 'frozen': one more teacher-length forward of the student (no backward) and
+one more vocabulary projection per loss chunk. Rate 0 is the frozen teacher, rate 1 the
+student itself reading the context.
 
 A self-teacher's parameters are kept in float32 whatever the student's parameter dtype,
 so that small EMA rates (0.05 by default) are not lost to bf16 rounding.
@@ -10,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-TEACHER_MODES = ("ema", "frozen", "external")
+TEACHER_MODES = ("ema", "frozen", "trust_region", "external")
 
 
 def init_teacher(student_params):
@@ -32,3 +42,14 @@ def ema_update(teacher_params, student_params, rate: float, apply):
     return jnp.where(apply, new, t)
 
   return jax.tree.map(mix, teacher_params, student_params)
+
+
+def trust_region_terms(rate: float) -> tuple[tuple[str, float], ...]:
+  """The (source, weight) terms whose weighted logits sum to the trust-region teacher's.
+
+  source is "reference" (the teacher slot) or "student" (the current student under
+  stop-gradient); terms of weight 0 are left out, so rate 0 runs exactly the frozen
+  teacher and rate 1 only the student.
+  """
+  terms = (("reference", 1.0 - rate), ("student", rate))
+  return tuple((source, weight) for source, weight in terms if weight != 0.0)

@@ -4,7 +4,7 @@
       -> verify on the host (io_callback)               rewards [N]
       -> select peers per group                         primary/another/failure, mask
       -> assemble teacher prompts (gathers)             teacher tokens [N, Ltp]
-      -> teacher forward (stop-gradient)                hidden [N, Lr, D]
+      -> teacher forward (stop-gradient)                hidden [N, Lr, D] (per term)
       -> student forward + chunked top-k JSD + grad     loss, grads
       -> AdamW (warm-up, clipping), EMA teacher         new state, metrics
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -242,18 +242,43 @@ def _plain_prompt_rollout_mask(cfg: StepConfig, rollouts: Rollouts, b: int):
   return jnp.ones((n,), bool)
 
 
+class TeacherTerms(NamedTuple):
+  """The teacher as terms whose weighted logits sum to its logits (stop-gradient):
+  logits = sum_i weights[i] * hidden[i] @ head[i]. One term, except for the trust region."""
+
+  hidden: tuple[jax.Array, ...]  # each [N, Lr, D_i] on the response positions
+  head: tuple[jax.Array, ...]  # each [D_i, V]
+  weights: tuple[float, ...]  # static
+
+
 def score_with_teacher(cfg: StepConfig, teacher_params, inputs: TeacherInputs,
-                       rollouts: Rollouts):
-  """Stage 2: the teacher's hidden states [N, Lr, D] on the response positions, and its
-  LM head, under stop-gradient."""
-  teacher_params = jax.lax.stop_gradient(teacher_params)
-  hidden = _response_hidden(cfg.teacher_cfg, teacher_params, inputs.teacher_tokens,
-                            inputs.teacher_mask, rollouts.tokens, inputs.response_mask)
-  return hidden, transformer.lm_head(cfg.teacher_cfg, teacher_params)
+                       rollouts: Rollouts, student_params=None) -> TeacherTerms:
+  """Stage 2: the teacher's hidden states on the response positions and LM heads, under
+  stop-gradient, as `TeacherTerms`.
+
+  teacher.mode 'trust_region' gives two terms, the reference (the teacher slot) with
+  weight 1 - rate and the current student (`student_params`) with weight rate, both
+  reading the teacher prompt: the student's extra forward has no backward.
+  """
+  sources = {"reference": (cfg.teacher_cfg, teacher_params)}
+  terms = (("reference", 1.0),)
+  if cfg.teacher.trust_region is not None:
+    sources["student"] = (cfg.model, student_params)
+    terms = teacher.trust_region_terms(cfg.teacher.trust_region)
+  hidden, head, weights = [], [], []
+  for source, weight in terms:
+    model_cfg, params = sources[source]
+    params = jax.lax.stop_gradient(params)
+    hidden.append(_response_hidden(model_cfg, params, inputs.teacher_tokens,
+                                   inputs.teacher_mask, rollouts.tokens,
+                                   inputs.response_mask))
+    head.append(transformer.lm_head(model_cfg, params))
+    weights.append(weight)
+  return TeacherTerms(tuple(hidden), tuple(head), tuple(weights))
 
 
 def distillation_loss(cfg: StepConfig, params, inputs: TeacherInputs, rollouts: Rollouts,
-                      teacher_hidden, teacher_head, weights):
+                      teacher_terms: TeacherTerms, weights):
   """Stage 3: the student's forward and the weighted top-k divergence.
 
   weights: float32 [N, Lr] from `losses.aggregation_weights` of the whole batch, so
@@ -271,8 +296,9 @@ def distillation_loss(cfg: StepConfig, params, inputs: TeacherInputs, rollouts: 
                 if lc.rollout_correction_clip > 0 else {})
   # Positions of weight 0 (masked, maybe garbage) do not enter the loss or its gradient.
   loss, _, student_logp, teacher_logp = losses.chunked_distillation(
-      student_hidden, teacher_hidden, transformer.lm_head(cfg.model, params),
-      teacher_head, rollouts.tokens, token_weights=weights, alpha=lc.alpha, top_k=lc.top_k,
+      student_hidden, teacher_terms.hidden, transformer.lm_head(cfg.model, params),
+      teacher_terms.head, rollouts.tokens, token_weights=weights,
+      teacher_weights=teacher_terms.weights, alpha=lc.alpha, top_k=lc.top_k,
       add_tail=lc.add_tail, temperature=lc.temperature, chunk_size=lc.chunk_size,
       full_logit=lc.full_logit, **correction)
   return loss, (student_logp, teacher_logp)
@@ -394,10 +420,10 @@ def loss_and_grads(cfg: StepConfig, state: TrainState, inputs: TeacherInputs,
                         teacher_mask=t_mask, response_mask=r_mask, rollout_mask=ro_mask,
                         advantages=adv)
     if cfg.algorithm.distills:
-      teacher_hidden, teacher_head = score_with_teacher(cfg, state.teacher_params, mb,
-                                                        rollouts)
+      teacher_terms = score_with_teacher(cfg, state.teacher_params, mb, rollouts,
+                                         student_params=params)
       loss_fn = functools.partial(distillation_loss, cfg)
-      args = (teacher_hidden, teacher_head, weights)
+      args = (teacher_terms, weights)
     else:
       loss_fn = functools.partial(policy_loss, cfg)
       args = (reference_logp(cfg, state.teacher_params, mb, rollouts), weights)

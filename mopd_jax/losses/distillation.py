@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,14 +45,38 @@ def _chunk_terms(s_logits, t_logits, tgt, *, alpha, top_k, add_tail, full_logit)
   return per_token, tok_s, tok_t
 
 
+def _teacher_terms(teacher_hidden, teacher_head, teacher_weights):
+  """(hidden tuple, head tuple, float weight tuple) of one or several teacher terms."""
+  several = isinstance(teacher_hidden, (tuple, list))
+  if several != isinstance(teacher_head, (tuple, list)):
+    raise ValueError("teacher_hidden and teacher_head must both be arrays or both tuples, "
+                     f"got {type(teacher_hidden).__name__} and {type(teacher_head).__name__}")
+  if not several:
+    if teacher_weights is not None:
+      raise ValueError("teacher_weights needs tuples of teacher_hidden and teacher_head, "
+                       f"got teacher_weights={teacher_weights!r} with single arrays")
+    return (teacher_hidden,), (teacher_head,), (1.0,)
+  hidden, head = tuple(teacher_hidden), tuple(teacher_head)
+  weights = (1.0,) * len(hidden) if teacher_weights is None else tuple(teacher_weights)
+  if not hidden or len(head) != len(hidden) or len(weights) != len(hidden):
+    raise ValueError(
+        f"teacher terms must be non-empty and of one count: got {len(hidden)} hidden, "
+        f"{len(head)} heads and {len(weights)} teacher_weights")
+  for w in weights:
+    if isinstance(w, bool) or not isinstance(w, numbers.Real):
+      raise ValueError(f"teacher_weights must be Python numbers, got {weights!r}")
+  return hidden, head, tuple(float(w) for w in weights)
+
+
 def chunked_distillation(
     student_hidden: jax.Array,
-    teacher_hidden: jax.Array,
+    teacher_hidden: jax.Array | Sequence[jax.Array],
     student_head: jax.Array,
-    teacher_head: jax.Array,
+    teacher_head: jax.Array | Sequence[jax.Array],
     targets: jax.Array,
     *,
     token_weights: jax.Array,
+    teacher_weights: Sequence[float] | None = None,
     alpha: float,
     top_k: int | None,
     add_tail: bool = True,
@@ -74,6 +98,13 @@ def chunked_distillation(
   ``aggregate(per_token * c, mask, mode)``. Weights and corrections carry no
   gradient; the teacher side is under stop_gradient.
 
+  The teacher may be a weighted sum of several models' logits (the trust-region
+  teacher, ``lerp(reference, student, rate)``): pass tuples ``teacher_hidden =
+  (h_1, ..., h_m)``, ``teacher_head = (W_1, ..., W_m)`` and ``teacher_weights =
+  (w_1, ..., w_m)``; the teacher's logits are then ``sum_i w_i h_i @ W_i`` (before
+  the temperature), one more vocabulary matmul per term and chunk, and
+  ``[N, L, V]`` logits still never exist.
+
   Logits are computed one chunk of ``chunk_size`` positions at a time inside a
   ``lax.scan``, so ``[N, L, V]`` logits never exist. The vocabulary matmuls take
   their operands in the dtype of the hidden states (the model's compute dtype:
@@ -89,17 +120,23 @@ def chunked_distillation(
   ``d loss / d head`` (``[D, V]``, accumulated across chunks in float32) by the
   incoming scalar cotangent. (Rematerialising each chunk in the backward pass
   would cost 6: both projections again, then the two gradient matmuls.)
-  Without differentiation only the 2 logit projections run. Live memory per
+  Without differentiation only the 2 logit projections run. Each extra teacher
+  term adds one logit projection to either count. Live memory per
   chunk: a few float32 ``[N, chunk_size, V]`` arrays.
 
   Args:
     student_hidden: [N, L, D] student final hidden states, any float dtype.
-    teacher_hidden: [N, L, D_T] teacher final hidden states, any float dtype.
+    teacher_hidden: [N, L, D_T] teacher final hidden states, any float dtype,
+      or a tuple of such arrays (one per teacher term, each with its own D_T).
     student_head: [D, V] student unembedding matrix.
-    teacher_head: [D_T, V] teacher unembedding matrix (same V).
+    teacher_head: [D_T, V] teacher unembedding matrix (same V), or a tuple
+      matching ``teacher_hidden``.
     targets: int [N, L] sampled tokens predicted at each position.
     token_weights: float [N, L] weight of each position in ``loss``, e.g.
       ``aggregation_weights(mask, mode)``; zero drops a position.
+    teacher_weights: with tuples of teacher terms, one Python float per term,
+      the weight of its logits in the teacher's; None = all 1 (must be None
+      for a single array).
     alpha: divergence parameter, see ``per_token_divergence``.
     top_k: None or positive int, see ``per_token_divergence``.
     add_tail: see ``per_token_divergence``.
@@ -124,8 +161,9 @@ def chunked_distillation(
 
   Raises:
     ValueError: on bad alpha / top_k / temperature / chunk_size /
-      correction_clip, alpha != 1 with full_logit=False, or inconsistent shapes
-      (including a vocabulary size mismatch between the two heads).
+      correction_clip, alpha != 1 with full_logit=False, inconsistent shapes
+      (including a vocabulary size mismatch between the heads) or teacher terms
+      and weights of different counts.
   """
   alpha = _check_alpha(alpha)
   top_k = _check_top_k(top_k)
@@ -143,34 +181,36 @@ def chunked_distillation(
     raise ValueError(
         f"full_logit=False implements reverse KL only and needs alpha=1, got alpha={alpha!r}"
     )
-  if student_hidden.ndim != 3 or teacher_hidden.ndim != 3:
-    raise ValueError(
-        "student_hidden and teacher_hidden must be [N, L, D], got "
-        f"{student_hidden.shape} and {teacher_hidden.shape}"
-    )
-  if student_head.ndim != 2 or teacher_head.ndim != 2:
-    raise ValueError(
-        "student_head and teacher_head must be [D, V], got "
-        f"{student_head.shape} and {teacher_head.shape}"
-    )
-  if student_head.shape[1] != teacher_head.shape[1]:
-    raise ValueError(
-        f"vocabulary sizes differ: student_head has V={student_head.shape[1]}, "
-        f"teacher_head has V={teacher_head.shape[1]}"
-    )
+  teacher_hidden, teacher_head, teacher_weights = _teacher_terms(
+      teacher_hidden, teacher_head, teacher_weights)
+  if student_hidden.ndim != 3:
+    raise ValueError(f"student_hidden must be [N, L, D], got {student_hidden.shape}")
+  if student_head.ndim != 2:
+    raise ValueError(f"student_head must be [D, V], got {student_head.shape}")
   if student_hidden.shape[2] != student_head.shape[0]:
     raise ValueError(
         f"student_hidden has D={student_hidden.shape[2]} but student_head has "
         f"D={student_head.shape[0]}"
     )
-  if teacher_hidden.shape[2] != teacher_head.shape[0]:
-    raise ValueError(
-        f"teacher_hidden has D={teacher_hidden.shape[2]} but teacher_head has "
-        f"D={teacher_head.shape[0]}"
-    )
   n, length, _ = student_hidden.shape
-  per_position = {"teacher_hidden": teacher_hidden.shape[:2], "targets": targets.shape,
-                  "token_weights": token_weights.shape}
+  per_position = {"targets": targets.shape, "token_weights": token_weights.shape}
+  for i, (t_hidden, t_head) in enumerate(zip(teacher_hidden, teacher_head)):
+    name = "teacher_hidden" + (f"[{i}]" if len(teacher_hidden) > 1 else "")
+    head_name = "teacher_head" + (f"[{i}]" if len(teacher_head) > 1 else "")
+    if t_hidden.ndim != 3:
+      raise ValueError(f"{name} must be [N, L, D], got {t_hidden.shape}")
+    if t_head.ndim != 2:
+      raise ValueError(f"{head_name} must be [D, V], got {t_head.shape}")
+    if student_head.shape[1] != t_head.shape[1]:
+      raise ValueError(
+          f"vocabulary sizes differ: student_head has V={student_head.shape[1]}, "
+          f"{head_name} has V={t_head.shape[1]}"
+      )
+    if t_hidden.shape[2] != t_head.shape[0]:
+      raise ValueError(
+          f"{name} has D={t_hidden.shape[2]} but {head_name} has D={t_head.shape[0]}"
+      )
+    per_position[name] = t_hidden.shape[:2]
   if sampler_logp is not None:
     per_position["sampler_logp"] = sampler_logp.shape
   for name, shape in per_position.items():
@@ -223,28 +263,37 @@ def chunked_distillation(
       values = values * _clipped_ratio(tok_c, samp, correction_clip)
     return _weighted_sum(values, weights), (per_token, tok_s, tok_t)
 
+  def teacher_logits_of(t_hs, t_heads):
+    """float32 [N, C, V]: sum_i w_i t_hs[i] @ t_heads[i] / temperature."""
+    terms = [w * logits_of(h, head) for h, head, w in zip(t_hs, t_heads, teacher_weights)]
+    return functools.reduce(jnp.add, terms)
+
+  def cast_heads(t_hidden, t_head):
+    return tuple(head.astype(h.dtype) for h, head in zip(t_hidden, t_head))
+
   def forward(s_hidden, s_head, t_hidden, t_head, tgt, weights, samp):
-    """Loss and per-token outputs, 2 vocabulary matmuls."""
-    s_head, t_head = s_head.astype(s_dtype), t_head.astype(t_hidden.dtype)
+    """Loss and per-token outputs, 1 + (teacher terms) vocabulary matmuls."""
+    s_head, t_head = s_head.astype(s_dtype), cast_heads(t_hidden, t_head)
 
     def body(total, xs):
       s_h, t_h, tgt_c, w_c, samp_c = xs
-      value, outs = weighted_loss(logits_of(s_h, s_head), logits_of(t_h, t_head), tgt_c,
-                                  w_c, samp_c)
+      value, outs = weighted_loss(logits_of(s_h, s_head), teacher_logits_of(t_h, t_head),
+                                  tgt_c, w_c, samp_c)
       return total + value, outs
 
-    xs = tuple(to_chunks(x) for x in (s_hidden, t_hidden, tgt, weights, samp))
+    xs = tuple(jax.tree.map(to_chunks, x) for x in (s_hidden, t_hidden, tgt, weights, samp))
     total, outs = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
     return (total,) + tuple(from_chunks(x) for x in outs)
 
   def forward_with_grad(s_hidden, s_head, t_hidden, t_head, tgt, weights, samp):
-    """Loss, per-token outputs and d loss / d (s_hidden, s_head), 4 vocabulary matmuls."""
-    s_head_c, t_head = s_head.astype(s_dtype), t_head.astype(t_hidden.dtype)
+    """Loss, per-token outputs and d loss / d (s_hidden, s_head), 3 + (teacher terms)
+    vocabulary matmuls."""
+    s_head_c, t_head = s_head.astype(s_dtype), cast_heads(t_hidden, t_head)
 
     def body(carry, xs):
       total, d_head = carry  # float32 scalar, float32 [D, V]
       s_h, t_h, tgt_c, w_c, samp_c = xs
-      t_logits = logits_of(t_h, t_head)  # [N, C, V]
+      t_logits = teacher_logits_of(t_h, t_head)  # [N, C, V]
       loss_of = lambda s_logits: weighted_loss(s_logits, t_logits, tgt_c, w_c, samp_c)
       value, pullback, outs = jax.vjp(loss_of, logits_of(s_h, s_head_c), has_aux=True)
       (d_logits,) = pullback(jnp.ones((), jnp.float32))  # float32 [N, C, V]
@@ -255,7 +304,7 @@ def chunked_distillation(
                                    preferred_element_type=jnp.float32)  # [D, V]
       return (total + value, d_head), (d_hidden.astype(s_dtype),) + outs
 
-    xs = tuple(to_chunks(x) for x in (s_hidden, t_hidden, tgt, weights, samp))
+    xs = tuple(jax.tree.map(to_chunks, x) for x in (s_hidden, t_hidden, tgt, weights, samp))
     init = (jnp.zeros((), jnp.float32), jnp.zeros(s_head.shape, jnp.float32))
     (total, d_head), outs = jax.lax.scan(body, init, xs)
     d_hidden, per_token, tok_s, tok_t = (from_chunks(x) for x in outs)
