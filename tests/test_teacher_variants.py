@@ -161,13 +161,17 @@ def _with_teacher(cfg, **kw):
   return dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, **kw))
 
 
-def _run(cfg, s, state, batch, rollouts, peer_key):
-  @jax.jit
-  def fn(state, batch, rollouts, peer_key):
-    inputs = train_step.build_teacher_inputs(cfg, s.pieces, batch, rollouts, peer_key)
-    return inputs, train_step.loss_and_grads(cfg, state, inputs, rollouts)
+_COMPILED = {}
 
-  return jax.device_get(fn(state, batch, rollouts, peer_key))
+
+def _run(cfg, s, state, batch, rollouts, peer_key):
+  """Teacher inputs and loss_and_grads, compiled once per step config."""
+  if cfg not in _COMPILED:
+    def fn(state, batch, rollouts, peer_key):
+      inputs = train_step.build_teacher_inputs(cfg, s.pieces, batch, rollouts, peer_key)
+      return inputs, train_step.loss_and_grads(cfg, state, inputs, rollouts)
+    _COMPILED[cfg] = jax.jit(fn)
+  return jax.device_get(_COMPILED[cfg](state, batch, rollouts, peer_key))
 
 
 def test_setup_keeps_the_initial_student_as_reference(trust_setup):
