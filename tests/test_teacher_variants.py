@@ -226,14 +226,18 @@ def test_step_teacher_logp_is_the_lerp_of_both_models(trust_setup):
                              atol=1e-4)
 
 
-def test_trust_region_reference_is_never_updated(trust_setup):
-  s, state, *_ = trust_setup
-  # A reference unlike the student: an EMA step would move it.
+def test_trust_region_update_moves_the_student_but_never_the_reference(trust_setup):
+  s, state, batch, rollouts, peer_key = trust_setup
+  # A reference unlike the student, so that an EMA step would move it.
   state = state.replace(teacher_params=jax.tree.map(lambda t: t * 0.9, state.teacher_params))
-  grads = jax.tree.map(jnp.ones_like, state.params)
-  new_state, _, finite = jax.jit(lambda st: train_step.apply_update(
-      s.step_cfg, s.optimizer, st, jnp.float32(1.0), grads))(state)
-  assert bool(finite)
+  update = jax.jit(lambda st, b, r, k: train_step.update(s.step_cfg, s.optimizer, s.pieces,
+                                                         st, b, r, k))
+  new_state, _ = update(state, batch, rollouts, peer_key)  # learning rate 0 (warm-up)
+  new_state, metrics = jax.device_get(update(new_state, batch, rollouts, peer_key))
+  assert metrics["train/skipped_nonfinite"] == 0 and metrics["train/loss"] > 0
+  moved = [not np.array_equal(a, b) for a, b in
+           zip(jax.tree.leaves(new_state.params), jax.tree.leaves(state.params))]
+  assert any(moved)
   for a, b in zip(jax.tree.leaves(new_state.teacher_params),
                   jax.tree.leaves(state.teacher_params)):
     np.testing.assert_array_equal(a, b)
