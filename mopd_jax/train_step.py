@@ -252,33 +252,39 @@ class TeacherTerms(NamedTuple):
 
 
 def score_with_teacher(cfg: StepConfig, teacher_params, inputs: TeacherInputs,
-                       rollouts: Rollouts, student_params=None) -> TeacherTerms:
-  """Stage 2: the teacher's hidden states on the response positions and LM heads, under
-  stop-gradient, as `TeacherTerms`.
+                       rollouts: Rollouts, model_cfg: transformer.ModelConfig | None = None):
+  """Stage 2: the teacher's hidden states [N, Lr, D] on the response positions, and its
+  LM head, under stop-gradient. model_cfg: the model of `teacher_params` (default: the
+  teacher's)."""
+  model_cfg = model_cfg or cfg.teacher_cfg
+  teacher_params = jax.lax.stop_gradient(teacher_params)
+  hidden = _response_hidden(model_cfg, teacher_params, inputs.teacher_tokens,
+                            inputs.teacher_mask, rollouts.tokens, inputs.response_mask)
+  return hidden, transformer.lm_head(model_cfg, teacher_params)
 
-  teacher.mode 'trust_region' gives two terms, the reference (the teacher slot) with
-  weight 1 - rate and the current student (`student_params`) with weight rate, both
-  reading the teacher prompt: the student's extra forward has no backward.
+
+def teacher_terms(cfg: StepConfig, teacher_params, student_params, inputs: TeacherInputs,
+                  rollouts: Rollouts) -> TeacherTerms:
+  """Stage 2 as `TeacherTerms`: the teacher slot's model, or for teacher.mode
+  'trust_region' the reference (the teacher slot) with weight 1 - rate and the current
+  student (`student_params`) with weight rate, both reading the teacher prompt under
+  stop-gradient: the student's extra forward has no backward.
   """
-  sources = {"reference": (cfg.teacher_cfg, teacher_params)}
   terms = (("reference", 1.0),)
   if cfg.teacher.trust_region is not None:
-    sources["student"] = (cfg.model, student_params)
     terms = teacher.trust_region_terms(cfg.teacher.trust_region)
-  hidden, head, weights = [], [], []
-  for source, weight in terms:
-    model_cfg, params = sources[source]
-    params = jax.lax.stop_gradient(params)
-    hidden.append(_response_hidden(model_cfg, params, inputs.teacher_tokens,
-                                   inputs.teacher_mask, rollouts.tokens,
-                                   inputs.response_mask))
-    head.append(transformer.lm_head(model_cfg, params))
-    weights.append(weight)
-  return TeacherTerms(tuple(hidden), tuple(head), tuple(weights))
+  sources = {"reference": (teacher_params, cfg.teacher_cfg),
+             "student": (student_params, cfg.model)}
+  scored = []
+  for source, _ in terms:
+    params, model_cfg = sources[source]
+    scored.append(score_with_teacher(cfg, params, inputs, rollouts, model_cfg=model_cfg))
+  return TeacherTerms(hidden=tuple(h for h, _ in scored), head=tuple(w for _, w in scored),
+                      weights=tuple(weight for _, weight in terms))
 
 
 def distillation_loss(cfg: StepConfig, params, inputs: TeacherInputs, rollouts: Rollouts,
-                      teacher_terms: TeacherTerms, weights):
+                      terms: TeacherTerms, weights):
   """Stage 3: the student's forward and the weighted top-k divergence.
 
   weights: float32 [N, Lr] from `losses.aggregation_weights` of the whole batch, so
@@ -296,9 +302,9 @@ def distillation_loss(cfg: StepConfig, params, inputs: TeacherInputs, rollouts: 
                 if lc.rollout_correction_clip > 0 else {})
   # Positions of weight 0 (masked, maybe garbage) do not enter the loss or its gradient.
   loss, _, student_logp, teacher_logp = losses.chunked_distillation(
-      student_hidden, teacher_terms.hidden, transformer.lm_head(cfg.model, params),
-      teacher_terms.head, rollouts.tokens, token_weights=weights,
-      teacher_weights=teacher_terms.weights, alpha=lc.alpha, top_k=lc.top_k,
+      student_hidden, terms.hidden, transformer.lm_head(cfg.model, params),
+      terms.head, rollouts.tokens, token_weights=weights,
+      teacher_weights=terms.weights, alpha=lc.alpha, top_k=lc.top_k,
       add_tail=lc.add_tail, temperature=lc.temperature, chunk_size=lc.chunk_size,
       full_logit=lc.full_logit, **correction)
   return loss, (student_logp, teacher_logp)
@@ -420,10 +426,9 @@ def loss_and_grads(cfg: StepConfig, state: TrainState, inputs: TeacherInputs,
                         teacher_mask=t_mask, response_mask=r_mask, rollout_mask=ro_mask,
                         advantages=adv)
     if cfg.algorithm.distills:
-      teacher_terms = score_with_teacher(cfg, state.teacher_params, mb, rollouts,
-                                         student_params=params)
+      terms = teacher_terms(cfg, state.teacher_params, params, mb, rollouts)
       loss_fn = functools.partial(distillation_loss, cfg)
-      args = (teacher_terms, weights)
+      args = (terms, weights)
     else:
       loss_fn = functools.partial(policy_loss, cfg)
       args = (reference_logp(cfg, state.teacher_params, mb, rollouts), weights)
