@@ -77,7 +77,7 @@ def get_config(arg=None):
   c.loss.top_k = 100
   c.loss.chunk_size = 64
 
-  c.teacher.mode = "ema"  # ema | frozen | external
+  c.teacher.mode = "ema"  # ema | frozen | trust_region | external
   # Paper: 0.05 at lr 1e-5 on 4B models. The demo's tiny model takes 10x larger steps;
   # with 0.05 its self-teacher drifts with the student after ~50 steps (see README).
   c.teacher.ema_rate = 0.01
