@@ -47,3 +47,19 @@ def tiny_config(base_dir, **overrides):
   }
   settings.update(overrides)
   return load_config(**settings)
+
+
+def sampled_rollouts(s, state, batch):
+  """(Rollouts, peer key) of one step's sampling and host verification, as the step
+  makes them, for tests that call the step's stages one by one."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from mopd_jax import train_step  # pylint: disable=import-outside-toplevel
+  sample_key, peer_key = train_step.step_keys(state)
+  out = jax.device_get(s.step_cfg.sampler(state.params, batch["prompt_tokens"],
+                                          batch["prompt_mask"], sample_key))
+  ids = np.repeat(batch["example_id"], s.step_cfg.num_samples)
+  rewards, status, fb, fbl = s.host_verifier(ids, out.tokens, out.lengths)
+  return train_step.Rollouts(tokens=out.tokens, logprobs=out.logprobs, lengths=out.lengths,
+                             finished=out.finished, rewards=rewards, status=status,
+                             feedback=fb, feedback_lengths=fbl), peer_key

@@ -9,7 +9,7 @@ import pytest
 
 from mopd_jax import losses, settings, teacher, train, train_step
 from mopd_jax.models import transformer
-from tests.conftest import load_config, tiny_config
+from tests.conftest import load_config, sampled_rollouts, tiny_config
 from tests.test_losses import D, D_T, L, N, TEMPERATURE, V, np_divergence, np_log_softmax
 
 RATE = 0.3
@@ -145,15 +145,7 @@ def trust_setup(tiny_base_dir):
   s = train.setup(config)
   state = s.init_state()
   batch = s.train_batches.batch(0)
-  sample_key, peer_key = train_step.step_keys(state)
-  out = jax.device_get(s.step_cfg.sampler(state.params, batch["prompt_tokens"],
-                                          batch["prompt_mask"], sample_key))
-  ids = np.repeat(batch["example_id"], s.step_cfg.num_samples)
-  rewards, status, fb, fbl = s.host_verifier(ids, out.tokens, out.lengths)
-  rollouts = train_step.Rollouts(tokens=out.tokens, logprobs=out.logprobs,
-                                 lengths=out.lengths, finished=out.finished,
-                                 rewards=rewards, status=status, feedback=fb,
-                                 feedback_lengths=fbl)
+  rollouts, peer_key = sampled_rollouts(s, state, batch)
   return s, state, batch, rollouts, peer_key
 
 
