@@ -11,12 +11,16 @@ teacher reads (MOPD spec, section 2):
 
 `assemble_teacher_prompts` then builds the teacher prompt from token ids only:
 
-    real[:ins] + solution + another + failure + feedback + closing + real[ins:]
+    real[:ins] + solution + summaries + another + failure + feedback + closing + real[ins:]
 
 where `real` is the unpadded prompt and `ins` the insertion index of the peer context (the part
 after it is the chat suffix / generation prompt). Every peer block is capped to `peer_cap`
-tokens, so the result always fits the static length from `teacher_prompt_length` and the
-closing instruction and generation prompt always survive. The output is left-padded, so response
+tokens (a summary to `summary_cap`), so the result always fits the static length from
+`teacher_prompt_length` and the closing instruction and generation prompt always survive.
+
+The summaries variant (`select_summary_members`, `insert_piece`) also asks the student, at the
+same insertion index of its own prompt, for a one-sentence <summary> of its approach; the
+teacher then reads the summaries of up to k other group members. The output is left-padded, so response
 tokens appended after it sit at the same positions in every row.
 """
 
@@ -60,6 +64,11 @@ class TemplatePieces(NamedTuple):
       feedback_header:
           "\\nThe following is feedback from your unsuccessful earlier attempt:\\n\\n".
       closing: "\\n\\nCorrectly solve the original question.".
+      summary_instruction: the student's request for a summary (summaries variant only;
+          None when not tokenized).
+      summaries_header: "\\nSummaries of other attempts:\\n" (summaries variant only).
+      summary_success: "\\n- successful: " before a successful member's summary.
+      summary_failure: "\\n- unsuccessful: " before an unsuccessful member's summary.
   """
 
   solution_header: jax.Array
@@ -68,6 +77,20 @@ class TemplatePieces(NamedTuple):
   failure_header: jax.Array
   feedback_header: jax.Array
   closing: jax.Array
+  summary_instruction: Optional[jax.Array] = None
+  summaries_header: Optional[jax.Array] = None
+  summary_success: Optional[jax.Array] = None
+  summary_failure: Optional[jax.Array] = None
+
+  def summary_pieces(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(instruction, header, success label, failure label); raises if not tokenized."""
+    values = (self.summary_instruction, self.summaries_header, self.summary_success,
+              self.summary_failure)
+    if any(v is None for v in values):
+      raise ValueError("The summaries variant needs TemplatePieces with summary_instruction, "
+                       "summaries_header, summary_success and summary_failure "
+                       "(see tokenize_pieces).")
+    return values
 
 
 def _first_true(candidates: jax.Array) -> jax.Array:
@@ -178,8 +201,93 @@ def to_row_indices(selection: PeerSelection) -> PeerSelection:
   )
 
 
+def select_summary_members(success: jax.Array, primary: jax.Array,
+                           num_summaries: int) -> tuple[jax.Array, jax.Array]:
+  """Group members whose summaries the teacher of each rollout reads.
+
+  For rollout i: the first `num_summaries` members j of its group in group order with
+  j != i and j != primary[i] (the shown primary; -1 excludes nothing more).
+
+  Args:
+      success: bool [B, G], verifier verdict of every rollout (the members' labels).
+      primary: int32 [B, G], within-group index of the shown primary, -1 when absent.
+      num_summaries: static k, slots per rollout.
+
+  Returns:
+      members: int32 [B, G, k], within-group indices, -1 for an empty slot (the filled
+          slots come first).
+      successful: bool [B, G, k], the member's verdict (False on empty slots).
+  """
+  if success.ndim != 2 or success.dtype != jnp.bool_:
+    raise ValueError(
+        f"success must be a bool array of shape [B, G]; got shape {success.shape} "
+        f"and dtype {success.dtype}.")
+  _check_shape("primary", primary, success.shape)
+  if not isinstance(num_summaries, numbers.Integral) or num_summaries < 1:
+    raise ValueError(f"num_summaries must be a positive int; got {num_summaries!r}.")
+  group = success.shape[1]
+  idx = jnp.arange(group, dtype=jnp.int32)
+  candidates = (idx[None, None, :] != idx[None, :, None]) & (
+      idx[None, None, :] != primary[:, :, None])  # [B, G(i), G(j)]
+  rank = jnp.cumsum(candidates.astype(jnp.int32), axis=-1) - 1  # slot of candidate j
+  members = jnp.stack(
+      [_first_true(candidates & (rank == slot)) for slot in range(num_summaries)], axis=-1)
+  batch = success.shape[0]
+  successful = jnp.take_along_axis(
+      success, jnp.maximum(members, 0).reshape(batch, group * num_summaries), axis=1
+  ).reshape(batch, group, num_summaries)
+  return members, successful & (members >= 0)
+
+
+def insert_piece(prompt_tokens: jax.Array, prompt_mask: jax.Array, insert_index: jax.Array,
+                 piece: jax.Array, pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Inserts a constant token piece into every left-padded prompt at its insertion index.
+
+  Args:
+      prompt_tokens: int32 [N, Lp], left-padded prompts.
+      prompt_mask: bool [N, Lp], True on real tokens (contiguous at the right end).
+      insert_index: int32 [N], counted within the real tokens; clipped to [0, real length].
+      piece: int32 [Li], the tokens inserted.
+      pad_id: static padding token id.
+
+  Returns:
+      tokens int32 [N, Lp + Li] = left-pad + real[:ins] + piece + real[ins:],
+      mask bool [N, Lp + Li], True on real tokens,
+      insert_index int32 [N] = ins + Li, the end of the inserted piece (peer context
+          inserted there follows it).
+  """
+  num_rows, prompt_len = prompt_tokens.shape
+  _check_shape("prompt_mask", prompt_mask, prompt_tokens.shape)
+  _check_shape("insert_index", insert_index, (num_rows,))
+  piece_len = piece.shape[0]
+  out_len = prompt_len + piece_len
+  real_len = prompt_mask.sum(axis=1).astype(jnp.int32)
+  ins = jnp.clip(insert_index.astype(jnp.int32), 0, real_len)
+  pad = out_len - real_len - piece_len  # [N]
+  rel = jnp.arange(out_len, dtype=jnp.int32)[None, :] - pad[:, None]  # within the real text
+  real_start = prompt_len - real_len
+  # Source buffer [N, Lp + Li]: prompt | piece.
+  source = jnp.concatenate(
+      [prompt_tokens.astype(jnp.int32),
+       jnp.broadcast_to(piece.astype(jnp.int32), (num_rows, piece_len))], axis=1)
+  before = real_start[:, None] + rel
+  inside = prompt_len + rel - ins[:, None]
+  after = real_start[:, None] + rel - piece_len
+  src = jnp.where(rel < ins[:, None], before,
+                  jnp.where(rel < ins[:, None] + piece_len, inside, after))
+  mask = rel >= 0
+  src = jnp.clip(src, 0, out_len - 1)
+  tokens = jnp.where(mask, jnp.take_along_axis(source, src, axis=1), pad_id)
+  return tokens.astype(jnp.int32), mask, ins + piece_len
+
+
 def teacher_prompt_length(
-    prompt_len: int, pieces: TemplatePieces, peer_cap: int, feedback_cap: int = 0
+    prompt_len: int,
+    pieces: TemplatePieces,
+    peer_cap: int,
+    feedback_cap: int = 0,
+    num_summaries: int = 0,
+    summary_cap: int = 0,
 ) -> int:
   """Static length Ltp of the teacher-prompt buffer (Python int).
 
@@ -188,11 +296,15 @@ def teacher_prompt_length(
       pieces: tokenized template pieces.
       peer_cap: most tokens of one peer response shown.
       feedback_cap: most tokens of feedback shown; 0 reserves no room for feedback.
+      num_summaries: k summary slots; 0 reserves no room for summaries.
+      summary_cap: most tokens of one summary shown.
   """
   for name, value in (
       ("prompt_len", prompt_len),
       ("peer_cap", peer_cap),
       ("feedback_cap", feedback_cap),
+      ("num_summaries", num_summaries),
+      ("summary_cap", summary_cap),
   ):
     if not isinstance(value, numbers.Integral) or value < 0:
       raise ValueError(f"{name} must be a non-negative int; got {value!r}.")
@@ -209,6 +321,10 @@ def teacher_prompt_length(
   )
   if feedback_cap > 0:
     length += len(pieces.feedback_header) + feedback_cap
+  if num_summaries > 0:
+    _, header, success_label, failure_label = pieces.summary_pieces()
+    label = max(len(success_label), len(failure_label))
+    length += len(header) + num_summaries * (label + summary_cap)
   return int(length)
 
 
@@ -233,12 +349,18 @@ def assemble_teacher_prompts(
     feedback_lengths: Optional[jax.Array] = None,
     feedback_cap: int = 0,
     block_lengths: Optional[jax.Array] = None,
+    summary_tokens: Optional[jax.Array] = None,
+    summary_lengths: Optional[jax.Array] = None,
+    summary_rows: Optional[jax.Array] = None,
+    summary_successful: Optional[jax.Array] = None,
+    summary_cap: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
   """Builds left-padded teacher prompts by index arithmetic and gathers.
 
   Teacher prompt of row n (bracketed blocks are empty when absent):
 
       real[:ins] + [solution_header + primary + solution_trailer]
+                 + [summaries_header + (label + summary) per shown member]
                  + [another_header + another] + [failure_header + failure]
                  + [feedback_header + feedback] + closing + real[ins:]
 
@@ -262,10 +384,17 @@ def assemble_teacher_prompts(
       block_lengths: optional int32 [N, 3], most tokens shown of the primary, another and
           failure block of each row, on top of `peer_cap` (the matched-budget controls of
           `peer_controls` cut blocks to a token budget this way).
+      summary_tokens: optional int32 [R, Ls], right-padded summaries of the responses.
+      summary_lengths: int32 [R], required with `summary_tokens`.
+      summary_rows: int32 [N, k], required with `summary_tokens`; flat rows of the members
+          whose summaries row n shows, in order (-1 = empty slot).
+      summary_successful: bool [N, k], required with `summary_tokens`; picks the label.
+      summary_cap: static; a summary shows at most this many tokens; must be > 0 when
+          `summary_tokens` is given.
 
   Returns:
-      tokens: int32 [N, Ltp], left-padded with `pad_id`, where
-          Ltp = teacher_prompt_length(Lp, pieces, peer_cap, feedback_cap).
+      tokens: int32 [N, Ltp], left-padded with `pad_id`, where Ltp =
+          teacher_prompt_length(Lp, pieces, peer_cap, feedback_cap, k, summary_cap).
       mask: bool [N, Ltp], True on real tokens.
   """
   if prompt_tokens.ndim != 2:
@@ -293,7 +422,23 @@ def assemble_teacher_prompts(
     _check_shape("feedback_lengths", feedback_lengths, (num_rows,))
   elif feedback_lengths is not None:
     raise ValueError("feedback_lengths is given but feedback_tokens is None.")
-  out_len = teacher_prompt_length(prompt_len, pieces, peer_cap, feedback_cap)
+  with_summaries = summary_tokens is not None
+  num_summaries = 0
+  if with_summaries:
+    if summary_cap <= 0:
+      raise ValueError(f"summary_tokens needs summary_cap > 0; got summary_cap={summary_cap}.")
+    if summary_lengths is None or summary_rows is None or summary_successful is None:
+      raise ValueError("summary_tokens needs summary_lengths, summary_rows and "
+                       "summary_successful.")
+    if summary_tokens.ndim != 2 or summary_rows.ndim != 2:
+      raise ValueError(f"summary_tokens must have shape [R, Ls] and summary_rows [N, k]; got "
+                       f"{summary_tokens.shape} and {summary_rows.shape}.")
+    _check_shape("summary_lengths", summary_lengths, (summary_tokens.shape[0],))
+    num_summaries = summary_rows.shape[1]
+    _check_shape("summary_rows", summary_rows, (num_rows, num_summaries))
+    _check_shape("summary_successful", summary_successful, (num_rows, num_summaries))
+  out_len = teacher_prompt_length(prompt_len, pieces, peer_cap, feedback_cap, num_summaries,
+                                  summary_cap)
 
   # Source buffer [N, S]: prompt | template pieces | primary | another | failure | feedback.
   piece_list = [
@@ -309,6 +454,13 @@ def assemble_teacher_prompts(
     piece_starts.append(start)
     start += piece.shape[0]
   sh_start, st_start, ah_start, fh_start, fbh_start, cl_start = piece_starts
+  if with_summaries:
+    _, sum_header, sum_success, sum_failure = pieces.summary_pieces()
+    piece_list += [sum_header, sum_success, sum_failure]
+    sum_header_start = start
+    sum_success_start = sum_header_start + sum_header.shape[0]
+    sum_failure_start = sum_success_start + sum_success.shape[0]
+    start = sum_failure_start + sum_failure.shape[0]
   peer_start = start
   peer_width = min(responses.shape[1], peer_cap)
   feedback_start = peer_start + 3 * peer_width
@@ -341,6 +493,15 @@ def assemble_teacher_prompts(
   else:
     feedback_on = jnp.zeros((num_rows,), bool)
     feedback_len = jnp.zeros((num_rows,), jnp.int32)
+  if with_summaries:
+    summary_start = feedback_start + (feedback_width if with_feedback else 0)
+    summary_width = min(summary_tokens.shape[1], summary_cap)
+    summary_on = summary_rows >= 0  # [N, k]
+    safe_rows = jnp.where(summary_on, summary_rows, 0)
+    summary_text = summary_tokens[safe_rows, :summary_width].astype(jnp.int32)  # [N, k, W]
+    sources.append(summary_text.reshape(num_rows, num_summaries * summary_width))
+    summary_len = jnp.where(
+        summary_on, jnp.clip(summary_lengths[safe_rows], 0, summary_width), 0)
   source = jnp.concatenate(sources, axis=1)  # [N, S]
 
   real_len = prompt_mask.sum(axis=1).astype(jnp.int32)
@@ -359,6 +520,16 @@ def assemble_teacher_prompts(
       (fixed(sh_start), piece_len(pieces.solution_header, primary_on)),
       (fixed(peer_start), primary_len),
       (fixed(st_start), piece_len(pieces.solution_trailer, primary_on)),
+  ]
+  if with_summaries:
+    segments.append((fixed(sum_header_start), piece_len(sum_header, summary_on.any(axis=1))))
+    for slot in range(num_summaries):
+      good, on = summary_successful[:, slot], summary_on[:, slot]
+      label_start = jnp.where(good, sum_success_start, sum_failure_start)
+      label_len = jnp.where(good, sum_success.shape[0], sum_failure.shape[0])
+      segments.append((label_start.astype(jnp.int32), jnp.where(on, label_len, 0)))
+      segments.append((fixed(summary_start + slot * summary_width), summary_len[:, slot]))
+  segments += [
       (fixed(ah_start), piece_len(pieces.another_header, another_on)),
       (fixed(peer_start + peer_width), another_len),
       (fixed(fh_start), piece_len(pieces.failure_header, failure_on)),
@@ -407,6 +578,12 @@ TEMPLATE_TEXTS = {
     "failure_header": "\nA known failed solution (avoid repeating this mistake):\n\n",
     "feedback_header": "\nThe following is feedback from your unsuccessful earlier attempt:\n\n",
     "closing": "\n\nCorrectly solve the original question.",
+    # Summaries variant: the student's request, then the teacher's block.
+    "summary_instruction": "\nEnd your answer with a one-sentence summary of your approach "
+                           "inside <summary></summary>.",
+    "summaries_header": "\nSummaries of other attempts:\n",
+    "summary_success": "\n- successful: ",
+    "summary_failure": "\n- unsuccessful: ",
 }
 
 

@@ -290,8 +290,24 @@ class PeerSettings(_Section):
   control_budget: str = knob("blocks", _one_of(peer_controls.BUDGETS),
                              f"one of {peer_controls.BUDGETS}",
                              "Match the 2S1F budget by block count or by token count.")
+  summaries: bool = knob(
+      False, _bool, "True or False",
+      "Summaries variant (algorithm mopd only): the student's prompt asks for a one-sentence "
+      "<summary>; the teacher reads the summaries of num_summaries other group members "
+      "(self and the shown primary excluded), each labelled successful or unsuccessful.")
+  num_summaries: int = knob(7, _int(1), "a positive integer",
+                            "Summaries shown per rollout (at most G - 1 are used).")
+  summary_len: int = knob(64, _int(1), "a positive integer", "Tokens per summary shown.")
+  summary_fallback_chars: int = knob(
+      300, _int(1), "a positive integer",
+      "A response without a <summary> tag contributes its first this many characters.")
 
   def check(self):
+    if self.summaries and self.control:
+      raise ConfigError(
+          f"Invalid config.peers.summaries = True with config.peers.control = "
+          f"{self.control!r}: a control matches the 2S1F budget, which summaries would "
+          "exceed; set control to '' or summaries to False.")
     two_s_one_f = (self.include_primary and self.include_another and self.include_failure
                    and self.failure_condition == "always")
     if self.control and not two_s_one_f:
@@ -546,6 +562,16 @@ class Settings:
 
   def __post_init__(self):
     name = self.algorithm.name
+    if self.peers.summaries and name != "mopd":
+      raise ConfigError(
+          f"Invalid config.peers.summaries = True with config.algorithm.name = {name!r}: "
+          "the summaries variant is a context of the mopd teacher; set "
+          "config.algorithm.name to 'mopd' or config.peers.summaries to False.")
+    if self.peers.summaries and self.sampling.num_samples < 2:
+      raise ConfigError(
+          f"Invalid config.peers.summaries = True with config.sampling.num_samples = "
+          f"{self.sampling.num_samples}: summaries come from other members of a group, so "
+          "num_samples must be at least 2.")
     if name == "dpo" and self.teacher.mode != "frozen":
       raise ConfigError(
           f"Invalid config.teacher.mode = {self.teacher.mode!r} with config.algorithm.name = "

@@ -8,6 +8,7 @@ process 0 alone writes metrics, progress, `config.json` and `summary.json`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -94,7 +95,7 @@ class Evaluator:
   """
 
   def __init__(self, st: settings.Settings, model_cfg, tok, batches, host_verifier, mesh,
-               param_shapes):
+               param_shapes, pieces=None):
     e = st.eval
     self.sampler = Sampler(model=model_cfg, max_new_tokens=st.sampling.max_response_len,
                            stop_ids=tuple(tok.stop_ids), pad_id=tok.pad_id,
@@ -104,6 +105,14 @@ class Evaluator:
     self.local_ids = local["example_id"]
     self.sources = batches.split.source_table()
     self.batch = sharding.global_batch(mesh, local, e.num_prompts)
+    if st.peers.summaries:  # the same prompt as in training, with the summary instruction
+      if pieces is None:
+        raise ValueError("config.peers.summaries = True: the Evaluator needs the template "
+                         "pieces (peer_context.tokenize_pieces) for the summary instruction.")
+      self.batch = sharding.UnderRules(jax.jit(
+          functools.partial(train_step.student_prompts, st.peers, pieces, pad_id=tok.pad_id),
+          out_shardings={k: sharding.batch_sharding(mesh, v.ndim)
+                         for k, v in self.batch.items()}), mesh)(self.batch)
     self.k = e.num_samples
     self.host = host_verifier
     self.threshold = st.verifier.success_threshold
@@ -362,7 +371,9 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
   if score_batch is None:
     score_batch = domain_score_batch(train_split.meta.get("domain", "code"), st.verifier)
   host_verifier = callback.HostVerifier(score_batch, references, tok,
-                                        feedback_len=st.peers.feedback_len)
+                                        feedback_len=st.peers.feedback_len,
+                                        summary_len=st.peers.summary_len,
+                                        summary_fallback_chars=st.peers.summary_fallback_chars)
 
   # ---------------------------------------------------------------- Shardings.
   optimizer, schedule = train_step.make_optimizer(st.optim)
@@ -433,7 +444,7 @@ def run(config, workdir: str) -> dict:
     state = s.init_state()
   start_step = int(state.step)
   evaluator = Evaluator(st, s.model_cfg, s.tokenizer, s.eval_batches, s.host_verifier,
-                        s.mesh, s.state_shapes.params)
+                        s.mesh, s.state_shapes.params, s.pieces)
 
   # ---------------------------------------------------------------- Loop.
   writer = metrics_lib.MetricWriter(workdir, resume_step=start_step, active=primary)

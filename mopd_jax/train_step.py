@@ -55,6 +55,10 @@ class Rollouts:
   status: jax.Array  # int32 [N], see verifiers.callback.STATUS_CODES
   feedback: jax.Array  # int32 [N, Lf]
   feedback_lengths: jax.Array  # int32 [N]
+  # Summaries variant only (else None): `HostVerifier.summarize` of every response.
+  summaries: jax.Array | None = None  # int32 [N, summary_len], right-padded
+  summary_lengths: jax.Array | None = None  # int32 [N]
+  summary_missing: jax.Array | None = None  # int32 [N], 1 = no <summary> tag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +129,20 @@ def raise_if_missing(batch):
   missing = {"prompt_tokens", "prompt_mask", "insert_index", "example_id"} - set(batch)
   if missing:
     raise ValueError(f"Batch is missing fields {sorted(missing)}; got {sorted(batch)}.")
+
+
+def student_prompts(peers: settings.PeerSettings, pieces, batch, pad_id: int):
+  """The batch as the student sees it: with peers.summaries, every prompt gets the
+  summary instruction at its insertion index (prompts grow by its static length and the
+  insertion index moves past it, so the teacher's context follows the instruction);
+  otherwise the batch unchanged."""
+  if not peers.summaries:
+    return batch
+  instruction = pieces.summary_pieces()[0]
+  tokens, mask, insert_index = peer_context.insert_piece(
+      batch["prompt_tokens"], batch["prompt_mask"].astype(bool), batch["insert_index"],
+      instruction, pad_id)
+  return {**batch, "prompt_tokens": tokens, "prompt_mask": mask, "insert_index": insert_index}
 
 
 def _response_hidden(model_cfg, params, prompt_tokens, prompt_mask, responses,
@@ -204,6 +222,22 @@ def build_teacher_inputs(cfg: StepConfig, pieces, batch, rollouts: Rollouts,
         exclude_self_success=pc.exclude_self_success)
     rows = jax.tree.map(lambda x: x.reshape(n), peer_context.to_row_indices(selection))
   rollout_mask = rows.mask
+  summary_kwargs = {}
+  if pc.summaries:
+    if rollouts.summaries is None:
+      raise ValueError("config.peers.summaries = True but the rollouts carry no summaries "
+                       "(HostVerifier.summarize was not run on them).")
+    k = min(pc.num_summaries, g - 1)
+    # Self and the shown primary are excluded; flat rows -> within-group indices.
+    primary = jnp.where(rows.primary >= 0, rows.primary % g, -1).reshape(b, g)
+    members, successful = peer_context.select_summary_members(success, primary, k)
+    offset = (jnp.arange(b, dtype=jnp.int32) * g)[:, None, None]
+    summary_rows = jnp.where(members >= 0, members + offset, -1).reshape(n, k)
+    rollout_mask |= (summary_rows >= 0).any(axis=1)
+    summary_kwargs = dict(summary_tokens=rollouts.summaries,
+                          summary_lengths=rollouts.summary_lengths, summary_rows=summary_rows,
+                          summary_successful=successful.reshape(n, k),
+                          summary_cap=pc.summary_len)
   feedback_kwargs = {}
   if pc.include_feedback:
     # The rollout's own verifier feedback, only without a (shown) primary solution
@@ -218,7 +252,7 @@ def build_teacher_inputs(cfg: StepConfig, pieces, batch, rollouts: Rollouts,
   teacher_tokens, teacher_mask = peer_context.assemble_teacher_prompts(
       prompt_tokens, prompt_mask, rep(batch["insert_index"]), rollouts.tokens,
       text_lengths, rows, pieces, peer_cap=pc.peer_cap, pad_id=cfg.pad_id,
-      **feedback_kwargs, **control_kwargs)
+      **feedback_kwargs, **control_kwargs, **summary_kwargs)
   return TeacherInputs(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
                        teacher_tokens=teacher_tokens, teacher_mask=teacher_mask,
                        response_mask=response_mask, rollout_mask=rollout_mask,
@@ -540,6 +574,9 @@ def update(cfg: StepConfig, optimizer, pieces, state: TrainState, batch,
   new_state, grad_norm, finite = apply_update(cfg, optimizer, state, loss, grads)
   metrics = step_metrics(inputs, rollouts, loss, grad_norm, finite, student_logp,
                          teacher_logp)
+  if rollouts.summary_missing is not None:
+    metrics["train/summary_missing_fraction"] = rollouts.summary_missing.mean(
+        dtype=jnp.float32)
   return new_state, {**metrics, **algorithm_metrics(cfg, inputs, rollouts)}
 
 
@@ -547,9 +584,15 @@ def _verify(cfg, mesh, host_fn, batch, out: SampleOutput) -> Rollouts:
   ids = jnp.repeat(batch["example_id"], cfg.num_samples, axis=0)
   rewards, status, feedback, feedback_lengths = callback.verify_on_device(
       mesh, host_fn, ids, out.tokens, out.lengths, feedback_len=max(cfg.peers.feedback_len, 1))
+  summaries = {}
+  if cfg.peers.summaries:
+    summaries = dict(zip(("summaries", "summary_lengths", "summary_missing"),
+                         callback.summarize_on_device(mesh, host_fn.summarize, out.tokens,
+                                                      out.lengths,
+                                                      summary_len=cfg.peers.summary_len)))
   return Rollouts(tokens=out.tokens, logprobs=out.logprobs, lengths=out.lengths,
                   finished=out.finished, rewards=rewards, status=status,
-                  feedback=feedback, feedback_lengths=feedback_lengths)
+                  feedback=feedback, feedback_lengths=feedback_lengths, **summaries)
 
 
 def state_shardings(state_shapes, param_shardings, mesh, optimizer,
@@ -587,6 +630,7 @@ def make_train_step(cfg: StepConfig, mesh, host_fn: Callable, optimizer, pieces,
           "The train step is being traced a second time: its input shapes, dtypes or "
           "shardings changed between calls, which would recompile it.")
     raise_if_missing(batch)
+    batch = student_prompts(cfg.peers, pieces, batch, cfg.pad_id)
     sample_key, peer_key = step_keys(state)
     out = cfg.sampler(state.params, batch["prompt_tokens"], batch["prompt_mask"],
                       sample_key)
@@ -605,6 +649,7 @@ def make_split_step(cfg: StepConfig, mesh, host_fn: Callable, optimizer, pieces,
   """The same step as jit(sample) -> host verify -> jit(update)."""
 
   def sample_fn(state, batch):
+    batch = student_prompts(cfg.peers, pieces, batch, cfg.pad_id)
     sample_key, _ = step_keys(state)
     return cfg.sampler(state.params, batch["prompt_tokens"], batch["prompt_mask"],
                        sample_key)
@@ -612,6 +657,7 @@ def make_split_step(cfg: StepConfig, mesh, host_fn: Callable, optimizer, pieces,
   sample_fn = sharding.UnderRules(jax.jit(sample_fn), mesh)
 
   def update_fn(state, batch, rollouts):
+    batch = student_prompts(cfg.peers, pieces, batch, cfg.pad_id)
     _, peer_key = step_keys(state)
     return update(cfg, optimizer, pieces, state, batch, rollouts, peer_key)
 
@@ -623,9 +669,13 @@ def make_split_step(cfg: StepConfig, mesh, host_fn: Callable, optimizer, pieces,
     out = jax.device_get(sample_fn(state, batch))
     ids = jax.device_get(batch["example_id"]).repeat(cfg.num_samples)
     rewards, status, feedback, feedback_lengths = host_fn(ids, out.tokens, out.lengths)
+    summaries = {}
+    if cfg.peers.summaries:
+      summaries = dict(zip(("summaries", "summary_lengths", "summary_missing"),
+                           host_fn.summarize(out.tokens, out.lengths)))
     rollouts = Rollouts(tokens=out.tokens, logprobs=out.logprobs, lengths=out.lengths,
                         finished=out.finished, rewards=rewards, status=status,
-                        feedback=feedback, feedback_lengths=feedback_lengths)
+                        feedback=feedback, feedback_lengths=feedback_lengths, **summaries)
     return update_jit(state, batch, rollouts)
 
   return step

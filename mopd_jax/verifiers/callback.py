@@ -30,12 +30,26 @@ from mopd_jax.verifiers.result import Result
 # Status codes returned per row.
 STATUS_CODES = {"ok": 0, "format_error": 1, "timeout": 2, "error": 3}
 
+_SUMMARY_OPEN, _SUMMARY_CLOSE = "<summary>", "</summary>"
+
+
+def extract_summary(text: str, fallback_chars: int) -> tuple[str, bool]:
+  """The response's summary: (text, True) for the text between the last `<summary>` and
+  the next `</summary>` (stripped; to the end of the text when unterminated), else
+  (the first `fallback_chars` characters, False)."""
+  start = text.rfind(_SUMMARY_OPEN)
+  if start < 0:
+    return text[:fallback_chars], False
+  body = text[start + len(_SUMMARY_OPEN):]
+  end = body.find(_SUMMARY_CLOSE)
+  return (body if end < 0 else body[:end]).strip(), True
+
 
 class HostVerifier:
   """Callable (ids [n], tokens [n, Lr], lengths [n]) -> fixed-shape numpy arrays.
 
   Returns (rewards float32 [n], status int32 [n], feedback int32 [n, feedback_len],
-  feedback_lengths int32 [n]).
+  feedback_lengths int32 [n]). `summarize` is the summaries variant's second callable.
   """
 
   def __init__(
@@ -44,11 +58,15 @@ class HostVerifier:
       references: Mapping[int, object],
       tokenizer,
       feedback_len: int,
+      summary_len: int = 1,
+      summary_fallback_chars: int = 300,
   ):
     self.score_batch = score_batch
     self.references = references
     self.tokenizer = tokenizer
     self.feedback_len = feedback_len
+    self.summary_len = summary_len
+    self.summary_fallback_chars = summary_fallback_chars
     self.calls = 0  # calls and rows verified on this process, over the whole run
     self.rows = 0
     # Host-side timing since the last `pop_timing` (calls may come from several threads).
@@ -98,6 +116,32 @@ class HostVerifier:
       self._rows += n
     return rewards, status, feedback, feedback_lengths
 
+  def summarize(self, tokens, lengths):
+    """Callable (tokens [n, Lr], lengths [n]) -> each response's summary (`extract_summary`).
+
+    Returns (summaries int32 [n, summary_len] right-padded with 0, summary_lengths int32
+    [n], missing int32 [n]: 1 where the response had no <summary> tag). Never raises: on
+    a failure every row gets an empty summary and counts as missing.
+    """
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    n = tokens.shape[0]
+    summaries = np.zeros((n, self.summary_len), np.int32)
+    summary_lengths = np.zeros((n,), np.int32)
+    missing = np.ones((n,), np.int32)
+    try:
+      for row, text in enumerate(self.texts(tokens, lengths)):
+        summary, found = extract_summary(text, self.summary_fallback_chars)
+        ids = self.tokenizer.encode(summary)[: self.summary_len]
+        summaries[row, : len(ids)] = ids
+        summary_lengths[row] = len(ids)
+        missing[row] = int(not found)
+    except Exception:  # pylint: disable=broad-except
+      logging.exception("Summary extraction failed on a batch of %d rows.", n)
+      summaries[:] = 0
+      summary_lengths[:] = 0
+      missing[:] = 1
+    return summaries, summary_lengths, missing
+
 
 def verify_on_device(mesh, host_fn, ids, tokens, lengths, *, feedback_len: int):
   """Calls `host_fn` once per distinct shard of rows; see the module docstring.
@@ -105,18 +149,35 @@ def verify_on_device(mesh, host_fn, ids, tokens, lengths, *, feedback_len: int):
   ids int32 [N], tokens int32 [N, Lr], lengths int32 [N] (split over data x fsdp).
   Returns rewards float32 [N], status int32 [N], feedback int32 [N, Lf], lengths [N].
   """
+  def shapes(n):
+    return ((n,), jnp.float32), ((n,), jnp.int32), ((n, feedback_len), jnp.int32), (
+        (n,), jnp.int32)
 
-  def per_device(ids, tokens, lengths):
-    n = ids.shape[0]
-    shapes = (
-        jax.ShapeDtypeStruct((n,), jnp.float32),
-        jax.ShapeDtypeStruct((n,), jnp.int32),
-        jax.ShapeDtypeStruct((n, feedback_len), jnp.int32),
-        jax.ShapeDtypeStruct((n,), jnp.int32),
-    )
+  return _rows_on_host(mesh, host_fn, shapes, ids, tokens, lengths)
+
+
+def summarize_on_device(mesh, summarize_fn, tokens, lengths, *, summary_len: int):
+  """`HostVerifier.summarize` per distinct shard of rows, like `verify_on_device`.
+
+  tokens int32 [N, Lr], lengths int32 [N]. Returns summaries int32 [N, summary_len],
+  summary_lengths int32 [N], missing int32 [N].
+  """
+  def shapes(n):
+    return ((n, summary_len), jnp.int32), ((n,), jnp.int32), ((n,), jnp.int32)
+
+  return _rows_on_host(mesh, summarize_fn, shapes, tokens, lengths)
+
+
+def _rows_on_host(mesh, host_fn, out_shapes, *args):
+  """Runs `host_fn(*args)` on each device's rows; every arg and output is split on its
+  first axis over ('data', 'fsdp'). out_shapes(n) -> ((shape, dtype), ...) of n rows."""
+
+  def per_device(*args):
+    n = args[0].shape[0]
+    shapes = tuple(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in out_shapes(n))
 
     def call(_):
-      return io_callback(host_fn, shapes, ids, tokens, lengths, ordered=False)
+      return io_callback(host_fn, shapes, *args, ordered=False)
 
     def skip(_):
       return tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
@@ -125,13 +186,14 @@ def verify_on_device(mesh, host_fn, ids, tokens, lengths, *, feedback_len: int):
     out = jax.lax.cond(first, call, skip, None)
     return tuple(jax.lax.psum(x, "tensor") for x in out)
 
-  row = P(sharding.BATCH_AXES)
-  row2 = P(sharding.BATCH_AXES, None)
+  def spec(ndim):
+    return P(sharding.BATCH_AXES, *([None] * (ndim - 1)))
+
   fn = jax.shard_map(
       per_device,
       mesh=mesh,
-      in_specs=(row, row2, row),
-      out_specs=(row, row, row2, row),
+      in_specs=tuple(spec(a.ndim) for a in args),
+      out_specs=tuple(spec(len(shape)) for shape, _ in out_shapes(1)),
       check_vma=False,
   )
-  return fn(ids, tokens, lengths)
+  return fn(*args)
