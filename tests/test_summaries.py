@@ -233,6 +233,16 @@ def test_jitted_step_with_summaries(tiny_base_dir):
     assert got.tolist() == real[:ins].tolist() + instruction + real[ins:].tolist()
     assert int(student["insert_index"][row]) == ins + len(instruction)
   _check_summary_blocks(s, student)
+  # Evaluation samples from the same prompts as training.
+  evaluator = train.Evaluator(s.settings, s.model_cfg, s.tokenizer, s.eval_batches,
+                              s.host_verifier, s.mesh, s.state_shapes.params, s.pieces)
+  eval_batch = jax.device_get(evaluator.batch)
+  plain = s.eval_batches.first(config.eval.num_prompts)
+  for row in range(config.eval.num_prompts):
+    real = plain["prompt_tokens"][row][plain["prompt_mask"][row].astype(bool)].tolist()
+    ins = int(plain["insert_index"][row])
+    got = eval_batch["prompt_tokens"][row][eval_batch["prompt_mask"][row]].tolist()
+    assert got == real[:ins] + instruction + real[ins:]
   state, metrics = s.train_step()(s.init_state(), batch)
   metrics = jax.device_get(metrics)
   assert np.isfinite(metrics["train/loss"]) and metrics["train/skipped_nonfinite"] == 0
