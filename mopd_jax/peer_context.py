@@ -16,12 +16,13 @@ teacher reads (MOPD spec, section 2):
 where `real` is the unpadded prompt and `ins` the insertion index of the peer context (the part
 after it is the chat suffix / generation prompt). Every peer block is capped to `peer_cap`
 tokens (a summary to `summary_cap`), so the result always fits the static length from
-`teacher_prompt_length` and the closing instruction and generation prompt always survive.
+`teacher_prompt_length` and the closing instruction and generation prompt always survive. The
+output is left-padded, so response tokens appended after it sit at the same positions in every
+row.
 
 The summaries variant (`select_summary_members`, `insert_piece`) also asks the student, at the
 same insertion index of its own prompt, for a one-sentence <summary> of its approach; the
-teacher then reads the summaries of up to k other group members. The output is left-padded, so response
-tokens appended after it sit at the same positions in every row.
+teacher then reads the summaries of up to k other group members.
 """
 
 import numbers
