@@ -232,9 +232,12 @@ class Setup:
     """The compiled fused step and its memory plan, from abstract shapes only."""
     compiled = self.train_step().lower(*self.abstract_inputs()).compile()
     st = self.settings
+    # With summaries, the student's prompts carry the summary instruction too.
+    extra = len(self.pieces.summary_pieces()[0]) if st.peers.summaries else 0
     kv = memory_plan.kv_cache_bytes(
         self.model_cfg, prompts=st.data.batch_size, rows=st.rows,
-        prompt_len=st.data.max_prompt_len, response_len=st.sampling.max_response_len,
+        prompt_len=st.data.max_prompt_len + extra,
+        response_len=st.sampling.max_response_len,
         batch_devices=sharding.batch_divisor(self.mesh))
     plan = memory_plan.make_plan(compiled, self.state_shapes, self.shardings, kv,
                                  self.mesh.devices.flat[0])
