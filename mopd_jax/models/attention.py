@@ -520,13 +520,14 @@ def decode_attention(q, prompt_k, prompt_v, prompt_mask, response_k, response_v,
   scores = mm("bgkhd,bksd->bgkhs", qg, prompt_k)
   scores = jnp.where(prompt_mask[:, None, None, None, :], scores, -jnp.inf)
   state = merge(state, scores, prompt_v, "bgkhs,bksd->bgkhd")
-  # Response: only the blocks that hold written slots.
-  rk = response_k.reshape(b, g, kh, -1, d)
-  rv = response_v.reshape(b, g, kh, -1, d)
+  # Response: only the blocks that hold written slots. Each block is sliced from the
+  # cache as it is stored and only then split into (prompt, sample): reshaping the whole
+  # cache first made XLA:CPU copy all of it, every layer and step.
 
   def response_block(j, state):
-    k_j = jax.lax.dynamic_slice_in_dim(rk, j * block, block, axis=3)
-    v_j = jax.lax.dynamic_slice_in_dim(rv, j * block, block, axis=3)
+    k_j = jax.lax.dynamic_slice_in_dim(response_k, j * block, block, axis=2)
+    v_j = jax.lax.dynamic_slice_in_dim(response_v, j * block, block, axis=2)
+    k_j, v_j = (x.reshape(b, g, kh, block, d) for x in (k_j, v_j))
     scores = mm("bgkhd,bgksd->bgkhs", qg, k_j)
     written = j * block + jnp.arange(block) < num_written
     scores = jnp.where(written, scores, -jnp.inf)
