@@ -3,12 +3,14 @@
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mopd_jax.models import transformer as T
-from mopd_jax.sampling import Sampler, filter_logits, sample_categorical
+from mopd_jax.sampling import (Sampler, filter_logits, sample_categorical,
+                               weights_for_decode)
 
 CFG = T.ModelConfig(vocab_size=61, num_layers=2, embed_dim=32, num_heads=4,
                     num_kv_heads=2, head_dim=8, mlp_dim=64, qk_norm=True,
@@ -211,3 +213,37 @@ def test_bfloat16_sampling_runs_and_tracks_float32(params, prompts):
   same = outs[0].tokens == outs[1].tokens
   assert same.mean() > 0.5
   np.testing.assert_allclose(outs[1].logprobs[same], outs[0].logprobs[same], atol=0.1)
+
+
+def _while_loops(jaxpr):
+  """Every `while` equation of a closed jaxpr, nested ones included."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "while":
+      yield eqn
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _while_loops(sub)
+
+
+def test_decode_loop_reads_weights_in_the_compute_dtype(params, prompts):
+  """float32 parameters with bfloat16 compute: the decode loop gets the weights cast once
+  (no float32 weight enters a while loop) and the samples are those of weights cast by
+  hand (the model casts at every use, so the values are the same)."""
+  tokens, mask = prompts
+  bf16 = CFG.__class__(**{**CFG.__dict__, "dtype": "bfloat16"})
+  sampler = Sampler(bf16, max_new_tokens=6, stop_ids=(EOS,), pad_id=0, temperature=1.0)
+  key = jax.random.key(3)
+  jaxpr = jax.make_jaxpr(sampler.__call__)(params, tokens, mask, key)
+  weight_shapes = {x.shape for x in jax.tree.leaves(params) if x.ndim >= 2}
+  loops = list(_while_loops(jaxpr.jaxpr))
+  assert loops
+  carried = [v.aval for eqn in loops for v in eqn.invars if v.aval.shape in weight_shapes]
+  assert {a.dtype for a in carried} == {jnp.dtype(jnp.bfloat16)}
+  cast_by_hand = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  assert jax.tree.all(jax.tree.map(lambda a, b: a.dtype == b.dtype,
+                                   weights_for_decode(bf16, params), cast_by_hand))
+  got, want = (jax.device_get(sampler(p, tokens, mask, key)) for p in (params, cast_by_hand))
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.logprobs, want.logprobs)
+  # Narrower parameters are never widened.
+  assert jax.tree.all(jax.tree.map(lambda x: x.dtype == jnp.bfloat16,
+                                   weights_for_decode(CFG, cast_by_hand)))
