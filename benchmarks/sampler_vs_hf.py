@@ -15,6 +15,13 @@ line with tokens per second of both sides and their ratio.
 Expected cost per new token and row: 2 * 41M FLOPs (weights, LM head included), and every
 step reads all 164 MB of float32 weights once for the whole batch, so at batch 16 both
 sides are bound by weight reads plus per-step overhead.
+
+Roofline. A decode step must read every weight once (the tied embedding once, as the
+output head) and the keys and values of every cached token: the prompt's once per prompt,
+each row's own response so far. `bytes_per_step` is that minimum averaged over the steps,
+`achieved_gbs` it divided by our time per generated token (prefill included, so the
+figure is conservative), and `roofline_fraction` that over the device's peak memory
+bandwidth: `--peak-gbs`, or a known GPU's from its name (none on CPU unless given).
 """
 
 from __future__ import annotations
@@ -33,6 +40,35 @@ import transformers
 from mopd_jax.models import hf_import
 from mopd_jax.sampling import Sampler
 
+
+
+# Peak memory bandwidth (GB/s) by GPU name, from the vendors' data sheets; the first match
+# of a lower-case substring of `device_kind` wins.
+PEAK_GBS = (("h200", 4800.0), ("h100 pcie", 2000.0), ("h100 nvl", 3900.0), ("h100", 3350.0),
+            ("a100-sxm4-80gb", 2039.0), ("a100 80gb", 1935.0), ("a100", 1555.0))
+
+
+def peak_bandwidth_gbs(device_kind: str):
+  """Peak memory bandwidth of a known GPU in GB/s, else None."""
+  kind = device_kind.lower()
+  return next((gbs for name, gbs in PEAK_GBS if name in kind), None)
+
+
+def decode_bytes_per_step(config, *, batch: int, prompt_len: int, new_tokens: int,
+                          itemsize: int) -> float:
+  """Bytes a decode step must read, averaged over the `new_tokens - 1` decode steps.
+
+  Weights once (a tied embedding once, as the head; an untied one only by its looked-up
+  rows, not counted), the prompt cache once per prompt, and each row's response keys and
+  values written so far.
+  """
+  weights = config.num_params
+  if not config.tie_embeddings:
+    weights -= config.vocab_size * config.embed_dim
+  per_token = config.num_layers * config.num_kv_heads * config.head_dim * 2 * itemsize
+  steps = max(new_tokens - 1, 1)
+  mean_written = sum(range(1, new_tokens)) / steps
+  return weights * itemsize + per_token * batch * (prompt_len + mean_written)
 
 
 def _timed_side_by_side(fns, repeats):
@@ -67,6 +103,8 @@ def main():
   parser.add_argument("--mlp-dim", type=int, default=1536)
   parser.add_argument("--vocab", type=int, default=32_000)
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--peak-gbs", type=float, default=None,
+                      help="peak memory bandwidth in GB/s (default: known GPUs by name)")
   args = parser.parse_args()
 
   shape = dict(vocab_size=args.vocab, hidden_size=args.embed_dim,
@@ -108,6 +146,12 @@ def main():
   (ours_warmup, ours_s), (theirs_warmup, theirs_s) = _timed_side_by_side(
       (ours, theirs), args.repeats)
   tokens = args.batch * new
+  device_kind = jax.devices()[0].device_kind
+  peak = args.peak_gbs or peak_bandwidth_gbs(device_kind)
+  step_bytes = decode_bytes_per_step(config, batch=args.batch, prompt_len=args.prompt_len,
+                                     new_tokens=new,
+                                     itemsize=jax.numpy.dtype(args.dtype).itemsize)
+  achieved = step_bytes / (ours_s / new) / 1e9
   print(json.dumps({
       "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": new,
       "dtype": args.dtype, "torch_device": device,
@@ -119,6 +163,9 @@ def main():
       "mopd_jax_s": round(ours_s, 3), "transformers_s": round(theirs_s, 3),
       "mopd_jax_first_call_s": round(ours_warmup, 2),
       "transformers_first_call_s": round(theirs_warmup, 2),
+      "device_kind": device_kind, "bytes_per_step": round(step_bytes),
+      "achieved_gbs": round(achieved, 1), "peak_gbs": peak,
+      "roofline_fraction": round(achieved / peak, 3) if peak else None,
   }))
 
 
