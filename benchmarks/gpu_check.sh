@@ -21,6 +21,9 @@ if [ -d .whl ]; then
     && export PYTHONPATH=/tmp/gpu_check_site:${PYTHONPATH:-}
 fi
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+# JAX and PyTorch share the GPU in the benchmarks: JAX allocates as it goes instead of
+# taking 75% of the memory up front, and its peak is read from its allocator statistics.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 part() {  # part NAME SECONDS COMMAND...
   local name=$1 limit=$2

@@ -22,7 +22,8 @@ compile time is reported separately. `--dtype=bfloat16` keeps float32 parameters
 computes in bfloat16 on both sides (torch autocast; JAX compute dtype).
 
 Prints one JSON line: timings, the ratio torch_s / jax_s (> 1: JAX is faster), the loss of
-the first step on both sides (they must agree), and the settings.
+the first step on both sides (they must agree), on a GPU each side's peak device memory
+(JAX's allocator statistics, `torch.cuda.max_memory_allocated`), and the settings.
 """
 
 from __future__ import annotations
@@ -257,12 +258,20 @@ def main(argv=None):
       step()
       times[name].append(time.perf_counter() - start)
   jax_s, torch_s = statistics.median(times["jax"]), statistics.median(times["torch"])
+  # Peak device memory of each side over the whole run (both hold a student, a teacher
+  # and AdamW state); the backends report it on GPUs only.
+  jax_stats = jax.local_devices()[0].memory_stats() or {}
+  jax_peak = jax_stats.get("peak_bytes_in_use")
+  torch_peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
   print(json.dumps({
       "benchmark": "update_vs_torch",
       "jax_step_s": round(jax_s, 4),
       "torch_step_s": round(torch_s, 4),
       "ratio_torch_over_jax": round(torch_s / jax_s, 3),
       "jax_compile_s": round(compile_s, 2),
+      "jax_peak_bytes": jax_peak, "torch_peak_bytes": torch_peak,
+      "peak_ratio_jax_over_torch": (round(jax_peak / torch_peak, 3)
+                                    if jax_peak and torch_peak else None),
       "jax_steps_s": [round(t, 4) for t in times["jax"]],
       "torch_steps_s": [round(t, 4) for t in times["torch"]],
       "first_loss_jax": first_loss["jax"],
