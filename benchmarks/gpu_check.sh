@@ -13,7 +13,7 @@
 # times out is reported and the script goes on. On a machine without ml-collections or
 # tensorboardX, put their wheels in .whl/ first (see README, "GPU checks").
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 out=${1:-gpu_check_out}
 mkdir -p "$out"
 if [ -d .whl ]; then
