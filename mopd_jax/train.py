@@ -376,7 +376,8 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
   host_verifier = callback.HostVerifier(score_batch, references, tok,
                                         feedback_len=st.peers.feedback_len,
                                         summary_len=st.peers.summary_len,
-                                        summary_fallback_chars=st.peers.summary_fallback_chars)
+                                        summary_fallback_chars=st.peers.summary_fallback_chars,
+                                        share_texts=st.peers.summaries)
 
   # ---------------------------------------------------------------- Shardings.
   optimizer, schedule = train_step.make_optimizer(st.optim)

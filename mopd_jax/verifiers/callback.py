@@ -13,6 +13,7 @@ failure of the verifier gives reward 0 with status ERROR and is counted in the m
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -31,6 +32,8 @@ from mopd_jax.verifiers.result import Result
 STATUS_CODES = {"ok": 0, "format_error": 1, "timeout": 2, "error": 3}
 
 _SUMMARY_OPEN, _SUMMARY_CLOSE = "<summary>", "</summary>"
+# Decoded batches kept for the other of the two host callables (see `HostVerifier`).
+_MAX_SHARED_BATCHES = 16
 
 
 def extract_summary(text: str, fallback_chars: int) -> tuple[str, bool]:
@@ -50,6 +53,11 @@ class HostVerifier:
 
   Returns (rewards float32 [n], status int32 [n], feedback int32 [n, feedback_len],
   feedback_lengths int32 [n]). `summarize` is the summaries variant's second callable.
+
+  With `share_texts` (the summaries variant), the step hands the same responses to both
+  callables, in either order or at once: whichever decodes a batch first keeps the texts
+  (keyed by a hash of the tokens and lengths; at most a few batches) for the other, so
+  each response is decoded once.
   """
 
   def __init__(
@@ -60,6 +68,7 @@ class HostVerifier:
       feedback_len: int,
       summary_len: int = 1,
       summary_fallback_chars: int = 300,
+      share_texts: bool = False,
   ):
     self.score_batch = score_batch
     self.references = references
@@ -73,9 +82,13 @@ class HostVerifier:
     self._lock = threading.Lock()
     self._seconds = 0.0
     self._rows = 0
+    self._share_texts = share_texts
+    self._shared: dict[bytes, list[str]] = {}
+    self.decoded_rows = 0  # responses decoded on this process, over the whole run
 
   def pop_timing(self) -> dict:
-    """Wall time spent verifying since the last call, total and per response."""
+    """Wall time spent in the host callables (verifying, and extracting summaries) since
+    the last call, total and per verified response."""
     with self._lock:
       seconds, rows = self._seconds, self._rows
       self._seconds, self._rows = 0.0, 0
@@ -83,7 +96,27 @@ class HostVerifier:
             "verify/mean_time_s": seconds / rows if rows else 0.0}
 
   def texts(self, tokens, lengths) -> list[str]:
+    with self._lock:
+      self.decoded_rows += len(tokens)
     return [self.tokenizer.decode(row[:n]) for row, n in zip(tokens, lengths)]
+
+  def _decoded(self, tokens, lengths) -> list[str]:
+    """`texts`, or the texts the other callable already decoded from the same arrays."""
+    if not self._share_texts:
+      return self.texts(tokens, lengths)
+    key = hashlib.blake2b(
+        str(tokens.shape).encode() + tokens.tobytes() + lengths.tobytes(),
+        digest_size=16).digest()
+    with self._lock:
+      texts = self._shared.pop(key, None)
+    if texts is not None:
+      return texts
+    texts = self.texts(tokens, lengths)
+    with self._lock:
+      while len(self._shared) >= _MAX_SHARED_BATCHES:  # a batch the other never claimed
+        self._shared.pop(next(iter(self._shared)))
+      self._shared[key] = texts
+    return texts
 
   def __call__(self, ids, tokens, lengths):
     start = time.perf_counter()
@@ -96,7 +129,7 @@ class HostVerifier:
     feedback_lengths = np.zeros((n,), np.int32)
     try:
       ids, tokens, lengths = np.asarray(ids), np.asarray(tokens), np.asarray(lengths)
-      texts = self.texts(tokens, lengths)
+      texts = self._decoded(tokens, lengths)
       refs = [self.references[int(i)] for i in ids]
       results = self.score_batch(texts, refs)
       for row, res in enumerate(results):
@@ -123,13 +156,14 @@ class HostVerifier:
     [n], missing int32 [n]: 1 where the response had no <summary> tag). Never raises: on
     a failure every row gets an empty summary and counts as missing.
     """
+    start = time.perf_counter()
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
     n = tokens.shape[0]
     summaries = np.zeros((n, self.summary_len), np.int32)
     summary_lengths = np.zeros((n,), np.int32)
     missing = np.ones((n,), np.int32)
     try:
-      for row, text in enumerate(self.texts(tokens, lengths)):
+      for row, text in enumerate(self._decoded(tokens, lengths)):
         summary, found = extract_summary(text, self.summary_fallback_chars)
         ids = self.tokenizer.encode(summary)[: self.summary_len]
         summaries[row, : len(ids)] = ids
@@ -140,6 +174,8 @@ class HostVerifier:
       summaries[:] = 0
       summary_lengths[:] = 0
       missing[:] = 1
+    with self._lock:
+      self._seconds += time.perf_counter() - start
     return summaries, summary_lengths, missing
 
 
