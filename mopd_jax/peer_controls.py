@@ -28,7 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mopd_jax import peer_context
+from mopd_jax import peer_selection
 
 CONTROLS = ("random_peer", "unrelated_prompt", "success_only_matched")
 BUDGETS = ("blocks", "tokens")
@@ -49,7 +49,7 @@ class PeerControl(NamedTuple):
           most `peer_cap`).
   """
 
-  rows: peer_context.PeerSelection
+  rows: peer_selection.PeerSelection
   block_lengths: jax.Array
   budget_blocks: jax.Array
   budget_tokens: jax.Array
@@ -161,8 +161,8 @@ def matched_control(
   budget_key, control_key = jax.random.split(key)
   lengths = response_lengths.reshape(-1).astype(jnp.int32)  # [N]
 
-  base = peer_context.to_row_indices(
-      peer_context.select_peers(success, budget_key, exclude_self_success=exclude_self_success)
+  base = peer_selection.to_row_indices(
+      peer_selection.select_peers(success, budget_key, exclude_self_success=exclude_self_success)
   )
   base_rows = jnp.stack([base.primary, base.another, base.failure], axis=-1)  # [B, G, 3]
   used = base_rows >= 0
@@ -183,7 +183,7 @@ def matched_control(
     rows = jnp.where(on, candidates, -1)
     block_lengths = jnp.where(on, jnp.minimum(natural, remaining), 0)
   rows = rows.astype(jnp.int32)
-  selection = peer_context.PeerSelection(
+  selection = peer_selection.PeerSelection(
       primary=rows[..., 0], another=rows[..., 1], failure=rows[..., 2], mask=(rows >= 0).any(-1)
   )
   return PeerControl(

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import ml_collections
 
-from mopd_jax import losses, peer_context, peer_controls, teacher
+from mopd_jax import losses, peer_controls, peer_selection, teacher
 from mopd_jax.data import source_splits, sources
 from mopd_jax.models import attention as attention_lib
 from mopd_jax.models import transformer
@@ -273,8 +273,8 @@ class PeerSettings(_Section):
   include_primary: bool = knob(True, _bool, "True or False")
   include_another: bool = knob(True, _bool, "True or False")
   include_failure: bool = knob(True, _bool, "True or False")
-  failure_condition: str = knob("always", _one_of(peer_context.FAILURE_CONDITIONS),
-                                f"one of {peer_context.FAILURE_CONDITIONS}")
+  failure_condition: str = knob("always", _one_of(peer_selection.FAILURE_CONDITIONS),
+                                f"one of {peer_selection.FAILURE_CONDITIONS}")
   exclude_self_success: bool = knob(True, _bool, "True or False")
   include_feedback: bool = knob(False, _bool, "True or False")
   feedback_only_without_solution: bool = knob(True, _bool, "True or False")

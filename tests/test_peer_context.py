@@ -9,14 +9,12 @@ import numpy as np
 import pytest
 
 from mopd_jax.peer_context import (
-    PeerSelection,
     TemplatePieces,
     assemble_teacher_prompts,
-    select_peers,
     teacher_positions,
     teacher_prompt_length,
-    to_row_indices,
 )
+from mopd_jax.peer_selection import PeerSelection, select_peers, to_row_indices
 
 # ----------------------------------------------------------------------------- selection
 
