@@ -168,6 +168,76 @@ def _check_shape(name: str, array: jax.Array, shape: tuple) -> None:
     raise ValueError(f"{name} must have shape {shape}; got {array.shape}.")
 
 
+def _check_feedback(num_rows: int, feedback_tokens: jax.Array | None,
+                    feedback_lengths: jax.Array | None, feedback_cap: int) -> None:
+  """Raises ValueError unless the feedback inputs of `assemble_teacher_prompts` agree."""
+  if feedback_tokens is not None:
+    if feedback_cap <= 0:
+      raise ValueError(f"feedback_tokens needs feedback_cap > 0; got feedback_cap={feedback_cap}.")
+    if feedback_lengths is None:
+      raise ValueError("feedback_tokens is given but feedback_lengths is None.")
+    if feedback_tokens.ndim != 2 or feedback_tokens.shape[0] != num_rows:
+      raise ValueError(
+          f"feedback_tokens must have shape ({num_rows}, Lf); " f"got {feedback_tokens.shape}."
+      )
+    _check_shape("feedback_lengths", feedback_lengths, (num_rows,))
+  elif feedback_lengths is not None:
+    raise ValueError("feedback_lengths is given but feedback_tokens is None.")
+
+
+def _check_summaries(num_rows: int, summary_tokens: jax.Array | None,
+                     summary_lengths: jax.Array | None, summary_rows: jax.Array | None,
+                     summary_successful: jax.Array | None, summary_cap: int) -> int:
+  """Checks the summary inputs of `assemble_teacher_prompts`; returns k (0 without them)."""
+  if summary_tokens is None:
+    return 0
+  if summary_cap <= 0:
+    raise ValueError(f"summary_tokens needs summary_cap > 0; got summary_cap={summary_cap}.")
+  if summary_lengths is None or summary_rows is None or summary_successful is None:
+    raise ValueError("summary_tokens needs summary_lengths, summary_rows and "
+                     "summary_successful.")
+  if summary_tokens.ndim != 2 or summary_rows.ndim != 2:
+    raise ValueError(f"summary_tokens must have shape [R, Ls] and summary_rows [N, k]; got "
+                     f"{summary_tokens.shape} and {summary_rows.shape}.")
+  _check_shape("summary_lengths", summary_lengths, (summary_tokens.shape[0],))
+  num_summaries = summary_rows.shape[1]
+  _check_shape("summary_rows", summary_rows, (num_rows, num_summaries))
+  _check_shape("summary_successful", summary_successful, (num_rows, num_summaries))
+  return num_summaries
+
+
+def _gather_segments(source: jax.Array, segments: list[tuple[jax.Array, jax.Array]],
+                     out_len: int, pad_id: int) -> tuple[jax.Array, jax.Array]:
+  """Concatenates per-row segments of `source` into left-padded rows.
+
+  Args:
+      source: int32 [N, S], the buffer every segment is read from.
+      segments: in output order, (start [N], length [N]) of each segment within `source`;
+          the lengths of a row sum to at most `out_len`.
+      out_len: static length Ltp of the output rows.
+      pad_id: static padding token id.
+
+  Returns:
+      tokens int32 [N, Ltp], the segments of each row back to back after its left padding,
+      mask bool [N, Ltp], True on real tokens.
+  """
+  src_start = jnp.stack([s for s, _ in segments], axis=1).astype(jnp.int32)  # [N, K]
+  seg_len = jnp.stack([n for _, n in segments], axis=1).astype(jnp.int32)  # [N, K]
+  pad = out_len - seg_len.sum(axis=1)  # [N]
+  out_start = pad[:, None] + jnp.cumsum(seg_len, axis=1) - seg_len  # [N, K]
+  # Segment of each output position = the last segment starting at or before it; an empty
+  # segment shares its start with the next one and is skipped that way. Positions before
+  # `pad` are padding and take segment 0 only to keep the gather in range.
+  position = jnp.arange(out_len, dtype=jnp.int32)
+  segment = (position[None, :, None] >= out_start[:, None, :]).sum(axis=2) - 1  # [N, Ltp]
+  segment = jnp.maximum(segment, 0)
+  offset = position[None, :] - jnp.take_along_axis(out_start, segment, axis=1)
+  src = jnp.clip(jnp.take_along_axis(src_start, segment, axis=1) + offset, 0, source.shape[1] - 1)
+  mask = position[None, :] >= pad[:, None]
+  tokens = jnp.where(mask, jnp.take_along_axis(source, src, axis=1), pad_id)
+  return tokens.astype(jnp.int32), mask
+
+
 def assemble_teacher_prompts(
     prompt_tokens: jax.Array,
     prompt_mask: jax.Array,
@@ -244,33 +314,10 @@ def assemble_teacher_prompts(
   if block_lengths is not None:
     _check_shape("block_lengths", block_lengths, (num_rows, 3))
   with_feedback = feedback_tokens is not None
-  if with_feedback:
-    if feedback_cap <= 0:
-      raise ValueError(f"feedback_tokens needs feedback_cap > 0; got feedback_cap={feedback_cap}.")
-    if feedback_lengths is None:
-      raise ValueError("feedback_tokens is given but feedback_lengths is None.")
-    if feedback_tokens.ndim != 2 or feedback_tokens.shape[0] != num_rows:
-      raise ValueError(
-          f"feedback_tokens must have shape ({num_rows}, Lf); " f"got {feedback_tokens.shape}."
-      )
-    _check_shape("feedback_lengths", feedback_lengths, (num_rows,))
-  elif feedback_lengths is not None:
-    raise ValueError("feedback_lengths is given but feedback_tokens is None.")
+  _check_feedback(num_rows, feedback_tokens, feedback_lengths, feedback_cap)
   with_summaries = summary_tokens is not None
-  num_summaries = 0
-  if with_summaries:
-    if summary_cap <= 0:
-      raise ValueError(f"summary_tokens needs summary_cap > 0; got summary_cap={summary_cap}.")
-    if summary_lengths is None or summary_rows is None or summary_successful is None:
-      raise ValueError("summary_tokens needs summary_lengths, summary_rows and "
-                       "summary_successful.")
-    if summary_tokens.ndim != 2 or summary_rows.ndim != 2:
-      raise ValueError(f"summary_tokens must have shape [R, Ls] and summary_rows [N, k]; got "
-                       f"{summary_tokens.shape} and {summary_rows.shape}.")
-    _check_shape("summary_lengths", summary_lengths, (summary_tokens.shape[0],))
-    num_summaries = summary_rows.shape[1]
-    _check_shape("summary_rows", summary_rows, (num_rows, num_summaries))
-    _check_shape("summary_successful", summary_successful, (num_rows, num_summaries))
+  num_summaries = _check_summaries(num_rows, summary_tokens, summary_lengths, summary_rows,
+                                   summary_successful, summary_cap)
   out_len = teacher_prompt_length(prompt_len, pieces, peer_cap, feedback_cap, num_summaries,
                                   summary_cap)
 
@@ -373,22 +420,7 @@ def assemble_teacher_prompts(
       (fixed(cl_start), fixed(pieces.closing.shape[0])),
       (real_start + ins, real_len - ins),
   ]
-  src_start = jnp.stack([s for s, _ in segments], axis=1).astype(jnp.int32)  # [N, K]
-  seg_len = jnp.stack([n for _, n in segments], axis=1).astype(jnp.int32)  # [N, K]
-  pad = out_len - seg_len.sum(axis=1)  # [N]
-  out_start = pad[:, None] + jnp.cumsum(seg_len, axis=1) - seg_len  # [N, K]
-
-  # Segment of each output position = the last segment starting at or before it; an empty
-  # segment shares its start with the next one and is skipped that way. Positions before
-  # `pad` are padding and take segment 0 only to keep the gather in range.
-  position = jnp.arange(out_len, dtype=jnp.int32)
-  segment = (position[None, :, None] >= out_start[:, None, :]).sum(axis=2) - 1  # [N, Ltp]
-  segment = jnp.maximum(segment, 0)
-  offset = position[None, :] - jnp.take_along_axis(out_start, segment, axis=1)
-  src = jnp.clip(jnp.take_along_axis(src_start, segment, axis=1) + offset, 0, source.shape[1] - 1)
-  mask = position[None, :] >= pad[:, None]
-  tokens = jnp.where(mask, jnp.take_along_axis(source, src, axis=1), pad_id)
-  return tokens.astype(jnp.int32), mask
+  return _gather_segments(source, segments, out_len, pad_id)
 
 
 def teacher_positions(mask: jax.Array) -> jax.Array:
