@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mopd_jax import (checkpointing, demo_base, distributed, memory_plan,
-                      metrics as metrics_lib, peer_context, settings, sharding, teacher,
-                      tokenizers, train_step)
+                      metrics as metrics_lib, peer_context, settings, sharding, step_teacher,
+                      teacher, tokenizers, train_step)
 from mopd_jax.data import pipeline
 from mopd_jax.models import attention as attention_lib, presets, transformer
 from mopd_jax.sampling import Sampler
@@ -110,7 +110,7 @@ class Evaluator:
         raise ValueError("config.peers.summaries = True: the Evaluator needs the template "
                          "pieces (peer_context.tokenize_pieces) for the summary instruction.")
       self.batch = sharding.UnderRules(jax.jit(
-          functools.partial(train_step.student_prompts, st.peers, pieces, pad_id=tok.pad_id),
+          functools.partial(step_teacher.student_prompts, st.peers, pieces, pad_id=tok.pad_id),
           out_shardings={k: sharding.batch_sharding(mesh, v.ndim)
                          for k, v in self.batch.items()}), mesh)(self.batch)
     self.k = e.num_samples

@@ -8,27 +8,23 @@
       -> student forward + chunked top-k JSD + grad     loss, grads
       -> AdamW (warm-up, clipping), EMA teacher         new state, metrics
 
-`make_train_step` jits the whole chain; `make_split_step` runs the same pieces as
-jit(sample) -> host verify -> jit(update), for debugging and evaluation.
-
-Alignment of response positions: the student input is prompt [Lp] + response [Lr] and
-the teacher input is teacher prompt [Ltp] + the same response; both prompts are
-left-padded, so the hidden state that predicts response token t sits at index
-Lp - 1 + t (student) and Ltp - 1 + t (teacher) in every row.
+This module holds the state and batch types, micro-batching, the update and the
+assembly of the step; the teacher inputs and scoring are in `step_teacher`, the losses
+in `step_losses`. `make_train_step` jits the whole chain; `make_split_step` runs the
+same pieces as jit(sample) -> host verify -> jit(update), for debugging and evaluation.
 """
-
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from mopd_jax import losses, peer_context, peer_controls, settings, sharding, teacher
+from mopd_jax import settings, sharding, step_losses, step_teacher, teacher
 from mopd_jax.models import transformer
 from mopd_jax.sampling import Sampler, SampleOutput
 from mopd_jax.verifiers import callback
@@ -131,298 +127,6 @@ def raise_if_missing(batch):
     raise ValueError(f"Batch is missing fields {sorted(missing)}; got {sorted(batch)}.")
 
 
-def student_prompts(peers: settings.PeerSettings, pieces, batch, pad_id: int):
-  """The batch as the student sees it: with peers.summaries, every prompt gets the
-  summary instruction at its insertion index (prompts grow by its static length and the
-  insertion index moves past it, so the teacher's context follows the instruction);
-  otherwise the batch unchanged."""
-  if not peers.summaries:
-    return batch
-  instruction = pieces.summary_pieces()[0]
-  tokens, mask, insert_index = peer_context.insert_piece(
-      batch["prompt_tokens"], batch["prompt_mask"].astype(bool), batch["insert_index"],
-      instruction, pad_id)
-  return {**batch, "prompt_tokens": tokens, "prompt_mask": mask, "insert_index": insert_index}
-
-
-def _response_hidden(model_cfg, params, prompt_tokens, prompt_mask, responses,
-                     response_mask):
-  """Hidden states [N, Lr, D] that predict each response token."""
-  tokens = jnp.concatenate([prompt_tokens, responses], axis=1)
-  mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-  # The [B, L] token mask (causal attention over real tokens), never a dense [B, L, L]
-  # mask: the attention kind builds its mask per block.
-  hidden, _ = transformer.hidden_states(model_cfg, params, tokens,
-                                        transformer.positions_from_mask(mask), mask)
-  lp, lr = prompt_tokens.shape[1], responses.shape[1]
-  return hidden[:, lp - 1:lp - 1 + lr]
-
-
-@flax.struct.dataclass
-class TeacherInputs:
-  """Stage 1's output: peers, teacher prompts and the masks the loss uses."""
-
-  prompt_tokens: jax.Array  # int32 [N, Lp], student prompts, left-padded
-  prompt_mask: jax.Array  # bool [N, Lp]
-  teacher_tokens: jax.Array  # int32 [N, Ltp], teacher prompts, left-padded
-  teacher_mask: jax.Array  # bool [N, Ltp]
-  response_mask: jax.Array  # bool [N, Lr], True on response tokens (EOS included)
-  rollout_mask: jax.Array  # bool [N], the rollout enters the loss (e.g. has a context block)
-  advantages: jax.Array  # float32 [N], GRPO's group-relative advantages (else 0)
-  success: jax.Array  # bool [B, G]
-
-  @property
-  def loss_mask(self):
-    return self.response_mask & self.rollout_mask[:, None]
-
-
-def build_teacher_inputs(cfg: StepConfig, pieces, batch, rollouts: Rollouts,
-                         peer_key) -> TeacherInputs:
-  """Stage 1: select peers per group and assemble every rollout's teacher prompt.
-
-  Algorithms without a peer context (opd and the policy losses) give the teacher the
-  plain prompt, and their own rollout mask (see `_plain_prompt_rollout_mask`).
-  """
-  g, pc = cfg.num_samples, cfg.peers
-  b = batch["prompt_tokens"].shape[0]
-  n, lr = rollouts.tokens.shape
-  rep = lambda x: jnp.repeat(x, g, axis=0)  # noqa: E731
-  prompt_tokens, prompt_mask = rep(batch["prompt_tokens"]), rep(batch["prompt_mask"])
-  prompt_mask = prompt_mask.astype(bool)
-
-  success = (rollouts.rewards >= cfg.success_threshold).reshape(b, g)
-  response_mask = jnp.arange(lr)[None, :] < rollouts.lengths[:, None]
-  advantages = jnp.zeros((n,), jnp.float32)
-  if cfg.algorithm.name == "grpo":
-    advantages = losses.grpo_advantages(
-        rollouts.rewards.reshape(b, g),
-        normalize_std=cfg.algorithm.grpo_normalize_std).reshape(n)
-  if cfg.algorithm.name not in ("mopd", "sdpo"):
-    return TeacherInputs(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
-                         teacher_tokens=prompt_tokens, teacher_mask=prompt_mask,
-                         response_mask=response_mask,
-                         rollout_mask=_plain_prompt_rollout_mask(cfg, rollouts, b),
-                         advantages=advantages, success=success)
-  text_lengths = rollouts.lengths - rollouts.finished.astype(jnp.int32)  # drop EOS
-  control_kwargs = {}
-  if pc.control:
-    control = peer_controls.matched_control(
-        success, text_lengths.reshape(b, g), peer_key, control=pc.control,
-        peer_cap=pc.peer_cap, budget=pc.control_budget,
-        exclude_self_success=pc.exclude_self_success)
-    rows = jax.tree.map(lambda x: x.reshape(n), control.rows)
-    control_kwargs = dict(block_lengths=control.block_lengths.reshape(n, 3))
-    if pc.control == "success_only_matched":  # its failure slot shows a success
-      pieces = pieces._replace(failure_header=pieces.another_header)
-  else:
-    selection = peer_context.select_peers(
-        success, peer_key, include_primary=pc.include_primary,
-        include_another=pc.include_another, include_failure=pc.include_failure,
-        failure_condition=pc.failure_condition,
-        exclude_self_success=pc.exclude_self_success)
-    rows = jax.tree.map(lambda x: x.reshape(n), peer_context.to_row_indices(selection))
-  rollout_mask = rows.mask
-  summary_kwargs = {}
-  if pc.summaries:
-    if rollouts.summaries is None:
-      raise ValueError("config.peers.summaries = True but the rollouts carry no summaries "
-                       "(HostVerifier.summarize was not run on them).")
-    k = min(pc.num_summaries, g - 1)
-    # Self and the shown primary are excluded; flat rows -> within-group indices.
-    primary = jnp.where(rows.primary >= 0, rows.primary % g, -1).reshape(b, g)
-    members, successful = peer_context.select_summary_members(success, primary, k)
-    offset = (jnp.arange(b, dtype=jnp.int32) * g)[:, None, None]
-    summary_rows = jnp.where(members >= 0, members + offset, -1).reshape(n, k)
-    rollout_mask |= (summary_rows >= 0).any(axis=1)
-    summary_kwargs = dict(summary_tokens=rollouts.summaries,
-                          summary_lengths=rollouts.summary_lengths, summary_rows=summary_rows,
-                          summary_successful=successful.reshape(n, k),
-                          summary_cap=pc.summary_len)
-  feedback_kwargs = {}
-  if pc.include_feedback:
-    # The rollout's own verifier feedback, only without a (shown) primary solution
-    # when feedback_only_without_solution; it counts as a block for the loss mask.
-    use = rollouts.feedback_lengths > 0
-    if pc.feedback_only_without_solution:
-      use &= rows.primary < 0
-    rollout_mask |= use
-    feedback_kwargs = dict(feedback_tokens=rollouts.feedback,
-                           feedback_lengths=jnp.where(use, rollouts.feedback_lengths, 0),
-                           feedback_cap=pc.feedback_len)
-  teacher_tokens, teacher_mask = peer_context.assemble_teacher_prompts(
-      prompt_tokens, prompt_mask, rep(batch["insert_index"]), rollouts.tokens,
-      text_lengths, rows, pieces, peer_cap=pc.peer_cap, pad_id=cfg.pad_id,
-      **feedback_kwargs, **control_kwargs, **summary_kwargs)
-  return TeacherInputs(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
-                       teacher_tokens=teacher_tokens, teacher_mask=teacher_mask,
-                       response_mask=response_mask, rollout_mask=rollout_mask,
-                       advantages=advantages, success=success)
-
-
-def _plain_prompt_rollout_mask(cfg: StepConfig, rollouts: Rollouts, b: int):
-  """bool [N]: which rollouts enter the loss when there is no peer context.
-
-  opd, grpo: all (a group with equal rewards has zero advantages); sft: the verified
-  rollouts (reward >= threshold, at least one token); dpo, simpo: rollouts of groups
-  with at least one pair of different rewards.
-  """
-  n = rollouts.rewards.shape[0]
-  if cfg.algorithm.name == "sft":
-    return (rollouts.rewards >= cfg.success_threshold) & (rollouts.lengths > 0)
-  if cfg.algorithm.name in ("dpo", "simpo"):
-    rewards = rollouts.rewards.reshape(b, -1)
-    has_pair = rewards.max(axis=1) > rewards.min(axis=1)  # [B]
-    return jnp.repeat(has_pair, n // b)
-  return jnp.ones((n,), bool)
-
-
-class TeacherTerms(NamedTuple):
-  """The teacher as terms whose weighted logits sum to its logits (stop-gradient):
-  logits = sum_i weights[i] * hidden[i] @ head[i]. One term, except for the trust region."""
-
-  hidden: tuple[jax.Array, ...]  # each [N, Lr, D_i] on the response positions
-  head: tuple[jax.Array, ...]  # each [D_i, V]
-  weights: tuple[float, ...]  # static
-
-
-def score_with_teacher(cfg: StepConfig, teacher_params, inputs: TeacherInputs,
-                       rollouts: Rollouts, model_cfg: transformer.ModelConfig | None = None):
-  """Stage 2: the teacher's hidden states [N, Lr, D] on the response positions, and its
-  LM head, under stop-gradient. model_cfg: the model of `teacher_params` (default: the
-  teacher's)."""
-  model_cfg = model_cfg or cfg.teacher_cfg
-  teacher_params = jax.lax.stop_gradient(teacher_params)
-  hidden = _response_hidden(model_cfg, teacher_params, inputs.teacher_tokens,
-                            inputs.teacher_mask, rollouts.tokens, inputs.response_mask)
-  return hidden, transformer.lm_head(model_cfg, teacher_params)
-
-
-def teacher_terms(cfg: StepConfig, teacher_params, student_params, inputs: TeacherInputs,
-                  rollouts: Rollouts) -> TeacherTerms:
-  """Stage 2 as `TeacherTerms`: the teacher slot's model, or for teacher.mode
-  'trust_region' the reference (the teacher slot) with weight 1 - rate and the current
-  student (`student_params`) with weight rate, both reading the teacher prompt under
-  stop-gradient: the student's extra forward has no backward.
-  """
-  terms = (("reference", 1.0),)
-  if cfg.teacher.trust_region is not None:
-    terms = teacher.trust_region_terms(cfg.teacher.trust_region)
-  sources = {"reference": (teacher_params, cfg.teacher_cfg),
-             "student": (student_params, cfg.model)}
-  scored = []
-  for source, _ in terms:
-    params, model_cfg = sources[source]
-    scored.append(score_with_teacher(cfg, params, inputs, rollouts, model_cfg=model_cfg))
-  return TeacherTerms(hidden=tuple(h for h, _ in scored), head=tuple(w for _, w in scored),
-                      weights=tuple(weight for _, weight in terms))
-
-
-def distillation_loss(cfg: StepConfig, params, inputs: TeacherInputs, rollouts: Rollouts,
-                      terms: TeacherTerms, weights):
-  """Stage 3: the student's forward and the weighted top-k divergence.
-
-  weights: float32 [N, Lr] from `losses.aggregation_weights` of the whole batch, so
-  that the sum of this function over row micro-batches is the batch's loss.
-  Returns (loss, (student log-prob of each response token, teacher's)), both [N, Lr].
-  """
-  lc = cfg.loss
-  student_hidden = _response_hidden(cfg.model, params, inputs.prompt_tokens,
-                                    inputs.prompt_mask, rollouts.tokens,
-                                    inputs.response_mask)
-  # The sampler's log-probs are at the sampling temperature (1 for greedy decoding).
-  correction = (dict(sampler_logp=rollouts.logprobs,
-                     correction_clip=lc.rollout_correction_clip,
-                     sampler_temperature=cfg.sampling.temperature or 1.0)
-                if lc.rollout_correction_clip > 0 else {})
-  # Positions of weight 0 (masked, maybe garbage) do not enter the loss or its gradient.
-  loss, _, student_logp, teacher_logp = losses.chunked_distillation(
-      student_hidden, terms.hidden, transformer.lm_head(cfg.model, params),
-      terms.head, rollouts.tokens, token_weights=weights,
-      teacher_weights=terms.weights, alpha=lc.alpha, top_k=lc.top_k,
-      add_tail=lc.add_tail, temperature=lc.temperature, chunk_size=lc.chunk_size,
-      full_logit=lc.full_logit, **correction)
-  return loss, (student_logp, teacher_logp)
-
-
-def _policy_logp(cfg: StepConfig, model_cfg, params, prompt_tokens, prompt_mask,
-                 inputs: TeacherInputs, rollouts: Rollouts):
-  """float32 [N, Lr] log-probs of the response tokens at the sampling temperature."""
-  hidden = _response_hidden(model_cfg, params, prompt_tokens, prompt_mask, rollouts.tokens,
-                            inputs.response_mask)
-  return losses.chunked_token_logp(hidden, transformer.lm_head(model_cfg, params),
-                                   rollouts.tokens, temperature=cfg.sampling.temperature,
-                                   chunk_size=cfg.loss.chunk_size)
-
-
-def reference_logp(cfg: StepConfig, teacher_params, inputs: TeacherInputs,
-                   rollouts: Rollouts):
-  """Stage 2 of dpo: the reference model's response log-probs [N, Lr] on the plain
-  prompt (the frozen initial student, kept in the teacher slot); None otherwise."""
-  if cfg.algorithm.name != "dpo":
-    return None
-  return jax.lax.stop_gradient(_policy_logp(
-      cfg, cfg.teacher_cfg, jax.lax.stop_gradient(teacher_params), inputs.teacher_tokens,
-      inputs.teacher_mask, inputs, rollouts))
-
-
-def policy_loss(cfg: StepConfig, params, inputs: TeacherInputs, rollouts: Rollouts,
-                ref_logp, weights):
-  """Stage 3 of grpo, sft, dpo and simpo: the student's forward and its policy loss.
-
-  grpo and sft are per token and weighted like the distillation loss (`loss_weights`),
-  so they split over row micro-batches; dpo and simpo average over the valid pairs of
-  the whole batch. The rollout correction of the loss section applies to distillation
-  only. Returns (loss, (student log-prob of each response token, reference
-  log-prob for dpo, else the student's again)), both [N, Lr].
-  """
-  al = cfg.algorithm
-  logp = _policy_logp(cfg, cfg.model, params, inputs.prompt_tokens, inputs.prompt_mask,
-                      inputs, rollouts)  # [N, Lr]
-  if al.name in ("grpo", "sft"):
-    if al.name == "grpo":
-      # One update per batch: the sampling policy is the current one, so the ratio is 1
-      # in value and the gradient is the clipped surrogate's at 1.
-      per_token = losses.grpo_per_token(
-          logp, jax.lax.stop_gradient(logp), inputs.advantages, clip_low=al.grpo_clip_low,
-          clip_high=al.grpo_clip_high, dual_clip=al.grpo_dual_clip)
-    else:
-      per_token, _ = losses.verified_sft_per_token(logp, inputs.response_mask,
-                                                   rollouts.rewards,
-                                                   threshold=cfg.success_threshold)
-    loss = jnp.sum(jnp.where(weights != 0.0, per_token * weights, 0.0))
-  else:
-    fmask = inputs.response_mask.astype(jnp.float32)
-    seq_logp = jnp.sum(jnp.where(inputs.response_mask, logp, 0.0), axis=1)  # [N]
-    pairs = losses.group_pairs(rollouts.rewards.reshape(-1, cfg.num_samples))
-    chosen, rejected = pairs.chosen.reshape(-1), pairs.rejected.reshape(-1)  # [B*P]
-    if al.name == "dpo":
-      ref_seq = jnp.sum(jnp.where(inputs.response_mask, ref_logp, 0.0), axis=1)
-      per_pair = losses.dpo_loss(seq_logp[chosen], seq_logp[rejected], ref_seq[chosen],
-                                 ref_seq[rejected], beta=al.dpo_beta)
-    else:
-      length = fmask.sum(axis=1)
-      per_pair = losses.simpo_loss(seq_logp[chosen], seq_logp[rejected], length[chosen],
-                                   length[rejected], beta=al.simpo_beta,
-                                   gamma=al.simpo_gamma,
-                                   label_smoothing=al.simpo_label_smoothing)
-    valid = pairs.valid.reshape(-1)
-    loss = jnp.sum(jnp.where(valid, per_pair, 0.0)) / jnp.maximum(valid.sum(), 1)
-  logp = jax.lax.stop_gradient(logp)
-  return loss, (logp, logp if ref_logp is None else ref_logp)
-
-
-def loss_weights(cfg: StepConfig, inputs: TeacherInputs):
-  """float32 [N, Lr] weights of the whole batch: the loss is sum(per_token * weights).
-
-  sft: 1 / (number of verified rollouts) on their tokens (its per-token loss is already
-  length-normalised); the others: `losses.aggregation_weights` of the loss mask.
-  """
-  if cfg.algorithm.name == "sft":
-    count = jnp.maximum(inputs.rollout_mask.sum(), 1).astype(jnp.float32)
-    return inputs.loss_mask.astype(jnp.float32) / count
-  return losses.aggregation_weights(inputs.loss_mask, cfg.loss.aggregation)
-
-
 def _to_micro_batches(tree, num):
   """[N, ...] -> [num, N / num, ...] with micro-batch m = rows m, m + num, m + 2 num, ...
 
@@ -438,18 +142,19 @@ def _from_micro_batches(tree):
       lambda x: x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:]), tree)
 
 
-def loss_and_grads(cfg: StepConfig, state: TrainState, inputs: TeacherInputs,
-                   rollouts: Rollouts):
+def loss_and_grads(cfg: StepConfig, state: TrainState,
+                   inputs: step_teacher.TeacherInputs, rollouts: Rollouts):
   """Stages 2 and 3, over row micro-batches when `optim.micro_batch_rows` is set.
 
-  Stage 3 is `distillation_loss` for mopd, sdpo and opd, else `policy_loss`.
+  Stage 3 is `step_losses.distillation_loss` for mopd, sdpo and opd, else
+  `step_losses.policy_loss`.
 
   Each micro-batch runs the teacher forward and the student forward + backward; the
   gradients (float32) and the loss are summed in a `lax.scan`, so only one micro-batch's
   activations are live at a time. Weights of the whole batch make the sum equal to the
   one-batch loss and gradient. Returns (loss, grads, student_logp, teacher_logp).
   """
-  weights = loss_weights(cfg, inputs)
+  weights = step_losses.loss_weights(cfg, inputs)
   row_inputs = (inputs.prompt_tokens, inputs.prompt_mask, inputs.teacher_tokens,
                 inputs.teacher_mask, inputs.response_mask, inputs.rollout_mask,
                 inputs.advantages)
@@ -460,12 +165,12 @@ def loss_and_grads(cfg: StepConfig, state: TrainState, inputs: TeacherInputs,
                         teacher_mask=t_mask, response_mask=r_mask, rollout_mask=ro_mask,
                         advantages=adv)
     if cfg.algorithm.distills:
-      terms = teacher_terms(cfg, state.teacher_params, params, mb, rollouts)
-      loss_fn = functools.partial(distillation_loss, cfg)
+      terms = step_teacher.teacher_terms(cfg, state.teacher_params, params, mb, rollouts)
+      loss_fn = functools.partial(step_losses.distillation_loss, cfg)
       args = (terms, weights)
     else:
-      loss_fn = functools.partial(policy_loss, cfg)
-      args = (reference_logp(cfg, state.teacher_params, mb, rollouts), weights)
+      loss_fn = functools.partial(step_losses.policy_loss, cfg)
+      args = (step_losses.reference_logp(cfg, state.teacher_params, mb, rollouts), weights)
     (loss, (s_logp, t_logp)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, mb, rollouts, *args)
     return loss, grads, s_logp, t_logp
@@ -512,8 +217,8 @@ def apply_update(cfg: StepConfig, optimizer, state: TrainState, loss, grads):
   return new_state, grad_norm, finite
 
 
-def step_metrics(inputs: TeacherInputs, rollouts: Rollouts, loss, grad_norm, finite,
-                 student_logp, teacher_logp):
+def step_metrics(inputs: step_teacher.TeacherInputs, rollouts: Rollouts, loss, grad_norm,
+                 finite, student_logp, teacher_logp):
   """Stage 5: scalar metrics of the step."""
   fmask = inputs.response_mask.astype(jnp.float32)
   ntok = jnp.maximum(fmask.sum(), 1.0)
@@ -542,34 +247,11 @@ def step_metrics(inputs: TeacherInputs, rollouts: Rollouts, loss, grad_norm, fin
   }
 
 
-def algorithm_metrics(cfg: StepConfig, inputs: TeacherInputs, rollouts: Rollouts):
-  """Stage 5, per algorithm: what the loss could use, so that nothing is dropped silently.
-
-  grpo: groups whose rewards are all equal (zero advantage). sft: verified rollouts and
-  groups without one. dpo, simpo: valid pairs and groups without a pair.
-  """
-  name = cfg.algorithm.name
-  rewards = rollouts.rewards.reshape(-1, cfg.num_samples)  # [B, G]
-  if name == "grpo":
-    no_spread = rewards.max(axis=1) == rewards.min(axis=1)
-    return {"train/zero_advantage_groups": no_spread.sum(),
-            "train/advantage_abs_mean": jnp.abs(inputs.advantages).mean()}
-  if name == "sft":
-    verified = inputs.rollout_mask.reshape(rewards.shape)
-    return {"train/verified_fraction": verified.mean(),
-            "train/groups_without_verified": (~verified.any(axis=1)).sum()}
-  if name in ("dpo", "simpo"):
-    pairs = losses.group_pairs(rewards)
-    return {"train/num_pairs": pairs.num_pairs.sum(),
-            "train/groups_without_pairs": pairs.num_empty_groups}
-  return {}
-
-
 def update(cfg: StepConfig, optimizer, pieces, state: TrainState, batch,
            rollouts: Rollouts, peer_key):
   """Everything after verification, in the order it runs: peers and teacher prompts ->
   teacher scoring -> loss and gradient -> optimizer and EMA update -> metrics."""
-  inputs = build_teacher_inputs(cfg, pieces, batch, rollouts, peer_key)
+  inputs = step_teacher.build_teacher_inputs(cfg, pieces, batch, rollouts, peer_key)
   loss, grads, student_logp, teacher_logp = loss_and_grads(cfg, state, inputs, rollouts)
   new_state, grad_norm, finite = apply_update(cfg, optimizer, state, loss, grads)
   metrics = step_metrics(inputs, rollouts, loss, grad_norm, finite, student_logp,
@@ -577,7 +259,7 @@ def update(cfg: StepConfig, optimizer, pieces, state: TrainState, batch,
   if rollouts.summary_missing is not None:
     metrics["train/summary_missing_fraction"] = rollouts.summary_missing.mean(
         dtype=jnp.float32)
-  return new_state, {**metrics, **algorithm_metrics(cfg, inputs, rollouts)}
+  return new_state, {**metrics, **step_losses.algorithm_metrics(cfg, inputs, rollouts)}
 
 
 def _verify(cfg, mesh, host_fn, batch, out: SampleOutput) -> Rollouts:
@@ -630,7 +312,7 @@ def make_train_step(cfg: StepConfig, mesh, host_fn: Callable, optimizer, pieces,
           "The train step is being traced a second time: its input shapes, dtypes or "
           "shardings changed between calls, which would recompile it.")
     raise_if_missing(batch)
-    batch = student_prompts(cfg.peers, pieces, batch, cfg.pad_id)
+    batch = step_teacher.student_prompts(cfg.peers, pieces, batch, cfg.pad_id)
     sample_key, peer_key = step_keys(state)
     out = cfg.sampler(state.params, batch["prompt_tokens"], batch["prompt_mask"],
                       sample_key)
@@ -649,7 +331,7 @@ def make_split_step(cfg: StepConfig, mesh, host_fn: Callable, optimizer, pieces,
   """The same step as jit(sample) -> host verify -> jit(update)."""
 
   def sample_fn(state, batch):
-    batch = student_prompts(cfg.peers, pieces, batch, cfg.pad_id)
+    batch = step_teacher.student_prompts(cfg.peers, pieces, batch, cfg.pad_id)
     sample_key, _ = step_keys(state)
     return cfg.sampler(state.params, batch["prompt_tokens"], batch["prompt_mask"],
                        sample_key)
@@ -657,7 +339,7 @@ def make_split_step(cfg: StepConfig, mesh, host_fn: Callable, optimizer, pieces,
   sample_fn = sharding.UnderRules(jax.jit(sample_fn), mesh)
 
   def update_fn(state, batch, rollouts):
-    batch = student_prompts(cfg.peers, pieces, batch, cfg.pad_id)
+    batch = step_teacher.student_prompts(cfg.peers, pieces, batch, cfg.pad_id)
     _, peer_key = step_keys(state)
     return update(cfg, optimizer, pieces, state, batch, rollouts, peer_key)
 

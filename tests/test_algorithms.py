@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mopd_jax import peer_context, peer_controls, settings, teacher, train_step
+from mopd_jax import (peer_context, peer_controls, settings, step_teacher, teacher,
+                      train_step)
 from mopd_jax.models import transformer
 
 MODEL = transformer.ModelConfig(vocab_size=31, num_layers=1, embed_dim=16, num_heads=2,
@@ -74,7 +75,7 @@ def run_update(cfg, seed=0):
   peer_key = jax.random.key(seed + 7)
   update = jax.jit(functools.partial(train_step.update, cfg, optimizer, PIECES))
   new_state, metrics = update(state, batch, rollouts, peer_key)
-  inputs = train_step.build_teacher_inputs(cfg, PIECES, batch, rollouts, peer_key)
+  inputs = step_teacher.build_teacher_inputs(cfg, PIECES, batch, rollouts, peer_key)
   return state, new_state, jax.device_get(metrics), rollouts, jax.device_get(inputs)
 
 
@@ -146,8 +147,8 @@ def test_grpo_loss_and_gradient_match_reference():
     logp = jnp.take_along_axis(logp, rollouts.tokens[..., None], -1)[..., 0]
     return jnp.sum(-jnp.asarray(adv, jnp.float32)[:, None] * logp * mask) / mask.sum()
 
-  inputs_dev = train_step.build_teacher_inputs(cfg, PIECES, *make_inputs()[:2],
-                                               jax.random.key(7))
+  inputs_dev = step_teacher.build_teacher_inputs(cfg, PIECES, *make_inputs()[:2],
+                                                 jax.random.key(7))
   _, grads, _, _ = train_step.loss_and_grads(cfg, state, inputs_dev, rollouts)
   want = jax.grad(surrogate)(state.params)
   for got_leaf, want_leaf in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
@@ -250,8 +251,8 @@ def test_per_token_policy_losses_split_over_micro_batches(name):
 
     @jax.jit
     def fn(state, batch, rollouts, cfg=cfg):
-      inputs = train_step.build_teacher_inputs(cfg, PIECES, batch, rollouts,
-                                               jax.random.key(0))
+      inputs = step_teacher.build_teacher_inputs(cfg, PIECES, batch, rollouts,
+                                                 jax.random.key(0))
       return train_step.loss_and_grads(cfg, state, inputs, rollouts)[:2]
 
     results.append(jax.device_get(fn(state, batch, rollouts)))
@@ -273,7 +274,7 @@ def test_peer_controls_feed_the_teacher_prompts(control, budget):
   rewards = np.array([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0], np.float32)
   rollouts = rollouts.replace(rewards=rewards)
   key = jax.random.key(3)
-  inputs = jax.device_get(train_step.build_teacher_inputs(cfg, PIECES, batch, rollouts, key))
+  inputs = jax.device_get(step_teacher.build_teacher_inputs(cfg, PIECES, batch, rollouts, key))
   want = jax.device_get(peer_controls.matched_control(
       jnp.asarray(rewards.reshape(B, G) >= 1.0), jnp.asarray(rollouts.lengths.reshape(B, G)),
       key, control=control, peer_cap=LR, budget=budget))

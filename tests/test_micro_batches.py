@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mopd_jax import losses, settings, train, train_step
+from mopd_jax import losses, settings, step_teacher, train, train_step
 from tests.conftest import load_config, sampled_rollouts, tiny_config
 from tests.test_losses import np_aggregate
 
@@ -53,7 +53,7 @@ def _loss_and_grads(s, state, batch, rollouts, peer_key, micro_batch_rows):
 
   @jax.jit
   def fn(state, batch, rollouts, peer_key):
-    inputs = train_step.build_teacher_inputs(cfg, s.pieces, batch, rollouts, peer_key)
+    inputs = step_teacher.build_teacher_inputs(cfg, s.pieces, batch, rollouts, peer_key)
     return train_step.loss_and_grads(cfg, state, inputs, rollouts)
 
   return jax.device_get(fn(state, batch, rollouts, peer_key))

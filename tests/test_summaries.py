@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mopd_jax import peer_context, settings, train, train_step
+from mopd_jax import peer_context, settings, step_teacher, train, train_step
 from mopd_jax.peer_context import PeerSelection, TemplatePieces
 from mopd_jax.verifiers import callback
 from mopd_jax.verifiers.result import Result
@@ -198,7 +198,7 @@ def _check_summary_blocks(s, student):
       status=jnp.zeros((n,), jnp.int32), feedback=jnp.zeros((n, 1), jnp.int32),
       feedback_lengths=jnp.zeros((n,), jnp.int32), summaries=jnp.asarray(summaries),
       summary_lengths=jnp.asarray(summary_lengths), summary_missing=jnp.ones((n,), jnp.int32))
-  inputs = jax.device_get(train_step.build_teacher_inputs(
+  inputs = jax.device_get(step_teacher.build_teacher_inputs(
       cfg, s.pieces, student, rollouts, jax.random.PRNGKey(1)))
   success = (rewards >= cfg.success_threshold).reshape(b, g)
   primary = np.asarray(peer_context.select_peers(jnp.asarray(success),
@@ -222,8 +222,8 @@ def test_jitted_step_with_summaries(tiny_base_dir):
                                          "peers.summary_len": 8})
   s = train.setup(config, score_batch=_hash_scorer)
   batch = s.put_batch(s.train_batches.batch(0))
-  student = jax.device_get(train_step.student_prompts(s.step_cfg.peers, s.pieces, batch,
-                                                      s.tokenizer.pad_id))
+  student = jax.device_get(step_teacher.student_prompts(s.step_cfg.peers, s.pieces, batch,
+                                                        s.tokenizer.pad_id))
   instruction = s.tokenizer.encode(peer_context.TEMPLATE_TEXTS["summary_instruction"])
   host_batch = jax.device_get(batch)
   for row in range(len(host_batch["example_id"])):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mopd_jax import losses, settings, teacher, train, train_step
+from mopd_jax import losses, settings, step_teacher, teacher, train, train_step
 from mopd_jax.models import transformer
 from tests.conftest import load_config, sampled_rollouts, tiny_config
 from tests.test_losses import D, D_T, L, N, TEMPERATURE, V, np_divergence, np_log_softmax
@@ -160,7 +160,7 @@ def _run(cfg, s, state, batch, rollouts, peer_key):
   """Teacher inputs and loss_and_grads, compiled once per step config."""
   if cfg not in _COMPILED:
     def fn(state, batch, rollouts, peer_key):
-      inputs = train_step.build_teacher_inputs(cfg, s.pieces, batch, rollouts, peer_key)
+      inputs = step_teacher.build_teacher_inputs(cfg, s.pieces, batch, rollouts, peer_key)
       return inputs, train_step.loss_and_grads(cfg, state, inputs, rollouts)
     _COMPILED[cfg] = jax.jit(fn)
   return jax.device_get(_COMPILED[cfg](state, batch, rollouts, peer_key))
@@ -204,7 +204,7 @@ def test_step_teacher_logp_is_the_lerp_of_both_models(trust_setup):
   inputs, (_, _, _, t_logp) = _run(cfg, s, state, batch, rollouts, peer_key)
 
   def logits(params):
-    hidden = train_step._response_hidden(  # pylint: disable=protected-access
+    hidden = step_teacher.response_hidden(
         cfg.model, params, inputs.teacher_tokens, inputs.teacher_mask, rollouts.tokens,
         inputs.response_mask)
     return np.asarray(hidden, np.float64) @ np.asarray(transformer.lm_head(cfg.model, params),

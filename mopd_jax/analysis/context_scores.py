@@ -5,7 +5,7 @@ For each rollout of a group, the teacher reads its prompt under one *context var
 own tokens; the score is the mean per-token log-prob of the response (MOPD spec §8).
 `teacher_signal.alignment` then compares those scores with the verifier rewards per
 prompt. The teacher prompt of a variant is built by the training step's own stage 1
-(`train_step.build_teacher_inputs`), so the analysis sees exactly what training shows
+(`step_teacher.build_teacher_inputs`), so the analysis sees exactly what training shows
 the teacher.
 
 Rollouts are saved as one `.npz` (`save_rollouts` / `load_rollouts`): the prompts
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mopd_jax import checkpointing, losses, train_step
+from mopd_jax import checkpointing, losses, step_teacher, train_step
 
 # name -> changes to the run's peer settings (None: the plain prompt, no context).
 VARIANTS = {
@@ -103,8 +103,8 @@ def variant_config(cfg: train_step.StepConfig, variant: str) -> train_step.StepC
 @functools.partial(jax.jit, static_argnums=(0,))
 def _score_group_batch(cfg: train_step.StepConfig, pieces, teacher_params, batch,
                        rollouts: train_step.Rollouts, key):
-  inputs = train_step.build_teacher_inputs(cfg, pieces, batch, rollouts, key)
-  hidden, head = train_step.score_with_teacher(cfg, teacher_params, inputs, rollouts)
+  inputs = step_teacher.build_teacher_inputs(cfg, pieces, batch, rollouts, key)
+  hidden, head = step_teacher.score_with_teacher(cfg, teacher_params, inputs, rollouts)
   logp = losses.chunked_token_logp(hidden, head, rollouts.tokens,
                                    chunk_size=cfg.loss.chunk_size)
   mask = inputs.response_mask

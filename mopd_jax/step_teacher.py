@@ -1,0 +1,214 @@
+"""The teacher side of one step: the student's prompts, the teacher inputs, their scoring.
+
+A step runs sample -> verify -> teacher inputs -> losses -> update (`train_step`). This
+module holds what feeds the teacher: `student_prompts` (the prompts as the student samples
+them), stage 1 `build_teacher_inputs` (peers per group and every rollout's teacher prompt,
+assembled by gathers into `TeacherInputs`) and stage 2 `score_with_teacher` /
+`teacher_terms` (the teacher's hidden states on the response positions, stop-gradient).
+The losses of stage 3 are in `step_losses`.
+
+Alignment of response positions: the student input is prompt [Lp] + response [Lr] and
+the teacher input is teacher prompt [Ltp] + the same response; both prompts are
+left-padded, so the hidden state that predicts response token t sits at index
+Lp - 1 + t (student) and Ltp - 1 + t (teacher) in every row (`response_hidden`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from mopd_jax import losses, peer_context, peer_controls, settings, teacher
+from mopd_jax.models import transformer
+
+if TYPE_CHECKING:  # train_step imports this module: its types serve as annotations only.
+  from mopd_jax.train_step import Rollouts, StepConfig
+
+
+def student_prompts(peers: settings.PeerSettings, pieces, batch, pad_id: int):
+  """The batch as the student sees it: with peers.summaries, every prompt gets the
+  summary instruction at its insertion index (prompts grow by its static length and the
+  insertion index moves past it, so the teacher's context follows the instruction);
+  otherwise the batch unchanged."""
+  if not peers.summaries:
+    return batch
+  instruction = pieces.summary_pieces()[0]
+  tokens, mask, insert_index = peer_context.insert_piece(
+      batch["prompt_tokens"], batch["prompt_mask"].astype(bool), batch["insert_index"],
+      instruction, pad_id)
+  return {**batch, "prompt_tokens": tokens, "prompt_mask": mask, "insert_index": insert_index}
+
+
+def response_hidden(model_cfg, params, prompt_tokens, prompt_mask, responses,
+                    response_mask):
+  """Hidden states [N, Lr, D] that predict each response token."""
+  tokens = jnp.concatenate([prompt_tokens, responses], axis=1)
+  mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+  # The [B, L] token mask (causal attention over real tokens), never a dense [B, L, L]
+  # mask: the attention kind builds its mask per block.
+  hidden, _ = transformer.hidden_states(model_cfg, params, tokens,
+                                        transformer.positions_from_mask(mask), mask)
+  lp, lr = prompt_tokens.shape[1], responses.shape[1]
+  return hidden[:, lp - 1:lp - 1 + lr]
+
+
+@flax.struct.dataclass
+class TeacherInputs:
+  """Stage 1's output: peers, teacher prompts and the masks the loss uses."""
+
+  prompt_tokens: jax.Array  # int32 [N, Lp], student prompts, left-padded
+  prompt_mask: jax.Array  # bool [N, Lp]
+  teacher_tokens: jax.Array  # int32 [N, Ltp], teacher prompts, left-padded
+  teacher_mask: jax.Array  # bool [N, Ltp]
+  response_mask: jax.Array  # bool [N, Lr], True on response tokens (EOS included)
+  rollout_mask: jax.Array  # bool [N], the rollout enters the loss (e.g. has a context block)
+  advantages: jax.Array  # float32 [N], GRPO's group-relative advantages (else 0)
+  success: jax.Array  # bool [B, G]
+
+  @property
+  def loss_mask(self):
+    return self.response_mask & self.rollout_mask[:, None]
+
+
+def build_teacher_inputs(cfg: StepConfig, pieces, batch, rollouts: Rollouts,
+                         peer_key) -> TeacherInputs:
+  """Stage 1: select peers per group and assemble every rollout's teacher prompt.
+
+  Algorithms without a peer context (opd and the policy losses) give the teacher the
+  plain prompt, and their own rollout mask (see `_plain_prompt_rollout_mask`).
+  """
+  g, pc = cfg.num_samples, cfg.peers
+  b = batch["prompt_tokens"].shape[0]
+  n, lr = rollouts.tokens.shape
+  rep = lambda x: jnp.repeat(x, g, axis=0)  # noqa: E731
+  prompt_tokens, prompt_mask = rep(batch["prompt_tokens"]), rep(batch["prompt_mask"])
+  prompt_mask = prompt_mask.astype(bool)
+
+  success = (rollouts.rewards >= cfg.success_threshold).reshape(b, g)
+  response_mask = jnp.arange(lr)[None, :] < rollouts.lengths[:, None]
+  advantages = jnp.zeros((n,), jnp.float32)
+  if cfg.algorithm.name == "grpo":
+    advantages = losses.grpo_advantages(
+        rollouts.rewards.reshape(b, g),
+        normalize_std=cfg.algorithm.grpo_normalize_std).reshape(n)
+  if cfg.algorithm.name not in ("mopd", "sdpo"):
+    return TeacherInputs(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
+                         teacher_tokens=prompt_tokens, teacher_mask=prompt_mask,
+                         response_mask=response_mask,
+                         rollout_mask=_plain_prompt_rollout_mask(cfg, rollouts, b),
+                         advantages=advantages, success=success)
+  text_lengths = rollouts.lengths - rollouts.finished.astype(jnp.int32)  # drop EOS
+  control_kwargs = {}
+  if pc.control:
+    control = peer_controls.matched_control(
+        success, text_lengths.reshape(b, g), peer_key, control=pc.control,
+        peer_cap=pc.peer_cap, budget=pc.control_budget,
+        exclude_self_success=pc.exclude_self_success)
+    rows = jax.tree.map(lambda x: x.reshape(n), control.rows)
+    control_kwargs = dict(block_lengths=control.block_lengths.reshape(n, 3))
+    if pc.control == "success_only_matched":  # its failure slot shows a success
+      pieces = pieces._replace(failure_header=pieces.another_header)
+  else:
+    selection = peer_context.select_peers(
+        success, peer_key, include_primary=pc.include_primary,
+        include_another=pc.include_another, include_failure=pc.include_failure,
+        failure_condition=pc.failure_condition,
+        exclude_self_success=pc.exclude_self_success)
+    rows = jax.tree.map(lambda x: x.reshape(n), peer_context.to_row_indices(selection))
+  rollout_mask = rows.mask
+  summary_kwargs = {}
+  if pc.summaries:
+    if rollouts.summaries is None:
+      raise ValueError("config.peers.summaries = True but the rollouts carry no summaries "
+                       "(HostVerifier.summarize was not run on them).")
+    k = min(pc.num_summaries, g - 1)
+    # Self and the shown primary are excluded; flat rows -> within-group indices.
+    primary = jnp.where(rows.primary >= 0, rows.primary % g, -1).reshape(b, g)
+    members, successful = peer_context.select_summary_members(success, primary, k)
+    offset = (jnp.arange(b, dtype=jnp.int32) * g)[:, None, None]
+    summary_rows = jnp.where(members >= 0, members + offset, -1).reshape(n, k)
+    rollout_mask |= (summary_rows >= 0).any(axis=1)
+    summary_kwargs = dict(summary_tokens=rollouts.summaries,
+                          summary_lengths=rollouts.summary_lengths, summary_rows=summary_rows,
+                          summary_successful=successful.reshape(n, k),
+                          summary_cap=pc.summary_len)
+  feedback_kwargs = {}
+  if pc.include_feedback:
+    # The rollout's own verifier feedback, only without a (shown) primary solution
+    # when feedback_only_without_solution; it counts as a block for the loss mask.
+    use = rollouts.feedback_lengths > 0
+    if pc.feedback_only_without_solution:
+      use &= rows.primary < 0
+    rollout_mask |= use
+    feedback_kwargs = dict(feedback_tokens=rollouts.feedback,
+                           feedback_lengths=jnp.where(use, rollouts.feedback_lengths, 0),
+                           feedback_cap=pc.feedback_len)
+  teacher_tokens, teacher_mask = peer_context.assemble_teacher_prompts(
+      prompt_tokens, prompt_mask, rep(batch["insert_index"]), rollouts.tokens,
+      text_lengths, rows, pieces, peer_cap=pc.peer_cap, pad_id=cfg.pad_id,
+      **feedback_kwargs, **control_kwargs, **summary_kwargs)
+  return TeacherInputs(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
+                       teacher_tokens=teacher_tokens, teacher_mask=teacher_mask,
+                       response_mask=response_mask, rollout_mask=rollout_mask,
+                       advantages=advantages, success=success)
+
+
+def _plain_prompt_rollout_mask(cfg: StepConfig, rollouts: Rollouts, b: int):
+  """bool [N]: which rollouts enter the loss when there is no peer context.
+
+  opd, grpo: all (a group with equal rewards has zero advantages); sft: the verified
+  rollouts (reward >= threshold, at least one token); dpo, simpo: rollouts of groups
+  with at least one pair of different rewards.
+  """
+  n = rollouts.rewards.shape[0]
+  if cfg.algorithm.name == "sft":
+    return (rollouts.rewards >= cfg.success_threshold) & (rollouts.lengths > 0)
+  if cfg.algorithm.name in ("dpo", "simpo"):
+    rewards = rollouts.rewards.reshape(b, -1)
+    has_pair = rewards.max(axis=1) > rewards.min(axis=1)  # [B]
+    return jnp.repeat(has_pair, n // b)
+  return jnp.ones((n,), bool)
+
+
+class TeacherTerms(NamedTuple):
+  """The teacher as terms whose weighted logits sum to its logits (stop-gradient):
+  logits = sum_i weights[i] * hidden[i] @ head[i]. One term, except for the trust region."""
+
+  hidden: tuple[jax.Array, ...]  # each [N, Lr, D_i] on the response positions
+  head: tuple[jax.Array, ...]  # each [D_i, V]
+  weights: tuple[float, ...]  # static
+
+
+def score_with_teacher(cfg: StepConfig, teacher_params, inputs: TeacherInputs,
+                       rollouts: Rollouts, model_cfg: transformer.ModelConfig | None = None):
+  """Stage 2: the teacher's hidden states [N, Lr, D] on the response positions, and its
+  LM head, under stop-gradient. model_cfg: the model of `teacher_params` (default: the
+  teacher's)."""
+  model_cfg = model_cfg or cfg.teacher_cfg
+  teacher_params = jax.lax.stop_gradient(teacher_params)
+  hidden = response_hidden(model_cfg, teacher_params, inputs.teacher_tokens,
+                            inputs.teacher_mask, rollouts.tokens, inputs.response_mask)
+  return hidden, transformer.lm_head(model_cfg, teacher_params)
+
+
+def teacher_terms(cfg: StepConfig, teacher_params, student_params, inputs: TeacherInputs,
+                  rollouts: Rollouts) -> TeacherTerms:
+  """Stage 2 as `TeacherTerms`: the teacher slot's model, or for teacher.mode
+  'trust_region' the reference (the teacher slot) with weight 1 - rate and the current
+  student (`student_params`) with weight rate, both reading the teacher prompt under
+  stop-gradient: the student's extra forward has no backward.
+  """
+  terms = (("reference", 1.0),)
+  if cfg.teacher.trust_region is not None:
+    terms = teacher.trust_region_terms(cfg.teacher.trust_region)
+  sources = {"reference": (teacher_params, cfg.teacher_cfg),
+             "student": (student_params, cfg.model)}
+  scored = []
+  for source, _ in terms:
+    params, model_cfg = sources[source]
+    scored.append(score_with_teacher(cfg, params, inputs, rollouts, model_cfg=model_cfg))
+  return TeacherTerms(hidden=tuple(h for h, _ in scored), head=tuple(w for _, w in scored),
+                      weights=tuple(weight for _, weight in terms))
