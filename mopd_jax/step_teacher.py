@@ -21,7 +21,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from mopd_jax import losses, peer_context, peer_controls, settings, teacher
+from mopd_jax import losses, peer_context, peer_controls, peer_selection, settings, teacher
 from mopd_jax.models import transformer
 
 if TYPE_CHECKING:  # train_step imports this module: its types serve as annotations only.
@@ -112,12 +112,12 @@ def build_teacher_inputs(cfg: StepConfig, pieces, batch, rollouts: Rollouts,
     if pc.control == "success_only_matched":  # its failure slot shows a success
       pieces = pieces._replace(failure_header=pieces.another_header)
   else:
-    selection = peer_context.select_peers(
+    selection = peer_selection.select_peers(
         success, peer_key, include_primary=pc.include_primary,
         include_another=pc.include_another, include_failure=pc.include_failure,
         failure_condition=pc.failure_condition,
         exclude_self_success=pc.exclude_self_success)
-    rows = jax.tree.map(lambda x: x.reshape(n), peer_context.to_row_indices(selection))
+    rows = jax.tree.map(lambda x: x.reshape(n), peer_selection.to_row_indices(selection))
   rollout_mask = rows.mask
   summary_kwargs = {}
   if pc.summaries:
@@ -127,7 +127,7 @@ def build_teacher_inputs(cfg: StepConfig, pieces, batch, rollouts: Rollouts,
     k = min(pc.num_summaries, g - 1)
     # Self and the shown primary are excluded; flat rows -> within-group indices.
     primary = jnp.where(rows.primary >= 0, rows.primary % g, -1).reshape(b, g)
-    members, successful = peer_context.select_summary_members(success, primary, k)
+    members, successful = peer_selection.select_summary_members(success, primary, k)
     offset = (jnp.arange(b, dtype=jnp.int32) * g)[:, None, None]
     summary_rows = jnp.where(members >= 0, members + offset, -1).reshape(n, k)
     rollout_mask |= (summary_rows >= 0).any(axis=1)
