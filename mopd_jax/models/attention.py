@@ -472,17 +472,22 @@ def _splash_rows(q, k, v, kv_mask, *, q_offset, causal, block_q, block_k, interp
 
 
 def decode_attention(q, prompt_k, prompt_v, prompt_mask, response_k, response_v,
-                     num_written, new_k, new_v, *, block=128, precision=None):
-  """One decode step of N = B*G rows, G samples per prompt.
+                     num_written, new_k, new_v, *, layer, block=128, precision=None):
+  """One decode step of N = B*G rows, G samples per prompt, in one layer.
+
+  The caches arrive stacked over layers and only what the step reads is sliced out of
+  them: taking the layer's whole response cache first would copy all Lr slots of it at
+  every step (XLA:CPU materialises such a slice), whatever has been written.
 
   Args:
     q: [N, H, D] queries of the current token.
-    prompt_k, prompt_v: [B, K, Lp, D] prompt cache, shared by the G samples of a prompt.
+    prompt_k, prompt_v: [L, B, K, Lp, D] prompt cache, shared by the G samples of a prompt.
     prompt_mask: bool [B, Lp], True on real prompt tokens.
-    response_k, response_v: [N, K, Lr, D] response cache; slots [0, num_written) hold the
-      earlier response tokens; Lr is a multiple of `block`.
+    response_k, response_v: [L, N, K, Lr, D] response cache; slots [0, num_written) hold
+      the earlier response tokens; Lr is a multiple of `block`.
     num_written: int32 scalar, response slots written so far (same for every row).
     new_k, new_v: [N, K, D] keys/values of the current token (not yet in the cache).
+    layer: int32 scalar (or int), the layer's index in the stacked caches.
     block: response slots read per loop iteration; only ceil(num_written / block) blocks
       are read, so the response part costs O(num_written), not O(Lr).
 
@@ -490,7 +495,7 @@ def decode_attention(q, prompt_k, prompt_v, prompt_mask, response_k, response_v,
     [N, H, D] in q.dtype.
   """
   n, h, d = q.shape
-  b, kh, lp, _ = prompt_k.shape
+  _, b, kh, lp, _ = prompt_k.shape
   g = n // b
   qg = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, g, kh, h // kh, d)
   upcast = jax.default_backend() == "cpu"
@@ -517,17 +522,20 @@ def decode_attention(q, prompt_k, prompt_v, prompt_mask, response_k, response_v,
   state = (self_scores, jnp.ones_like(self_scores),
            new_v.reshape(b, g, kh, 1, d).astype(jnp.float32) * jnp.ones((h // kh, 1)))
   # Prompt: one matmul against the shared cache.
+  # Prompt: one matmul against the layer's shared cache, all of which is read.
+  prompt_k, prompt_v = (jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
+                        for x in (prompt_k, prompt_v))
   scores = mm("bgkhd,bksd->bgkhs", qg, prompt_k)
   scores = jnp.where(prompt_mask[:, None, None, None, :], scores, -jnp.inf)
   state = merge(state, scores, prompt_v, "bgkhs,bksd->bgkhd")
   # Response: only the blocks that hold written slots. Each block is sliced from the
-  # cache as it is stored and only then split into (prompt, sample): reshaping the whole
-  # cache first made XLA:CPU copy all of it, every layer and step.
+  # stacked cache as it is stored and only then split into (prompt, sample): reshaping
+  # the whole cache first made XLA:CPU copy all of it, every layer and step.
 
   def response_block(j, state):
-    k_j = jax.lax.dynamic_slice_in_dim(response_k, j * block, block, axis=2)
-    v_j = jax.lax.dynamic_slice_in_dim(response_v, j * block, block, axis=2)
-    k_j, v_j = (x.reshape(b, g, kh, block, d) for x in (k_j, v_j))
+    start, size = (layer, 0, 0, j * block, 0), (1, n, kh, block, d)
+    k_j, v_j = (jax.lax.dynamic_slice(x, start, size).reshape(b, g, kh, block, d)
+                for x in (response_k, response_v))
     scores = mm("bgkhd,bgksd->bgkhs", qg, k_j)
     written = j * block + jnp.arange(block) < num_written
     scores = jnp.where(written, scores, -jnp.inf)

@@ -227,9 +227,9 @@ class Attention(nn.Module):
   mode "full" / "prefill": `side` = (positions [B, T], mask) with mask the token mask
   [B, T] (causal) or a dense bool mask [B, T, T]; returns (out, None), or for "prefill"
   (out, (k, v) [B, T, K, Dh] after RoPE, for the prompt cache).
-  mode "decode": `side` = (positions [N, 1], prompt_mask [B, Lp], num_written), `cache` =
-  this layer's prompt and response caches; returns (out, (k, v) [N, K, Dh] of the current
-  token).
+  mode "decode": `side` = (positions [N, 1], prompt_mask [B, Lp], num_written, the prompt
+  and response caches stacked over layers), `cache` = this layer's index in them; returns
+  (out, (k, v) [N, K, Dh] of the current token).
   """
 
   config: ModelConfig
@@ -263,11 +263,11 @@ class Attention(nn.Module):
     v = sharding.constrain(v, ACT_KV_HEADS)
 
     if self.mode == "decode":
-      _, prompt_mask, num_written = side
+      _, prompt_mask, num_written, caches = side
       out = attention_lib.decode_attention(
-          q[:, 0], cache["prompt_k"].astype(dtype), cache["prompt_v"].astype(dtype),
-          prompt_mask, cache["response_k"].astype(dtype), cache["response_v"].astype(dtype),
-          num_written, k[:, 0], v[:, 0], block=self.decode_block, precision=cfg.precision)
+          q[:, 0], caches["prompt_k"], caches["prompt_v"], prompt_mask, caches["response_k"],
+          caches["response_v"], num_written, k[:, 0], v[:, 0], layer=cache,
+          block=self.decode_block, precision=cfg.precision)
       out, new_kv = out[:, None], (k[:, 0], v[:, 0])
     else:
       mask = side[1]
@@ -443,10 +443,16 @@ def decode_step(config, params, tokens, positions, prompt_cache, prompt_mask,
   Returns:
     (hidden [N, 1, D], response cache with the current token's keys/values written).
   """
-  cache = {"prompt_k": prompt_cache["k"], "prompt_v": prompt_cache["v"],
-           "response_k": response_cache["k"], "response_v": response_cache["v"]}
+  dtype = dtype_from_name(config.dtype)
+  # The whole stacked caches go to every layer (broadcast by the scan) with the layer's
+  # index as the scanned input: the attention slices out only the blocks it reads.
+  caches = {"prompt_k": prompt_cache["k"].astype(dtype),
+            "prompt_v": prompt_cache["v"].astype(dtype),
+            "response_k": response_cache["k"].astype(dtype),
+            "response_v": response_cache["v"].astype(dtype)}
+  side = (positions, prompt_mask.astype(bool), num_written, caches)
   hidden, (k, v) = Decoder(config, "decode", block).apply(
-      {"params": params}, tokens, (positions, prompt_mask.astype(bool), num_written), cache)
+      {"params": params}, tokens, side, jnp.arange(config.num_layers, dtype=jnp.int32))
 
   def write(buffer, new):  # new [L, N, K, Dh] -> slot num_written of [L, N, K, Lr, Dh]
     new = new[:, :, :, None].astype(buffer.dtype)
