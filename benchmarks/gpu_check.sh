@@ -6,8 +6,10 @@
 # Runs, each under its own time limit, on the first GPU:
 #   1. the numerics test files on the GPU (loss, attention, sampler, Hugging Face parity at
 #      matmul precision "highest");
-#   2. the sampler against transformers `generate` and the update against PyTorch eager,
-#      Qwen3-0.6B shape, bfloat16, prompt 1,024 / response 2,048 for the update;
+#   2. the sampler against transformers `generate` (both `decode_layers` kinds, with the
+#      fraction of the memory roofline) and the update against PyTorch eager (with both
+#      sides' peak memory), Qwen3-0.6B shape, bfloat16, prompt 1,024 / response 2,048 for
+#      the update;
 #   3. `benchmarks.step_memory` compiled for the GPU (Qwen3-0.6B, 8 rows, 1,024 + 2,048).
 # Every part writes its output to OUT_DIR (default: gpu_check_out); a part that fails or
 # times out is reported and the script goes on. On a machine without ml-collections or
@@ -40,9 +42,9 @@ part numerics 150 python3 -m pytest -q -x tests/test_losses.py tests/test_attent
   tests/test_model_sampling.py tests/test_hf_parity.py
 qwen3_06b=(--embed-dim=1024 --layers=28 --heads=16 --kv-heads=8 --head-dim=128
            --mlp-dim=3072 --vocab=151936)
-part sampler 90 python3 -m benchmarks.sampler_vs_hf "${qwen3_06b[@]}" --dtype=bfloat16 \
-  --batch=64 --prompt-len=128 --new-tokens=256
+part sampler 110 python3 -m benchmarks.sampler_vs_hf "${qwen3_06b[@]}" --dtype=bfloat16 \
+  --batch=64 --prompt-len=128 --new-tokens=256 --decode-layers=scan,unrolled
 part update 150 python3 -m benchmarks.update_vs_torch "${qwen3_06b[@]}" --dtype=bfloat16 \
   --rows=8 --prompt-len=1024 --response-len=2048 --teacher-prompt-len=4136
-part step_memory 90 python3 -m benchmarks.step_memory --preset=qwen3-0.6b --rows=8 \
+part step_memory 70 python3 -m benchmarks.step_memory --preset=qwen3-0.6b --rows=8 \
   --group=8 --prompt-len=1024 --response-len=2048 --peer-cap=1024

@@ -103,6 +103,9 @@ def main():
   parser.add_argument("--mlp-dim", type=int, default=1536)
   parser.add_argument("--vocab", type=int, default=32_000)
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--decode-layers", default="scan",
+                      help="Sampler.decode_layers, or several separated by commas: each is "
+                      "timed side by side; the first one's figures are the headline")
   parser.add_argument("--peak-gbs", type=float, default=None,
                       help="peak memory bandwidth in GB/s (default: known GPUs by name)")
   args = parser.parse_args()
@@ -124,15 +127,18 @@ def main():
   mask = np.ones_like(prompts, dtype=bool)
   new = args.new_tokens
 
-  # The stop id lies outside the vocabulary: every row runs all `new` tokens, as below.
-  sampler = Sampler(config, max_new_tokens=new, stop_ids=(vocab,), pad_id=0, temperature=1.0)
-  sample = jax.jit(sampler.__call__)
   keys = iter(range(1, 1_000))
 
-  def ours():
-    out = sample(params, prompts, mask, jax.random.key(next(keys)))
-    jax.block_until_ready(out)
-    assert int(out.lengths.min()) == new
+  def ours(decode_layers):
+    # The stop id lies outside the vocabulary: every row runs all `new` tokens, as below.
+    sample = jax.jit(Sampler(config, max_new_tokens=new, stop_ids=(vocab,), pad_id=0,
+                             temperature=1.0, decode_layers=decode_layers).__call__)
+
+    def run():
+      out = sample(params, prompts, mask, jax.random.key(next(keys)))
+      jax.block_until_ready(out)
+      assert int(out.lengths.min()) == new
+    return run
 
   def theirs():
     with torch.no_grad():
@@ -143,8 +149,10 @@ def main():
           min_new_tokens=new, eos_token_id=None, pad_token_id=0)
     assert out.shape == (args.batch, args.prompt_len + new)
 
-  (ours_warmup, ours_s), (theirs_warmup, theirs_s) = _timed_side_by_side(
-      (ours, theirs), args.repeats)
+  variants = args.decode_layers.split(",")
+  *timed, (theirs_warmup, theirs_s) = _timed_side_by_side(
+      [ours(v) for v in variants] + [theirs], args.repeats)
+  (ours_warmup, ours_s) = timed[0]
   tokens = args.batch * new
   device_kind = jax.devices()[0].device_kind
   peak = args.peak_gbs or peak_bandwidth_gbs(device_kind)
@@ -166,6 +174,9 @@ def main():
       "device_kind": device_kind, "bytes_per_step": round(step_bytes),
       "achieved_gbs": round(achieved, 1), "peak_gbs": peak,
       "roofline_fraction": round(achieved / peak, 3) if peak else None,
+      "decode_layers": variants[0],
+      "tokens_per_s_by_decode_layers": {
+          v: round(tokens / t, 1) for v, (_, t) in zip(variants, timed)},
   }))
 
 

@@ -28,6 +28,9 @@ import jax.numpy as jnp
 from mopd_jax.models import transformer
 
 
+DECODE_LAYERS = ("scan", "unrolled")
+
+
 @flax.struct.dataclass
 class SampleOutput:
   tokens: jax.Array  # int32 [N, Lr]
@@ -130,6 +133,10 @@ class Sampler:
   top_p: float = 1.0
   num_samples: int = 1
   decode_block: int = 128  # response cache slots read per block in a decode step
+  # How a decode step runs the layers: "scan" (stacked weights sliced per layer and step)
+  # or "unrolled" (weights split once per call, layers one after another; see
+  # `transformer.unstack_layers`).
+  decode_layers: str = "scan"
 
   def __post_init__(self):
     if self.max_new_tokens <= 0:
@@ -142,6 +149,9 @@ class Sampler:
       raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}.")
     if self.decode_block <= 0:
       raise ValueError(f"decode_block must be positive, got {self.decode_block}.")
+    if self.decode_layers not in DECODE_LAYERS:
+      raise ValueError(f"decode_layers must be one of {DECODE_LAYERS}, got "
+                       f"{self.decode_layers!r}.")
     if not self.stop_ids:
       raise ValueError("stop_ids must name at least one end-of-sequence token.")
 
@@ -193,14 +203,18 @@ class Sampler:
         cache=cache,
     )
 
+    decode_params = params
+    if self.decode_layers == "unrolled":
+      decode_params = transformer.unstack_layers(params)
+
     def cond(s):
       return (s.step < lr) & ~jnp.all(s.done)
 
     def body(s):
       # Feed token step-1 (written to response slot step - 1) and sample token `step`.
       hidden, cache = transformer.decode_step(
-          cfg, params, s.last_token[:, None], s.position[:, None], prompt_cache, prompt_mask,
-          s.cache, s.step - 1, block=block)
+          cfg, decode_params, s.last_token[:, None], s.position[:, None], prompt_cache,
+          prompt_mask, s.cache, s.step - 1, block=block)
       logits = transformer.project(cfg, params, hidden[:, 0])
       token, logp = self._pick(logits, jax.random.fold_in(key, s.step))
       token = jnp.where(s.done, self.pad_id, token)

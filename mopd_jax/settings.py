@@ -244,6 +244,12 @@ class SamplingSettings(_Section):
   temperature: float = knob(1.0, _num(0.0, lo_open=True), "a number > 0")
   top_k: int = knob(0, _int(0), "a non-negative integer (0 = off)")
   top_p: float = knob(1.0, _num(0.0, 1.0, lo_open=True), "a number in (0, 1]")
+  decode_layers: str = knob(
+      "scan", _one_of(("scan", "unrolled")), "'scan' or 'unrolled'",
+      "How a decode step runs the layers: under a scan over the stacked weights, or one "
+      "after another from weights split once per sampling call (one more copy of them "
+      "while sampling; no per-step slice of each layer's weights). Faster depends on the "
+      "backend: benchmarks.sampler_vs_hf --decode-layers=scan,unrolled compares them.")
 
 
 @dataclasses.dataclass(frozen=True)

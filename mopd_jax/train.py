@@ -100,7 +100,8 @@ class Evaluator:
     self.sampler = Sampler(model=model_cfg, max_new_tokens=st.sampling.max_response_len,
                            stop_ids=tuple(tok.stop_ids), pad_id=tok.pad_id,
                            temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
-                           num_samples=e.num_samples)
+                           num_samples=e.num_samples,
+                           decode_layers=st.sampling.decode_layers)
     local = batches.first(e.num_prompts, sharding.process_rows(mesh, e.num_prompts))
     self.local_ids = local["example_id"]
     self.sources = batches.split.source_table()

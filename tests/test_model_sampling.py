@@ -67,8 +67,8 @@ def test_padding_does_not_change_logits(params, prompts):
                                atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("block", [2, 8])
-def test_cached_decode_matches_full_forward(params, prompts, block):
+@pytest.mark.parametrize("block,unrolled", [(2, False), (8, False), (2, True)])
+def test_cached_decode_matches_full_forward(params, prompts, block, unrolled):
   """Prefill + decode steps (2 samples sharing each prompt cache) equal the full forward."""
   tokens, mask = prompts
   b, lp = tokens.shape
@@ -87,10 +87,11 @@ def test_cached_decode_matches_full_forward(params, prompts, block):
   # Slots of blocks not yet written hold NaN: reading them would poison the output.
   cache = jax.tree.map(lambda x: x.at[:, :, :, block:].set(jnp.nan), cache)
   step = jax.jit(functools.partial(T.decode_step, CFG, block=block))
+  decode_params = T.unstack_layers(params) if unrolled else params
   for t in range(steps):
     if t % block == 0:  # the block about to be written starts clean
       cache = jax.tree.map(lambda x: x.at[:, :, :, t:t + block].set(0.0), cache)
-    hidden, cache = step(params, jnp.asarray(seq[:, lp + t:lp + t + 1]),
+    hidden, cache = step(decode_params, jnp.asarray(seq[:, lp + t:lp + t + 1]),
                          positions[:, lp + t:lp + t + 1], prompt_cache, jnp.asarray(mask),
                          cache, jnp.int32(t))
     np.testing.assert_allclose(np.asarray(T.project(CFG, params, hidden[:, 0])),
@@ -247,3 +248,16 @@ def test_decode_loop_reads_weights_in_the_compute_dtype(params, prompts):
   # Narrower parameters are never widened.
   assert jax.tree.all(jax.tree.map(lambda x: x.dtype == jnp.bfloat16,
                                    weights_for_decode(CFG, cast_by_hand)))
+
+
+def test_unrolled_decode_layers_sample_as_the_scan_does(params, prompts):
+  tokens, mask = prompts
+  outs = [jax.device_get(jax.jit(Sampler(
+      CFG, max_new_tokens=7, stop_ids=(EOS,), pad_id=0, temperature=1.0, num_samples=2,
+      decode_block=4, decode_layers=kind).__call__)(params, tokens, mask, jax.random.key(5)))
+          for kind in ("scan", "unrolled")]
+  np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+  np.testing.assert_allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-5)
+  np.testing.assert_array_equal(outs[0].lengths, outs[1].lengths)
+  with pytest.raises(ValueError, match="decode_layers"):
+    Sampler(CFG, max_new_tokens=2, stop_ids=(EOS,), pad_id=0, decode_layers="loop")

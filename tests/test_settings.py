@@ -48,6 +48,7 @@ def test_unknown_keys_are_named():
     ("verifier.max_workers", 0, r"verifier\.max_workers = 0"),
     ("total_steps", -1, r"config\.total_steps = -1"),
     ("sampling.num_samples", 0, r"sampling\.num_samples = 0.*positive"),
+    ("sampling.decode_layers", "loop", r"sampling\.decode_layers = 'loop'.*'unrolled'"),
 ])
 def test_invalid_values_name_key_value_and_allowed(key, value, match):
   with pytest.raises(settings.ConfigError, match=match):

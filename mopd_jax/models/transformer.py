@@ -428,11 +428,47 @@ def init_response_cache(config: ModelConfig, rows: int, length: int, dtype=None)
   return {"k": zeros, "v": zeros}
 
 
+def unstack_layers(params):
+  """`params` with the stacked layers split into a tuple of per-layer trees (a copy).
+
+  `decode_step` runs the layers of such params one after another instead of under a
+  scan. Split once, outside a decode loop: inside a scan each step slices every layer's
+  weights out of the stack, and a backend that cannot feed a matmul from a dynamic slice
+  in place copies them at every step (XLA:CPU does; on this project's 2-core CPU the copy
+  still came out faster than the matmul reading cold weights, so `scan` stays the
+  default). The split holds one more copy of the layer weights while sampling runs.
+  """
+  layers = params["layers"]
+  if isinstance(layers, (list, tuple)):
+    return params
+  num_layers = jax.tree.leaves(layers)[0].shape[0]
+  split = tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(num_layers))
+  return {**params, "layers": split}
+
+
+def _decode_unrolled(config, params, tokens, side, block):
+  """The decode forward of `Decoder` with the layers of `unstack_layers` in a Python loop;
+  returns (hidden [N, 1, D], (k, v) [L, N, K, Dh])."""
+  dtype, pdtype = dtype_from_name(config.dtype), dtype_from_name(config.param_dtype)
+  x = sharding.constrain(jnp.take(params["embedding"], tokens, axis=0).astype(dtype),
+                         ACT_EMBED)
+  layer_module = Block(config, "decode", block)
+  new_k, new_v = [], []
+  for index, layer_params in enumerate(params["layers"]):
+    x, (k, v) = layer_module.apply({"params": layer_params}, x, side, index)
+    new_k.append(k)
+    new_v.append(v)
+  hidden = RMSNorm(config.norm_eps, pdtype).apply({"params": params["final_norm"]}, x)
+  return hidden, (jnp.stack(new_k), jnp.stack(new_v))
+
+
 def decode_step(config, params, tokens, positions, prompt_cache, prompt_mask,
                 response_cache, num_written, *, block=128):
   """One cached token for N = B*G rows (G samples per prompt share its prompt cache).
 
   Args:
+    params: model parameters; with the layers split by `unstack_layers`, the layers run
+      one after another, else under a scan.
     tokens, positions: int32 [N, 1], the current token and its RoPE position.
     prompt_cache: from `prefill`, [L, B, K, Lp, Dh]; prompt_mask: bool [B, Lp].
     response_cache: from `init_response_cache`, [L, N, K, Lr, Dh] with Lr a multiple of
@@ -451,8 +487,11 @@ def decode_step(config, params, tokens, positions, prompt_cache, prompt_mask,
             "response_k": response_cache["k"].astype(dtype),
             "response_v": response_cache["v"].astype(dtype)}
   side = (positions, prompt_mask.astype(bool), num_written, caches)
-  hidden, (k, v) = Decoder(config, "decode", block).apply(
-      {"params": params}, tokens, side, jnp.arange(config.num_layers, dtype=jnp.int32))
+  if isinstance(params["layers"], (list, tuple)):
+    hidden, (k, v) = _decode_unrolled(config, params, tokens, side, block)
+  else:
+    hidden, (k, v) = Decoder(config, "decode", block).apply(
+        {"params": params}, tokens, side, jnp.arange(config.num_layers, dtype=jnp.int32))
 
   def write(buffer, new):  # new [L, N, K, Dh] -> slot num_written of [L, N, K, Lr, Dh]
     new = new[:, :, :, None].astype(buffer.dtype)
