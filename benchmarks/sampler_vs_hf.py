@@ -6,11 +6,12 @@ r"""Sampler throughput against transformers `generate`, same weights, side by si
         --batch=64 --prompt-len=128 --new-tokens=256      # Qwen3-0.6B shape, on a GPU
 
 A random Qwen3-shaped model (d512, 8 layers, 8 query / 4 key-value heads of 64, MLP 1536,
-vocabulary 32,000, float32, by default; flags change the shape and dtype) is built and saved by transformers, loaded by `hf_import`, and
-both sides sample 128 new tokens (temperature 1, no top-k / top-p, no early stop) for a
-batch of 16 prompts of 32 tokens. Each side runs once to warm up (our side: compile), then
-both run `--repeats` times, alternating, and the medians are reported. Prints one JSON
-line with tokens per second of both sides and their ratio.
+vocabulary 32,000, float32, by default; flags change the shape and dtype) is built and
+saved by transformers, loaded by `hf_import`, and both sides sample 128 new tokens
+(temperature 1, no top-k / top-p, no early stop) for a batch of 16 prompts of 32 tokens.
+Each side runs once to warm up (our side: compile), then both run `--repeats` times,
+alternating, and the medians are reported. Prints one JSON line with tokens per second of
+both sides and their ratio.
 
 Expected cost per new token and row: 2 * 41M FLOPs (weights, LM head included), and every
 step reads all 164 MB of float32 weights once for the whole batch, so at batch 16 both

@@ -1,4 +1,5 @@
 """HostVerifier: one decode per response when both host callables read the same batch."""
+# pylint: disable=protected-access
 
 import threading
 
@@ -60,7 +61,7 @@ def test_shared_texts_decode_each_response_once(summarize_first):
     results[share] = outs
     assert tok.decodes == (3 if share else 6)
     assert host.decoded_rows == tok.decodes
-    assert not host._shared  # the second callable claimed the texts  # pylint: disable=protected-access
+    assert not host._shared  # the second callable claimed the texts
   for got, want in zip(results[True], results[False]):
     for a, b in zip(got, want):
       np.testing.assert_array_equal(a, b)
@@ -71,15 +72,15 @@ def test_shared_texts_decode_each_response_once(summarize_first):
 def test_unclaimed_batches_are_bounded_and_different_batches_do_not_collide():
   host, tok = _host(True)
   tokens, lengths = _batch(TEXTS)
-  for step in range(3 * callback._MAX_SHARED_BATCHES):  # pylint: disable=protected-access
+  for step in range(3 * callback._MAX_SHARED_BATCHES):
     varied = tokens.copy()
     varied[0, 0] = 65 + step % 50
     host(IDS, varied, lengths)  # the summaries callable never comes
-  assert len(host._shared) == callback._MAX_SHARED_BATCHES  # pylint: disable=protected-access
+  assert len(host._shared) == callback._MAX_SHARED_BATCHES
   summaries, summary_lengths, missing = host.summarize(tokens, lengths)
   np.testing.assert_array_equal(missing, [0, 1, 0])
   assert "".join(map(chr, summaries[0, :summary_lengths[0]])) == "one"
-  assert tok.decodes == 3 * (3 * callback._MAX_SHARED_BATCHES) + 3  # pylint: disable=protected-access
+  assert tok.decodes == 3 * (3 * callback._MAX_SHARED_BATCHES) + 3
 
 
 def test_summarize_time_counts_in_host_time():
