@@ -521,7 +521,6 @@ def decode_attention(q, prompt_k, prompt_v, prompt_mask, response_k, response_v,
   self_scores = mm("bgkhd,bgkd->bgkh", qg, new_k.reshape(b, g, kh, d))
   state = (self_scores, jnp.ones_like(self_scores),
            new_v.reshape(b, g, kh, 1, d).astype(jnp.float32) * jnp.ones((h // kh, 1)))
-  # Prompt: one matmul against the shared cache.
   # Prompt: one matmul against the layer's shared cache, all of which is read.
   prompt_k, prompt_v = (jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
                         for x in (prompt_k, prompt_v))
