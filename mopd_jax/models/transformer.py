@@ -434,9 +434,10 @@ def unstack_layers(params):
   `decode_step` runs the layers of such params one after another instead of under a
   scan. Split once, outside a decode loop: inside a scan each step slices every layer's
   weights out of the stack, and a backend that cannot feed a matmul from a dynamic slice
-  in place copies them at every step (XLA:CPU does; on this project's 2-core CPU the copy
-  still came out faster than the matmul reading cold weights, so `scan` stays the
-  default). The split holds one more copy of the layer weights while sampling runs.
+  in place copies them at every step (XLA:CPU does, yet on a 2-core CPU the copy plus the
+  matmul still beat the matmul reading cold weights, so `scan` stays the default; see
+  benchmarks/RESULTS.md). The split holds one more copy of the layer weights while
+  sampling runs.
   """
   layers = params["layers"]
   if isinstance(layers, (list, tuple)):
