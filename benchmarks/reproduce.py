@@ -22,7 +22,8 @@ the rewards per prompt, with prompt-level bootstrap 95% intervals.
 
 Writes, under `--out` (default `benchmarks/reproduction`): `results.json` (every run's
 curves and summaries, the aggregates and the analysis), `results.md` (the tables) and
-`train_reward.png`, `heldout_success.png`. Runs live in `--workdir`; a run whose
+`train_reward.png`, `heldout_success.png` (not committed: `--plots-only` draws them again
+from `results.json`). Runs live in `--workdir`; a run whose
 `summary.json` exists is not run again, so an interrupted study resumes.
 
 Knobs that set the cost: `--steps` (per run), `--eval-every`, `--seeds`, `--methods`,
@@ -76,6 +77,8 @@ def parse_args(argv=None):
                  help="runs and saved rollouts (default: the temporary directory's "
                  "mopd_reproduce or mopd_reproduce_quick)")
   p.add_argument("--run-timeout", type=int, default=3600, help="seconds per run")
+  p.add_argument("--plots-only", action="store_true",
+                 help="only draw the plots from the results.json already in --out")
   args = p.parse_args(argv)
   quick = args.quick
   defaults = dict(seeds="0" if quick else "0,1,2", steps=8 if quick else 60,
@@ -357,6 +360,10 @@ def plots(results: dict, out: str) -> list[str]:
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.plots_only:
+    with open(os.path.join(args.out, "results.json"), encoding="utf-8") as f:
+      print("\n".join(plots(json.load(f), args.out)))
+    return
   start = time.time()
   demo = demo_config()
   os.makedirs(args.out, exist_ok=True)

@@ -91,6 +91,13 @@ def test_markdown_and_plots_are_written(runs, tmp_path):
   for path in written:
     with open(path, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  # --plots-only draws the same plots again from a results.json, running nothing.
+  redraw = tmp_path / "redraw"
+  redraw.mkdir()
+  (redraw / "results.json").write_text(json.dumps(results))
+  reproduce.main(["--plots-only", f"--out={redraw}"])
+  assert sorted(p.name for p in redraw.glob("*.png")) == ["heldout_success.png",
+                                                          "train_reward.png"]
 
 
 def test_bad_arguments_name_the_flag():
