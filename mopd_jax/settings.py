@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import ml_collections
 
-from mopd_jax import losses, peer_controls, peer_selection, teacher
+from mopd_jax import losses, peer_controls, peer_selection, sampling, teacher
 from mopd_jax.data import source_splits, sources
 from mopd_jax.models import attention as attention_lib
 from mopd_jax.models import transformer
@@ -245,7 +245,7 @@ class SamplingSettings(_Section):
   top_k: int = knob(0, _int(0), "a non-negative integer (0 = off)")
   top_p: float = knob(1.0, _num(0.0, 1.0, lo_open=True), "a number in (0, 1]")
   decode_layers: str = knob(
-      "scan", _one_of(("scan", "unrolled")), "'scan' or 'unrolled'",
+      "scan", _one_of(sampling.DECODE_LAYERS), f"one of {sampling.DECODE_LAYERS}",
       "How a decode step runs the layers: under a scan over the stacked weights, or one "
       "after another from weights split once per sampling call (one more copy of them "
       "while sampling; no per-step slice of each layer's weights). Faster depends on the "
