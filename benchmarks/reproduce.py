@@ -220,6 +220,29 @@ def _mean_curve(curves) -> list:
   return [[s, float(np.mean([dict(c)[s] for c in curves]))] for s in steps]
 
 
+def _run_curve(run: dict, key: str) -> list:
+  """[[step, value]] of one run for an aggregate curve key."""
+  if key == "train_reward_curve":
+    return run["train_reward"]
+  return [[e["step"], e["success"]] for e in run["heldout"]]
+
+
+def seed_spread(runs: list[dict], method: str, key: str):
+  """(lows, highs) over the seeds of `method` at the steps of its mean curve `key`, or
+  None with fewer than two seeds."""
+  curves = [dict(_run_curve(r, key)) for r in runs
+            if r["method"] == method and "failed" not in r]
+  if len(curves) < 2:
+    return None
+  steps = sorted(set.intersection(*(set(c) for c in curves)))
+  values = np.asarray([[c[s] for c in curves] for s in steps], np.float64)  # [steps, seeds]
+  return values.min(axis=1).tolist(), values.max(axis=1).tolist()
+
+
+def _moving_average(values, width=5):
+  return np.convolve(values, np.ones(width) / width, mode="valid")
+
+
 def ordering(aggregates: dict) -> list[str]:
   """Methods by mean held-out success after training, best first."""
   ranked = [(m, a["success_after"]["mean"]) for m, a in aggregates.items()
@@ -328,7 +351,11 @@ def markdown(results: dict) -> str:
 
 def plots(results: dict, out: str) -> list[str]:
   """Training reward and held-out success against step, one line per method."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise SystemExit("Drawing the study's plots needs matplotlib: "
+                     "pip install -e '.[plots]'") from e
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
@@ -338,16 +365,24 @@ def plots(results: dict, out: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for method, a in results["aggregates"].items():
       curve = a.get(key)
-      if curve:
-        steps, values = zip(*curve)
-        if key == "train_reward_curve" and len(values) >= 5:  # 5-step moving average
-          values = np.convolve(values, np.ones(5) / 5, mode="valid")
-          steps = steps[4:]
-        ax.plot(steps, values, label=method, marker="o" if key == "heldout_curve" else None)
+      if not curve:
+        continue
+      steps, values = zip(*curve)
+      spread = seed_spread(results.get("runs", []), method, key)
+      if key == "train_reward_curve" and len(values) >= 5:  # 5-step moving average
+        values, spread = (_moving_average(values), [_moving_average(s) for s in spread]
+                          if spread else None)
+        steps = steps[4:]
+      line, = ax.plot(steps, values, label=method,
+                      marker="o" if key == "heldout_curve" else None)
+      if spread:  # the seeds' range around their mean
+        ax.fill_between(steps, spread[0], spread[1], color=line.get_color(), alpha=0.15,
+                        linewidth=0)
     n = len(results["setup"]["seeds"])
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{ylabel} (mean over {n} seed{'s' if n > 1 else ''})")
+    ax.set_title(f"{ylabel} (mean over {n} seed{'s' if n > 1 else ''}; "
+                 "band: min-max over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -349,7 +349,7 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
     raise settings.ConfigError(str(e)) from e
 
   # ---------------------------------------------------------------- Models and tokenizer.
-  base_cfg, base_params, tok, cache_dir, spm_path = _load_model(st, mesh)
+  base_cfg, base_params, tok, cache_dir, _ = _load_model(st, mesh)
   model_cfg = dataclasses.replace(base_cfg, dtype=st.model.dtype,
                                   param_dtype=st.model.param_dtype,
                                   remat_policy=st.model.remat_policy,
@@ -360,7 +360,8 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
   # ---------------------------------------------------------------- Data.
   def load_splits():
     if st.data.task == "demo_code":
-      return tuple(pipeline.load_split(cache_dir, n, spm_path, tok)
+      # The TF-free tokenisation: the demo's path imports no TensorFlow.
+      return tuple(pipeline.load_split(cache_dir, n, None, tok)
                    for n in ("train", "heldout"))
     splits = pipeline.load_source_splits(cache_dir, st.data, tok)
     return splits["train"], splits["heldout"]

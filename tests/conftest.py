@@ -2,10 +2,24 @@
 
 import dataclasses
 import os
+import pathlib
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The suite runs on CPU: with libtpu installed (a test extra, for the TPU compile tests),
+# JAX would otherwise probe for TPU hardware in every process, slowly and noisily.
+# Compiling for a TPU topology works under JAX_PLATFORMS=cpu.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+# A persistent compilation cache, set before JAX is imported so that every test process
+# and every child process it starts (resume, multi-host, faults, the demo) shares it:
+# the same tiny steps are compiled once per suite run instead of once per process.
+# Kept between runs in pytest's cache folder; MOPD_JAX_TEST_COMPILE_CACHE overrides it.
+_CACHE = os.environ.get("MOPD_JAX_TEST_COMPILE_CACHE") or str(
+    pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax_compilation_cache")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
 @pytest.fixture(scope="session")

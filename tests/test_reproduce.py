@@ -72,6 +72,19 @@ def test_aggregate_ordering_and_failed_seeds_are_reported(runs):
   assert [s for s, _ in agg["grpo"]["heldout_curve"]] == [0, 12]
 
 
+def test_seed_spread_is_the_range_over_seeds(runs):
+  lows, highs = reproduce.seed_spread(runs, "mopd_2s1f", "heldout_curve")
+  # Held-out success at steps 0 and 12 of seeds 0, 1, 2: before 0.4 each, after 0.6 + 0.03 s.
+  np.testing.assert_allclose(lows, [0.4, 0.6])
+  np.testing.assert_allclose(highs, [0.4, 0.66])
+  rewards = np.asarray([[v for _, v in r["train_reward"]] for r in runs[:3]])
+  lows, highs = reproduce.seed_spread(runs, "mopd_2s1f", "train_reward_curve")
+  np.testing.assert_allclose(lows, rewards.min(axis=0))
+  np.testing.assert_allclose(highs, rewards.max(axis=0))
+  one_seed = [r for r in runs if r["method"] != "grpo" or r.get("seed") == 0]
+  assert reproduce.seed_spread(one_seed, "grpo", "heldout_curve") is None
+
+
 def test_markdown_and_plots_are_written(runs, tmp_path):
   agg = reproduce.aggregate(runs)
   signal = {"prompts": 4, "samples_per_prompt": 8, "success_rate": 0.4, "variants": {
@@ -82,7 +95,7 @@ def test_markdown_and_plots_are_written(runs, tmp_path):
   results = {"setup": {"seeds": [0, 1, 2], "steps": 12, "prompts_per_step": 16,
                        "rollouts_per_prompt": 4, "eval_prompts": 96, "machine": "test"},
              "aggregates": agg, "ordering": reproduce.ordering(agg),
-             "teacher_signal": signal, "wall_time_s": 120.0}
+             "teacher_signal": signal, "wall_time_s": 120.0, "runs": runs}
   text = reproduce.markdown(results)
   assert "| mopd_2s1f | 0.400 [0.400, 0.400] | 0.630 [" in text
   assert "mopd_2s1f > sft_verified > grpo" in text

@@ -19,7 +19,13 @@ Each registered task keeps the load report of each split (`source_reports`).
 from __future__ import annotations
 
 import json
+import os
 
+# TensorFlow's C++ start-up logs (CUDA probing on a host without a GPU, ...) are not
+# this program's errors: quieted before the first import, unless the user set a level.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# pylint: disable=wrong-import-position
 import numpy as np
 import seqio
 import tensorflow as tf

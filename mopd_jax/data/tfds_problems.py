@@ -21,6 +21,11 @@ from __future__ import annotations
 import json
 import os
 
+# TensorFlow's C++ start-up logs (CUDA probing on a host without a GPU, ...) are not
+# this program's errors: quieted before the first import, unless the user set a level.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# pylint: disable=wrong-import-position
 import tensorflow_datasets as tfds
 
 from mopd_jax.data import cache, source_splits, sources
