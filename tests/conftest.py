@@ -24,13 +24,22 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory):
-  """A demo base model with a short pretraining recipe (same code path as the demo)."""
+  """A demo base model with a short pretraining recipe (same code path as the demo).
+
+  Built once per test run: under pytest-xdist the workers share one copy, built by the
+  first worker that gets here while the others wait on a file lock.
+  """
+  from filelock import FileLock  # pylint: disable=import-outside-toplevel
   from mopd_jax import demo_base  # pylint: disable=import-outside-toplevel
-  directory = str(tmp_path_factory.mktemp("demo_base"))
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # shared by the workers of this run
+  directory = root / "tiny_demo_base"
   recipe = dataclasses.replace(demo_base.BaseRecipe(), steps=40, embed_dim=48,
                                head_dim=12, mlp_dim=96)
-  demo_base.ensure(directory, recipe)
-  return directory
+  with FileLock(str(root / "tiny_demo_base.lock")):
+    demo_base.ensure(str(directory), recipe)
+  return str(directory)
 
 
 def load_config(name="code", arg=None, **overrides):
