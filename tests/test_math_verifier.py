@@ -255,7 +255,7 @@ def test_score_batch():
     (r"\gcd(4,6)", "3", WRONG),
     (r"\max(1, 2)", "1", WRONG),
 ])
-def test_math_verify_grades_notation_the_parser_does_not_know(answer, reference, expected):
+def test_functions_of_numbers_are_evaluated(answer, reference, expected):
   assert math_verifier.score(boxed(answer), reference) == expected
 
 
@@ -266,6 +266,8 @@ def test_math_verify_grades_notation_the_parser_does_not_know(answer, reference,
     (r"\sqrt[3]{-27}+1", "-2", CORRECT),  # math-verify alone: a complex cube root.
     (r"(-8)^{2/3}", "4", CORRECT),
     (r"\sqrt[3]{-8}", "2", WRONG),
+    (r"\varnothing", r"\emptyset", CORRECT),  # math-verify alone: a symbol `varnothing`.
+    (r"\varnothing", r"\{0\}", WRONG),
 ])
 def test_readings_corrected_over_math_verify(answer, reference, expected):
   assert math_verifier.score(boxed(answer), reference) == expected

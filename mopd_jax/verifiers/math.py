@@ -8,7 +8,7 @@ with the reason as feedback). Wrong answers get no feedback.
 Equivalence (reward 1), after surrounding `$` signs and spaces are stripped from both sides:
 1. identical strings, or two integers of equal value: decided here, without a worker;
 2. otherwise math-verify (the grader the MOPD authors used; see `math_verify_grader` for how it
-   is called and the two readings corrected there), in a worker process under a hard
+   is called and the three readings corrected there), in a worker process under a hard
    wall-clock limit (`time_limit_s`; hitting it gives reward 0 with status "timeout"). It
    handles `\dfrac`, `\text{...}`, units, degrees, `x = ...`, decimals (rounded to 6 places),
    symbolic equivalence, sets, intervals, tuples, equations and matrices.

@@ -10,7 +10,8 @@ plain-expression extraction would read a number out of an answer that the LaTeX 
 decimals, symbolic simplification, sets, intervals, tuples, equations, inequalities and
 matrices. Answers that its parser does not understand match only as identical strings.
 
-Two readings of math-verify are corrected, both found by the project's tests:
+Three readings of math-verify are corrected (each has a test):
+- `\varnothing` is the empty set, as `\emptyset` is (math-verify reads a symbol);
 - a digit group after a thin space (`1\,000`, `1\ 000`) is a thousands separator, not a
   product (math-verify reads `1\,000` as 1*000 = 0);
 - an odd root of a negative number is the real root (`\sqrt[3]{-8}` is -2, where math-verify
@@ -30,6 +31,7 @@ logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 _EXTRACTION = (math_verify.LatexExtractionConfig(),)
 _THIN_SPACE_SEPARATOR = re.compile(r"(?<=\d)(?:\\[,;: ]|~)(?=\d{3}(?!\d))")
+_VARNOTHING = re.compile(r"\\varnothing(?![a-zA-Z])")
 
 
 def _is_odd_root_of_negative(expression: sympy.Basic) -> bool:
@@ -45,7 +47,7 @@ def _real_root(power: sympy.Pow) -> sympy.Expr:
 
 def _parse(answer: str) -> list:
   """math-verify's reading of `answer`: [sympy value, string] or [string] or []."""
-  answer = _THIN_SPACE_SEPARATOR.sub("", answer)
+  answer = _VARNOTHING.sub(r"\\emptyset", _THIN_SPACE_SEPARATOR.sub("", answer))
   parsed = math_verify.parse(f"\\boxed{{{answer}}}", list(_EXTRACTION), parsing_timeout=None)
   return [value.replace(_is_odd_root_of_negative, _real_root)
           if isinstance(value, (sympy.Basic, sympy.MatrixBase)) else value
