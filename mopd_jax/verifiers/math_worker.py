@@ -1,10 +1,12 @@
-"""Worker processes of the math verifier: symbolic comparison under a hard wall-clock limit.
+"""Worker processes of the math verifier: math-verify under a hard wall-clock limit.
 
 Each worker is a Python process in its own process group, with its address space capped where
-the platform allows, that answers one JSON request per line with `pair_equal`: the project's
-symbolic comparison (`math_equivalence`), then math-verify (`math_verify_grader`) for a pair
-the former did not find equal, unless an answer was rejected as too expensive. A worker that does not answer within the time limit is
-killed. `pool()` is the pool of workers of this process.
+the platform allows, that answers one JSON request per line: whether any of the request's
+(answer, reference) pairs is equivalent by `math_verify_grader`. A request carries its time
+limit; the worker interrupts its own comparison at `_SOFT_LIMIT_FRACTION` of it (a SIGALRM timer,
+so that it survives to take the next request) and answers {"timeout": true}; a worker still
+busy at the full limit (stuck in a C routine, such as a huge integer power) is killed.
+`pool()` is the pool of workers of this process.
 """
 
 from __future__ import annotations
@@ -19,27 +21,48 @@ import sys
 import threading
 import time
 
-from mopd_jax.verifiers import math_equivalence, math_verify_grader
+from mopd_jax.verifiers import math_verify_grader
 
 _STARTUP_TIMEOUT_S = 60.0
 _WORKER_MEMORY_BYTES = 4 << 30
+_SOFT_LIMIT_FRACTION = 0.8
 MAX_FEEDBACK_CHARS = 500  # Longest error message of a worker reply, and of a Result's feedback.
 
 
-def pair_equal(answer: str, reference: str) -> bool:
-  """Whether two normalised answers are equivalent (see the module docstring)."""
-  verdict = math_equivalence.symbolic_verdict(answer, reference)
-  if verdict in ("equal", "too_large"):
-    return verdict == "equal"
-  return math_verify_grader.equivalent(answer, reference)
+class _Interrupted(BaseException):
+  """Raised by the worker's timer; a BaseException so that math-verify's handlers let it pass."""
+
+
+def _interrupt(signum, frame):
+  del signum, frame
+  raise _Interrupted()
+
+
+def _reply(line: bytes) -> dict:
+  """The reply to one request {"pairs": [[answer, reference], ...], "time_limit_s": t}.
+
+  {"equal": bool} (whether any pair is equivalent), {"timeout": true} when the soft limit
+  interrupted the comparison, or {"error": message} for a malformed request.
+  """
+  try:
+    request = json.loads(line)
+    pairs = [(str(a), str(r)) for a, r in request["pairs"]]
+    soft_limit_s = _SOFT_LIMIT_FRACTION * float(request["time_limit_s"])
+  except (ValueError, KeyError, TypeError) as exc:
+    return {"error": f"bad request: {type(exc).__name__}: {exc}"[:MAX_FEEDBACK_CHARS]}
+  try:
+    try:  # The timer is cleared in `finally`; if it fires there, the outer handler answers.
+      signal.setitimer(signal.ITIMER_REAL, soft_limit_s)
+      equal = any(math_verify_grader.equivalent(a, r) for a, r in pairs)
+    finally:
+      signal.setitimer(signal.ITIMER_REAL, 0)
+  except _Interrupted:
+    return {"timeout": True}
+  return {"equal": equal}
 
 
 def _serve() -> None:
-  """Worker main loop: one JSON request per stdin line, one JSON reply per line.
-
-  A request is {"pairs": [[answer, reference], ...]}; the reply is {"equal": bool} (whether
-  any pair is equivalent) or {"error": message} for a malformed request.
-  """
+  """Worker main loop: one JSON request per stdin line, one JSON reply (`_reply`) per line."""
   channel = os.fdopen(os.dup(1), "wb")
   os.dup2(2, 1)
   sys.stdout = sys.stderr
@@ -49,15 +72,12 @@ def _serve() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (_WORKER_MEMORY_BYTES, _WORKER_MEMORY_BYTES))
   except (ImportError, ValueError, OSError):
     pass
+  signal.signal(signal.SIGALRM, _interrupt)
+  math_verify_grader.equivalent("1", "1")  # Loads the parser before the first timed request.
   channel.write(b"ready\n")
   channel.flush()
   for line in sys.stdin.buffer:
-    try:
-      pairs = json.loads(line)["pairs"]
-      reply = {"equal": any(pair_equal(str(a), str(b)) for a, b in pairs)}
-    except (ValueError, KeyError, TypeError) as exc:
-      reply = {"error": f"bad request: {type(exc).__name__}: {exc}"[:MAX_FEEDBACK_CHARS]}
-    channel.write(json.dumps(reply).encode("utf-8") + b"\n")
+    channel.write(json.dumps(_reply(line)).encode("utf-8") + b"\n")
     channel.flush()
 
 
@@ -155,12 +175,13 @@ class _WorkerPool:
       self._workers.discard(worker)
     worker.kill()
 
-  def run(self, message: dict, timeout_s: float) -> dict | None:
-    """A worker's reply to `message`, or None if it did not answer within `timeout_s`."""
+  def run(self, pairs: list[tuple[str, str]], time_limit_s: float) -> dict | None:
+    """A worker's reply (`_reply`) for `pairs`, or None if it gave none within `time_limit_s`."""
+    message = {"pairs": pairs, "time_limit_s": time_limit_s}
     with self._slots:
       worker = self._take()
       try:
-        reply = worker.request(message, timeout_s)
+        reply = worker.request(message, time_limit_s)
       except BaseException:
         self._discard(worker)
         raise
