@@ -38,7 +38,6 @@ class TemplatePieces(NamedTuple):
 
   Attributes:
       solution_header: "\\nCorrect solution:\\n\\n".
-      solution_trailer: "\\n\\n" after the primary solution.
       another_header: "\\nAnother successful solution:\\n\\n".
       failure_header: "\\nA known failed solution (avoid repeating this mistake):\\n\\n".
       feedback_header:
@@ -52,7 +51,6 @@ class TemplatePieces(NamedTuple):
   """
 
   solution_header: jax.Array
-  solution_trailer: jax.Array
   another_header: jax.Array
   failure_header: jax.Array
   feedback_header: jax.Array
@@ -146,7 +144,6 @@ def teacher_prompt_length(
       prompt_len
       + len(pieces.solution_header)
       + peer_cap
-      + len(pieces.solution_trailer)
       + len(pieces.another_header)
       + peer_cap
       + len(pieces.failure_header)
@@ -263,7 +260,7 @@ def assemble_teacher_prompts(
 
   Teacher prompt of row n (bracketed blocks are empty when absent):
 
-      real[:ins] + [solution_header + primary + solution_trailer]
+      real[:ins] + [solution_header + primary]
                  + [summaries_header + (label + summary) per shown member]
                  + [another_header + another] + [failure_header + failure]
                  + [feedback_header + feedback] + closing + real[ins:]
@@ -324,7 +321,6 @@ def assemble_teacher_prompts(
   # Source buffer [N, S]: prompt | template pieces | primary | another | failure | feedback.
   piece_list = [
       pieces.solution_header,
-      pieces.solution_trailer,
       pieces.another_header,
       pieces.failure_header,
       pieces.feedback_header,
@@ -334,7 +330,7 @@ def assemble_teacher_prompts(
   for piece in piece_list:
     piece_starts.append(start)
     start += piece.shape[0]
-  sh_start, st_start, ah_start, fh_start, fbh_start, cl_start = piece_starts
+  sh_start, ah_start, fh_start, fbh_start, cl_start = piece_starts
   if with_summaries:
     _, sum_header, sum_success, sum_failure = pieces.summary_pieces()
     piece_list += [sum_header, sum_success, sum_failure]
@@ -400,7 +396,6 @@ def assemble_teacher_prompts(
       (real_start, ins),
       (fixed(sh_start), piece_len(pieces.solution_header, primary_on)),
       (fixed(peer_start), primary_len),
-      (fixed(st_start), piece_len(pieces.solution_trailer, primary_on)),
   ]
   if with_summaries:
     segments.append((fixed(sum_header_start), piece_len(sum_header, summary_on.any(axis=1))))
@@ -439,7 +434,6 @@ def teacher_positions(mask: jax.Array) -> jax.Array:
 # Template text of the teacher prompt (MOPD spec, section 2); each piece is tokenized once.
 TEMPLATE_TEXTS = {
     "solution_header": "\nCorrect solution:\n\n",
-    "solution_trailer": "\n\n",
     "another_header": "\nAnother successful solution:\n\n",
     "failure_header": "\nA known failed solution (avoid repeating this mistake):\n\n",
     "feedback_header": "\nThe following is feedback from your unsuccessful earlier attempt:\n\n",

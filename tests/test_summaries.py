@@ -87,7 +87,7 @@ def test_select_summary_members_matches_reference(k):
 
 # ---------------------------------------------------------------- Prompt assembly.
 
-P = dict(solution_header=[101, 102], solution_trailer=[103], another_header=[104],
+P = dict(solution_header=[101, 102], another_header=[104],
          failure_header=[105, 106], feedback_header=[107], closing=[108, 109],
          summary_instruction=[111, 112, 113], summaries_header=[121, 122],
          summary_success=[131], summary_failure=[141, 142])
@@ -140,13 +140,13 @@ def test_teacher_prompt_with_summaries_token_by_token():
       summary_successful=successful, summary_cap=summary_cap)
   out_len = peer_context.teacher_prompt_length(lp, PIECES, peer_cap, 0, 2, summary_cap)
   # prompt + solution block + summaries block + another + failure + closing.
-  assert out_len == 4 + (2 + 3 + 1) + (2 + 2 * (2 + 2)) + (1 + 3) + (2 + 3) + 2
+  assert out_len == 4 + (2 + 3) + (2 + 2 * (2 + 2)) + (1 + 3) + (2 + 3) + 2
   assert tokens.shape == (4, out_len)
   s, f = P["summary_success"], P["summary_failure"]
   expected = [
-      [5, 6] + P["solution_header"] + [221, 222, 223] + P["solution_trailer"]
+      [5, 6] + P["solution_header"] + [221, 222, 223]
       + P["summaries_header"] + f + [311] + s + [] + P["closing"] + [7],
-      [5, 6] + P["solution_header"] + [221, 222, 223] + P["solution_trailer"]
+      [5, 6] + P["solution_header"] + [221, 222, 223]
       + P["summaries_header"] + s + [301, 302] + s + [] + P["closing"] + [7],
       [5, 6] + P["closing"] + [7],
       [5, 6] + P["summaries_header"] + s + [301, 302] + f + [311]
