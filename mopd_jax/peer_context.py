@@ -13,8 +13,9 @@ output is left-padded, so response tokens appended after it sit at the same posi
 row.
 
 The summaries variant (`insert_piece`) also asks the student, at the same insertion index of its
-own prompt, for a one-sentence <summary> of its approach; the teacher then reads the summaries
-of up to k other group members (`peer_selection.select_summary_members`).
+training prompts (not at evaluation), for a one-sentence <summary> of its approach; the teacher
+then reads the summaries of up to k other group members drawn at random
+(`peer_selection.select_summary_members`).
 """
 
 import numbers
@@ -438,9 +439,11 @@ TEMPLATE_TEXTS = {
     "failure_header": "\nA known failed solution (avoid repeating this mistake):\n\n",
     "feedback_header": "\nThe following is feedback from your unsuccessful earlier attempt:\n\n",
     "closing": "\n\nCorrectly solve the original question.",
-    # Summaries variant: the student's request, then the teacher's block.
-    "summary_instruction": "\nEnd your answer with a one-sentence summary of your approach "
-                           "inside <summary></summary>.",
+    # Summaries variant: the student's request (the authors' text; the newline before it
+    # is the project's), then the teacher's block (the project's labels: the spec does not
+    # restate the authors' item templates).
+    "summary_instruction": "\nAfter your answer, briefly summarize your key approach in one "
+                           "sentence inside <summary> tags, e.g. <summary>...</summary>.",
     "summaries_header": "\nSummaries of other attempts:\n",
     "summary_success": "\n- successful: ",
     "summary_failure": "\n- unsuccessful: ",

@@ -8,7 +8,6 @@ process 0 alone writes metrics, progress, `config.json` and `summary.json`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -24,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mopd_jax import (checkpointing, demo_base, distributed, memory_plan,
-                      metrics as metrics_lib, peer_context, settings, sharding, step_teacher,
-                      teacher, tokenizers, train_step)
+                      metrics as metrics_lib, peer_context, settings, sharding, teacher,
+                      tokenizers, train_step)
 from mopd_jax.data import pipeline
 from mopd_jax.models import attention as attention_lib, presets, transformer
 from mopd_jax.sampling import Sampler
@@ -95,7 +94,7 @@ class Evaluator:
   """
 
   def __init__(self, st: settings.Settings, model_cfg, tok, batches, host_verifier, mesh,
-               param_shapes, pieces=None):
+               param_shapes):
     e = st.eval
     self.sampler = Sampler(model=model_cfg, max_new_tokens=st.sampling.max_response_len,
                            stop_ids=tuple(tok.stop_ids), pad_id=tok.pad_id,
@@ -106,14 +105,6 @@ class Evaluator:
     self.local_ids = local["example_id"]
     self.sources = batches.split.source_table()
     self.batch = sharding.global_batch(mesh, local, e.num_prompts)
-    if st.peers.summaries:  # the same prompt as in training, with the summary instruction
-      if pieces is None:
-        raise ValueError("config.peers.summaries = True: the Evaluator needs the template "
-                         "pieces (peer_context.tokenize_pieces) for the summary instruction.")
-      self.batch = sharding.UnderRules(jax.jit(
-          functools.partial(step_teacher.student_prompts, st.peers, pieces, pad_id=tok.pad_id),
-          out_shardings={k: sharding.batch_sharding(mesh, v.ndim)
-                         for k, v in self.batch.items()}), mesh)(self.batch)
     self.k = e.num_samples
     self.host = host_verifier
     self.threshold = st.verifier.success_threshold
@@ -449,7 +440,7 @@ def run(config, workdir: str) -> dict:
     state = s.init_state()
   start_step = int(state.step)
   evaluator = Evaluator(st, s.model_cfg, s.tokenizer, s.eval_batches, s.host_verifier,
-                        s.mesh, s.state_shapes.params, s.pieces)
+                        s.mesh, s.state_shapes.params)
 
   # ---------------------------------------------------------------- Loop.
   writer = metrics_lib.MetricWriter(workdir, resume_step=start_step, active=primary)

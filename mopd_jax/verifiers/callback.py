@@ -37,15 +37,20 @@ _MAX_SHARED_BATCHES = 16
 
 
 def extract_summary(text: str, fallback_chars: int) -> tuple[str, bool]:
-  """The response's summary: (text, True) for the text between the last `<summary>` and
-  the next `</summary>` (stripped; to the end of the text when unterminated), else
-  (the first `fallback_chars` characters, False)."""
-  start = text.rfind(_SUMMARY_OPEN)
-  if start < 0:
-    return text[:fallback_chars], False
-  body = text[start + len(_SUMMARY_OPEN):]
-  end = body.find(_SUMMARY_CLOSE)
-  return (body if end < 0 else body[:end]).strip(), True
+  """The response's summary, as the authors take it (MOPD spec section 2).
+
+  (text, True) for the first complete `<summary>...</summary>`: the text between the
+  first `<summary>` and the first `</summary>` after it, stripped. A response without a
+  complete one (no tag, or an unterminated tag) gives (its first `fallback_chars`
+  characters, False).
+  """
+  start = text.find(_SUMMARY_OPEN)
+  if start >= 0:
+    body = text[start + len(_SUMMARY_OPEN):]
+    end = body.find(_SUMMARY_CLOSE)
+    if end >= 0:
+      return body[:end].strip(), True
+  return text[:fallback_chars], False
 
 
 class HostVerifier:
