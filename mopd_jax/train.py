@@ -124,7 +124,7 @@ class Evaluator:
     ids = np.repeat(self.local_ids, self.k)
     rewards, status, _, _ = self.host(ids, sharding.local_rows(out.tokens),
                                       sharding.local_rows(out.lengths))
-    self.host.pop_timing()  # evaluation time is not a training-step statistic
+    self.host.pop_metrics()  # evaluation is not part of a training step's statistics
     if jax.process_count() > 1:
       # Each block holds whole groups of k rows, so the metrics below do not depend on
       # the order of the blocks; the ids travel with them and name each group's source.
@@ -471,7 +471,7 @@ def run(config, workdir: str) -> dict:
       dt = time.time() - t0
       step_times.append(dt)
       m["train/lr"] = float(s.schedule(step - 1))
-      m.update(s.host_verifier.pop_timing())
+      m.update(s.host_verifier.pop_metrics())
       m["train/step_time_s"] = dt
       if m["train/skipped_nonfinite"]:
         logging.warning("Step %d: non-finite loss or gradient norm (loss=%s, grad_norm=%s);"
