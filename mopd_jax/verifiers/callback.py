@@ -110,9 +110,9 @@ class HostVerifier:
     self.decoded_rows = 0  # responses decoded on this process, over the whole run
 
   def pop_metrics(self) -> dict:
-    """Host-side statistics since the last call: wall time spent in the host callables
-    (verifying, and extracting summaries), total and per verified response, and the
-    rows whose feedback was cut at `feedback_len` tokens."""
+    """Host-side statistics of this process since the last call: wall time spent in the
+    host callables (verifying, and extracting summaries), total and per verified
+    response, and the rows whose feedback was cut at `feedback_len` tokens."""
     with self._lock:
       seconds, rows, cut = self._seconds, self._rows, self._feedback_cut
       self._seconds, self._rows, self._feedback_cut = 0.0, 0, 0
