@@ -60,7 +60,8 @@ def _local(c):
   c.sampling.num_samples = 2
   c.sampling.max_response_len = 16
   c.peers.peer_cap = 16
-  c.peers.feedback_len = 16
+  # Room for the verifiers' longest message (500 characters), so feedback is never cut.
+  c.peers.feedback_len = 512
   c.loss.chunk_size = 16
   c.teacher.ema_rate = 0.01
   c.optim.lr = 1e-4

@@ -42,7 +42,7 @@ from mopd_jax import peer_context, tokenizers
 from mopd_jax.data import demo_problems
 from mopd_jax.models import transformer
 
-VERSION = 3  # 3: stacked per-layer parameters
+VERSION = 4  # 3: stacked per-layer parameters; 4: no blank line after the solution block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +96,7 @@ class _Encoder:
     ids = self.prefix + self.tok.encode(text)
     for kind, response in blocks:
       body = self.tok.encode(response)
-      if kind == "solution":
-        ids += self.pieces["solution_header"] + body + self.pieces["solution_trailer"]
-      else:
-        ids += self.pieces[f"{kind}_header"] + body
+      ids += self.pieces[f"{kind}_header"] + body
     if blocks:
       ids += self.pieces["closing"]
     return ids + self.suffix

@@ -13,8 +13,9 @@ output is left-padded, so response tokens appended after it sit at the same posi
 row.
 
 The summaries variant (`insert_piece`) also asks the student, at the same insertion index of its
-own prompt, for a one-sentence <summary> of its approach; the teacher then reads the summaries
-of up to k other group members (`peer_selection.select_summary_members`).
+training prompts (not at evaluation), for a one-sentence <summary> of its approach; the teacher
+then reads the summaries of up to k other group members drawn at random
+(`peer_selection.select_summary_members`).
 """
 
 import numbers
@@ -38,7 +39,6 @@ class TemplatePieces(NamedTuple):
 
   Attributes:
       solution_header: "\\nCorrect solution:\\n\\n".
-      solution_trailer: "\\n\\n" after the primary solution.
       another_header: "\\nAnother successful solution:\\n\\n".
       failure_header: "\\nA known failed solution (avoid repeating this mistake):\\n\\n".
       feedback_header:
@@ -52,7 +52,6 @@ class TemplatePieces(NamedTuple):
   """
 
   solution_header: jax.Array
-  solution_trailer: jax.Array
   another_header: jax.Array
   failure_header: jax.Array
   feedback_header: jax.Array
@@ -146,7 +145,6 @@ def teacher_prompt_length(
       prompt_len
       + len(pieces.solution_header)
       + peer_cap
-      + len(pieces.solution_trailer)
       + len(pieces.another_header)
       + peer_cap
       + len(pieces.failure_header)
@@ -263,7 +261,7 @@ def assemble_teacher_prompts(
 
   Teacher prompt of row n (bracketed blocks are empty when absent):
 
-      real[:ins] + [solution_header + primary + solution_trailer]
+      real[:ins] + [solution_header + primary]
                  + [summaries_header + (label + summary) per shown member]
                  + [another_header + another] + [failure_header + failure]
                  + [feedback_header + feedback] + closing + real[ins:]
@@ -324,7 +322,6 @@ def assemble_teacher_prompts(
   # Source buffer [N, S]: prompt | template pieces | primary | another | failure | feedback.
   piece_list = [
       pieces.solution_header,
-      pieces.solution_trailer,
       pieces.another_header,
       pieces.failure_header,
       pieces.feedback_header,
@@ -334,7 +331,7 @@ def assemble_teacher_prompts(
   for piece in piece_list:
     piece_starts.append(start)
     start += piece.shape[0]
-  sh_start, st_start, ah_start, fh_start, fbh_start, cl_start = piece_starts
+  sh_start, ah_start, fh_start, fbh_start, cl_start = piece_starts
   if with_summaries:
     _, sum_header, sum_success, sum_failure = pieces.summary_pieces()
     piece_list += [sum_header, sum_success, sum_failure]
@@ -400,7 +397,6 @@ def assemble_teacher_prompts(
       (real_start, ins),
       (fixed(sh_start), piece_len(pieces.solution_header, primary_on)),
       (fixed(peer_start), primary_len),
-      (fixed(st_start), piece_len(pieces.solution_trailer, primary_on)),
   ]
   if with_summaries:
     segments.append((fixed(sum_header_start), piece_len(sum_header, summary_on.any(axis=1))))
@@ -439,14 +435,15 @@ def teacher_positions(mask: jax.Array) -> jax.Array:
 # Template text of the teacher prompt (MOPD spec, section 2); each piece is tokenized once.
 TEMPLATE_TEXTS = {
     "solution_header": "\nCorrect solution:\n\n",
-    "solution_trailer": "\n\n",
     "another_header": "\nAnother successful solution:\n\n",
     "failure_header": "\nA known failed solution (avoid repeating this mistake):\n\n",
     "feedback_header": "\nThe following is feedback from your unsuccessful earlier attempt:\n\n",
     "closing": "\n\nCorrectly solve the original question.",
-    # Summaries variant: the student's request, then the teacher's block.
-    "summary_instruction": "\nEnd your answer with a one-sentence summary of your approach "
-                           "inside <summary></summary>.",
+    # Summaries variant: the student's request (the authors' text; the newline before it
+    # is the project's), then the teacher's block (the project's labels: the spec does not
+    # restate the authors' item templates).
+    "summary_instruction": "\nAfter your answer, briefly summarize your key approach in one "
+                           "sentence inside <summary> tags, e.g. <summary>...</summary>.",
     "summaries_header": "\nSummaries of other attempts:\n",
     "summary_success": "\n- successful: ",
     "summary_failure": "\n- unsuccessful: ",

@@ -10,7 +10,7 @@ teacher reads (MOPD spec, section 2):
 - failure = uniformly random failure j != i, attached always or only when no primary exists.
 
 `to_row_indices` turns the within-group indices into flat rows, and `select_summary_members`
-picks the group members whose summaries the teacher reads in the summaries variant. The
+draws the group members whose summaries the teacher reads in the summaries variant. The
 teacher prompts themselves are assembled from these indices in `peer_context`.
 """
 
@@ -151,17 +151,20 @@ def to_row_indices(selection: PeerSelection) -> PeerSelection:
   )
 
 
-def select_summary_members(success: jax.Array, primary: jax.Array,
-                           num_summaries: int) -> tuple[jax.Array, jax.Array]:
+def select_summary_members(success: jax.Array, primary: jax.Array, num_summaries: int,
+                           key: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Group members whose summaries the teacher of each rollout reads.
 
-  For rollout i: the first `num_summaries` members j of its group in group order with
-  j != i and j != primary[i] (the shown primary; -1 excludes nothing more).
+  For rollout i: `num_summaries` members j of its group drawn uniformly at random without
+  replacement among those with j != i and j != primary[i] (the shown primary; -1 excludes
+  nothing more), in the order drawn, as the authors sample them; all of them when there
+  are fewer candidates.
 
   Args:
       success: bool [B, G], verifier verdict of every rollout (the members' labels).
       primary: int32 [B, G], within-group index of the shown primary, -1 when absent.
       num_summaries: static k, slots per rollout.
+      key: PRNG key of the draw; every (b, i) draws independently.
 
   Returns:
       members: int32 [B, G, k], within-group indices, -1 for an empty slot (the filled
@@ -176,14 +179,18 @@ def select_summary_members(success: jax.Array, primary: jax.Array,
     raise ValueError(f"primary must have shape {success.shape}; got {primary.shape}.")
   if not isinstance(num_summaries, numbers.Integral) or num_summaries < 1:
     raise ValueError(f"num_summaries must be a positive int; got {num_summaries!r}.")
-  group = success.shape[1]
+  batch, group = success.shape
   idx = jnp.arange(group, dtype=jnp.int32)
   candidates = (idx[None, None, :] != idx[None, :, None]) & (
       idx[None, None, :] != primary[:, :, None])  # [B, G(i), G(j)]
-  rank = jnp.cumsum(candidates.astype(jnp.int32), axis=-1) - 1  # slot of candidate j
-  members = jnp.stack(
-      [_first_true(candidates & (rank == slot)) for slot in range(num_summaries)], axis=-1)
-  batch = success.shape[0]
+  # The k largest of i.i.d. uniform scores, in decreasing order, are a uniform random
+  # sample without replacement in random order; non-candidates score -1 and come last.
+  scores = jnp.where(candidates, jax.random.uniform(key, (batch, group, group)), -1.0)
+  k = min(int(num_summaries), group)
+  top, drawn = jax.lax.top_k(scores, k)  # [B, G, k]
+  members = jnp.where(top >= 0.0, drawn.astype(jnp.int32), -1)
+  if k < num_summaries:
+    members = jnp.pad(members, ((0, 0), (0, 0), (0, num_summaries - k)), constant_values=-1)
   successful = jnp.take_along_axis(
       success, jnp.maximum(members, 0).reshape(batch, group * num_summaries), axis=1
   ).reshape(batch, group, num_summaries)

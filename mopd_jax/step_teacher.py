@@ -29,10 +29,10 @@ if TYPE_CHECKING:  # train_step imports this module: its types serve as annotati
 
 
 def student_prompts(peers: settings.PeerSettings, pieces, batch, pad_id: int):
-  """The batch as the student sees it: with peers.summaries, every prompt gets the
-  summary instruction at its insertion index (prompts grow by its static length and the
-  insertion index moves past it, so the teacher's context follows the instruction);
-  otherwise the batch unchanged."""
+  """The batch as the student sees it in training: with peers.summaries, every prompt gets
+  the summary instruction at its insertion index (prompts grow by its static length and
+  the insertion index moves past it, so the teacher's context follows the instruction);
+  otherwise the batch unchanged. Evaluation samples from the plain prompts."""
   if not peers.summaries:
     return batch
   instruction = pieces.summary_pieces()[0]
@@ -127,7 +127,8 @@ def build_teacher_inputs(cfg: StepConfig, pieces, batch, rollouts: Rollouts,
     k = min(pc.num_summaries, g - 1)
     # Self and the shown primary are excluded; flat rows -> within-group indices.
     primary = jnp.where(rows.primary >= 0, rows.primary % g, -1).reshape(b, g)
-    members, successful = peer_selection.select_summary_members(success, primary, k)
+    members, successful = peer_selection.select_summary_members(
+        success, primary, k, jax.random.fold_in(peer_key, 1))
     offset = (jnp.arange(b, dtype=jnp.int32) * g)[:, None, None]
     summary_rows = jnp.where(members >= 0, members + offset, -1).reshape(n, k)
     rollout_mask |= (summary_rows >= 0).any(axis=1)

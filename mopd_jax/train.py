@@ -8,7 +8,6 @@ process 0 alone writes metrics, progress, `config.json` and `summary.json`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -24,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mopd_jax import (checkpointing, demo_base, distributed, memory_plan,
-                      metrics as metrics_lib, peer_context, settings, sharding, step_teacher,
-                      teacher, tokenizers, train_step)
+                      metrics as metrics_lib, peer_context, settings, sharding, teacher,
+                      tokenizers, train_step)
 from mopd_jax.data import pipeline
 from mopd_jax.models import attention as attention_lib, presets, transformer
 from mopd_jax.sampling import Sampler
@@ -95,7 +94,7 @@ class Evaluator:
   """
 
   def __init__(self, st: settings.Settings, model_cfg, tok, batches, host_verifier, mesh,
-               param_shapes, pieces=None):
+               param_shapes):
     e = st.eval
     self.sampler = Sampler(model=model_cfg, max_new_tokens=st.sampling.max_response_len,
                            stop_ids=tuple(tok.stop_ids), pad_id=tok.pad_id,
@@ -106,14 +105,6 @@ class Evaluator:
     self.local_ids = local["example_id"]
     self.sources = batches.split.source_table()
     self.batch = sharding.global_batch(mesh, local, e.num_prompts)
-    if st.peers.summaries:  # the same prompt as in training, with the summary instruction
-      if pieces is None:
-        raise ValueError("config.peers.summaries = True: the Evaluator needs the template "
-                         "pieces (peer_context.tokenize_pieces) for the summary instruction.")
-      self.batch = sharding.UnderRules(jax.jit(
-          functools.partial(step_teacher.student_prompts, st.peers, pieces, pad_id=tok.pad_id),
-          out_shardings={k: sharding.batch_sharding(mesh, v.ndim)
-                         for k, v in self.batch.items()}), mesh)(self.batch)
     self.k = e.num_samples
     self.host = host_verifier
     self.threshold = st.verifier.success_threshold
@@ -133,7 +124,7 @@ class Evaluator:
     ids = np.repeat(self.local_ids, self.k)
     rewards, status, _, _ = self.host(ids, sharding.local_rows(out.tokens),
                                       sharding.local_rows(out.lengths))
-    self.host.pop_timing()  # evaluation time is not a training-step statistic
+    self.host.pop_metrics()  # evaluation is not part of a training step's statistics
     if jax.process_count() > 1:
       # Each block holds whole groups of k rows, so the metrics below do not depend on
       # the order of the blocks; the ids travel with them and name each group's source.
@@ -450,7 +441,7 @@ def run(config, workdir: str) -> dict:
     state = s.init_state()
   start_step = int(state.step)
   evaluator = Evaluator(st, s.model_cfg, s.tokenizer, s.eval_batches, s.host_verifier,
-                        s.mesh, s.state_shapes.params, s.pieces)
+                        s.mesh, s.state_shapes.params)
 
   # ---------------------------------------------------------------- Loop.
   writer = metrics_lib.MetricWriter(workdir, resume_step=start_step, active=primary)
@@ -481,7 +472,7 @@ def run(config, workdir: str) -> dict:
       dt = time.time() - t0
       step_times.append(dt)
       m["train/lr"] = float(s.schedule(step - 1))
-      m.update(s.host_verifier.pop_timing())
+      m.update(s.host_verifier.pop_metrics())
       m["train/step_time_s"] = dt
       if m["train/skipped_nonfinite"]:
         logging.warning("Step %d: non-finite loss or gradient norm (loss=%s, grad_norm=%s);"

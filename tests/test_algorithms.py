@@ -21,9 +21,9 @@ N = B * G
 TEMPERATURE = 0.8  # sampling temperature: policy log-probs are taken at it
 # Group 0: graded rewards (pairs, one success); group 1: all fail (no pair, no success).
 REWARDS = np.array([1.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0], np.float32)
-# Template ids 19..30, apart from prompt (15..18) and response (2..14) ids.
+# Template ids 19..28, apart from prompt (15..18) and response (2..14) ids.
 PIECES = peer_context.TemplatePieces(*(jnp.asarray([19 + k, 20 + k], jnp.int32)
-                                       for k in range(0, 12, 2)))
+                                       for k in range(0, 10, 2)))
 
 
 def make_cfg(name, **knobs):

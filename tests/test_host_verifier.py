@@ -1,4 +1,5 @@
-"""HostVerifier: one decode per response when both host callables read the same batch."""
+"""HostVerifier: one decode per response when both host callables read the same batch; the
+feedback's character cap and its token buffer."""
 # pylint: disable=protected-access
 
 import threading
@@ -6,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from mopd_jax.verifiers import callback
+from mopd_jax.verifiers import callback, tooluse
 from mopd_jax.verifiers.result import Result
 
 
@@ -78,8 +79,9 @@ def test_unclaimed_batches_are_bounded_and_different_batches_do_not_collide():
     host(IDS, varied, lengths)  # the summaries callable never comes
   assert len(host._shared) == callback._MAX_SHARED_BATCHES
   summaries, summary_lengths, missing = host.summarize(tokens, lengths)
-  np.testing.assert_array_equal(missing, [0, 1, 0])
+  np.testing.assert_array_equal(missing, [0, 1, 1])  # "<summary>two" is not complete
   assert "".join(map(chr, summaries[0, :summary_lengths[0]])) == "one"
+  assert "".join(map(chr, summaries[2, :summary_lengths[2]])) == "<su"
   assert tok.decodes == 3 * (3 * callback._MAX_SHARED_BATCHES) + 3
 
 
@@ -87,5 +89,55 @@ def test_summarize_time_counts_in_host_time():
   host, _ = _host(True)
   tokens, lengths = _batch(TEXTS)
   host.summarize(tokens, lengths)
-  timing = host.pop_timing()
+  timing = host.pop_metrics()
   assert timing["verify/host_time_s"] > 0.0
+
+
+def _feedback_host(feedback_of, feedback_len):
+  """A HostVerifier whose verifier answers every response with feedback_of(response)."""
+  def score(texts, refs):
+    del refs
+    return [Result(reward=0.0, feedback=feedback_of(t), status="ok") for t in texts]
+  return callback.HostVerifier(score, {0: None}, _CountingTokenizer(), feedback_len=feedback_len)
+
+
+def _feedback_texts(feedback, lengths):
+  return ["".join(map(chr, row[:n])) for row, n in zip(feedback, lengths)]
+
+
+def test_feedback_is_cut_to_2000_characters_before_tokenisation():
+  long = "".join(chr(ord("a") + i % 26) for i in range(2500))
+  host = _feedback_host(lambda t: long if t == "long" else "short feedback", 2100)
+  tokens, lengths = _batch(["long", "ok"])
+  _, _, feedback, feedback_lengths = host(np.zeros(2, np.int32), tokens, lengths)
+  assert feedback.shape == (2, 2100) and feedback.dtype == np.int32
+  assert _feedback_texts(feedback, feedback_lengths) == [long[:2000], "short feedback"]
+  assert not feedback[0, 2000:].any()
+  assert host.pop_metrics()["verify/feedback_cut_rows"] == 0
+
+
+def test_feedback_over_the_token_buffer_is_cut_and_counted():
+  text = "x" * 120
+  host = _feedback_host(lambda t: text if t.startswith("long") else "fits", 50)
+  tokens, lengths = _batch(["long 1", "ok", "long 2"])
+  _, _, feedback, feedback_lengths = host(np.zeros(3, np.int32), tokens, lengths)
+  assert _feedback_texts(feedback, feedback_lengths) == [text[:50], "fits", text[:50]]
+  assert host.pop_metrics()["verify/feedback_cut_rows"] == 2
+  assert host.pop_metrics()["verify/feedback_cut_rows"] == 0  # counted per step
+  host(np.zeros(3, np.int32), tokens, lengths)
+  assert host.feedback_cut_rows == 4  # over the whole run
+
+
+def test_tool_use_feedback_keeps_its_expected_part():
+  # A malformed Action Input: the whole message, "Expecting ..." included, reaches the
+  # teacher when the buffer holds FEEDBACK_MAX_CHARS tokens.
+  response = 'Action: getWeather\nAction Input: {"city": "Paris" "unit": "C"}'
+  reference = {"actions": ["getWeather"], "inputs": [{"city": "Paris"}]}
+  want = tooluse.score(response, reference).feedback
+  assert "Expecting ',' delimiter" in want
+  host = callback.HostVerifier(tooluse.score_batch, {0: reference}, _CountingTokenizer(),
+                               feedback_len=callback.FEEDBACK_MAX_CHARS)
+  tokens, lengths = _batch([response])
+  _, status, feedback, feedback_lengths = host(np.zeros(1, np.int32), tokens, lengths)
+  assert status[0] == callback.STATUS_CODES["format_error"]
+  assert _feedback_texts(feedback, feedback_lengths) == [want]

@@ -242,6 +242,9 @@ def np_aggregate(values, mask, mode):
   masked = np.where(mask > 0, values, 0.0) * mask
   if mode == "token-mean":
     return masked.sum() / max(mask.sum(), 1.0)
+  if mode == "seq-mean-token-mean-all":
+    return float(np.mean([row.sum() / max(row_mask.sum(), 1.0)
+                          for row, row_mask in zip(masked, mask)]))
   per_seq = []
   for row, row_mask in zip(masked, mask):
     if row_mask.sum() == 0:
@@ -264,6 +267,17 @@ def test_aggregate_matches_reference(mode):
   np.testing.assert_allclose(float(bool_mask), float(got), rtol=1e-6)
   empty = losses.aggregate(jnp.asarray(values), jnp.zeros((4, 6)), mode)
   assert float(empty) == 0.0
+
+
+def test_seq_mean_token_mean_all_by_hand():
+  # Row means 2, 5 and (no tokens) 0, over all three rows; the other seq-mean
+  # modes drop the empty row.
+  values = jnp.asarray([[1.0, 3.0, 9.0], [5.0, 7.0, 7.0], [4.0, 4.0, 4.0]])
+  mask = jnp.asarray([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+  assert float(losses.aggregate(values, mask, "seq-mean-token-mean-all")) == pytest.approx(7 / 3)
+  assert float(losses.aggregate(values, mask, "seq-mean-token-mean")) == pytest.approx(7 / 2)
+  weights = losses.aggregation_weights(mask, "seq-mean-token-mean-all")
+  np.testing.assert_allclose(weights, [[1 / 6, 1 / 6, 0], [1 / 3, 0, 0], [0, 0, 0]], rtol=1e-6)
 
 
 def test_aggregate_bad_mode():

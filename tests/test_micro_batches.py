@@ -34,7 +34,7 @@ def test_micro_batch_rows_must_divide_the_rows():
 
 @pytest.fixture(scope="module")
 def one_batch(tiny_base_dir):
-  config = tiny_config(tiny_base_dir, **{"loss.aggregation": "seq-mean-token-mean"})
+  config = tiny_config(tiny_base_dir, **{"loss.aggregation": "seq-mean-token-mean-all"})
   s = train.setup(config)
   state = s.init_state()
   batch = s.train_batches.batch(0)

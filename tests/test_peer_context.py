@@ -13,6 +13,7 @@ from mopd_jax.peer_context import (
     assemble_teacher_prompts,
     teacher_positions,
     teacher_prompt_length,
+    tokenize_pieces,
 )
 from mopd_jax.peer_selection import PeerSelection, select_peers, to_row_indices
 
@@ -238,7 +239,6 @@ RESPONSE_PAD_JUNK = 7777  # past response/feedback lengths; must never reach the
 
 PIECES_LISTS = dict(
     solution_header=[1001, 1002, 1003],
-    solution_trailer=[1011, 1012],
     another_header=[1021, 1022, 1023, 1024],
     failure_header=[1031, 1032, 1033, 1034, 1035],
     feedback_header=[1041, 1042, 1043],
@@ -253,7 +253,7 @@ def reference_teacher_prompt(real, ins, peers, feedback, *, peer_cap, feedback_c
   primary, another, failure = peers
   seq = list(real[:ins])
   if primary is not None:
-    seq += p["solution_header"] + primary[:peer_cap] + p["solution_trailer"]
+    seq += p["solution_header"] + primary[:peer_cap]
   if another is not None:
     seq += p["another_header"] + another[:peer_cap]
   if failure is not None:
@@ -447,6 +447,60 @@ def test_assemble_cuts_blocks_to_block_lengths():
   assert row0[start + len(headers) : start + len(headers) + 5] == PIECES_LISTS["failure_header"]
 
 
+class _CharTokenizer:
+  """One token per character (its code point), so token concatenation is text concatenation."""
+
+  def encode(self, text):
+    return [ord(c) for c in text]
+
+
+# The spec's effective texts (MOPD spec section 2), written out here rather than read from
+# peer_context: no blank line after the solution block.
+SPEC_2S1F_WITH_FEEDBACK = (
+    "<user>Add two numbers."
+    "\nCorrect solution:\n\ndef f(a, b): return a + b"
+    "\nAnother successful solution:\n\nf = lambda a, b: b + a"
+    "\nA known failed solution (avoid repeating this mistake):\n\ndef f(a, b): return a - b"
+    "\nThe following is feedback from your unsuccessful earlier attempt:\n\n"
+    "Test 1: expected 3, got -1"
+    "\n\nCorrectly solve the original question.</user><assistant>"
+)
+
+
+def test_assembled_text_is_the_spec_template():
+  tok = _CharTokenizer()
+  prompt, suffix = "<user>Add two numbers.", "</user><assistant>"
+  responses = ["def f(a, b): return a + b", "f = lambda a, b: b + a",
+               "def f(a, b): return a - b"]
+  feedback = "Test 1: expected 3, got -1"
+  width = max(map(len, responses))
+  response_tokens = np.zeros((3, width), np.int32)
+  for row, text in enumerate(responses):
+    response_tokens[row, :len(text)] = tok.encode(text)
+  real = tok.encode(prompt + suffix)
+  selection = PeerSelection(primary=jnp.asarray([0]), another=jnp.asarray([1]),
+                            failure=jnp.asarray([2]), mask=jnp.ones((1,), bool))
+  tokens, mask = assemble_teacher_prompts(
+      jnp.asarray([real], jnp.int32), jnp.ones((1, len(real)), bool),
+      jnp.asarray([len(prompt)], jnp.int32), jnp.asarray(response_tokens),
+      jnp.asarray([len(t) for t in responses], jnp.int32), selection,
+      tokenize_pieces(tok), peer_cap=width, pad_id=PAD,
+      feedback_tokens=jnp.asarray([tok.encode(feedback)], jnp.int32),
+      feedback_lengths=jnp.asarray([len(feedback)], jnp.int32), feedback_cap=len(feedback))
+  text = "".join(map(chr, np.asarray(tokens[0])[np.asarray(mask[0])]))
+  assert text == SPEC_2S1F_WITH_FEEDBACK
+  # 1S alone: the solution block runs straight into the closing instruction.
+  selection = selection._replace(another=jnp.asarray([-1]), failure=jnp.asarray([-1]))
+  tokens, mask = assemble_teacher_prompts(
+      jnp.asarray([real], jnp.int32), jnp.ones((1, len(real)), bool),
+      jnp.asarray([len(prompt)], jnp.int32), jnp.asarray(response_tokens),
+      jnp.asarray([len(t) for t in responses], jnp.int32), selection,
+      tokenize_pieces(tok), peer_cap=width, pad_id=PAD)
+  text = "".join(map(chr, np.asarray(tokens[0])[np.asarray(mask[0])]))
+  assert text == ("<user>Add two numbers.\nCorrect solution:\n\ndef f(a, b): return a + b"
+                  "\n\nCorrectly solve the original question.</user><assistant>")
+
+
 def test_assemble_rejects_feedback_without_room():
   n, lp = 2, 4
   minus_one = jnp.full((n,), -1, jnp.int32)
@@ -475,7 +529,7 @@ def test_assemble_rejects_feedback_without_room():
 
 
 def test_teacher_prompt_length():
-  pieces_len = 3 + 2 + 4 + 5 + 4
+  pieces_len = 3 + 4 + 5 + 4
   assert teacher_prompt_length(10, PIECES, 6) == 10 + pieces_len + 3 * 6
   assert teacher_prompt_length(10, PIECES, 6, 5) == 10 + pieces_len + 3 * 6 + 3 + 5
   with pytest.raises(ValueError, match="peer_cap.*-1"):

@@ -16,9 +16,13 @@ from tests.conftest import tiny_config
 
 @pytest.mark.parametrize("text, expected", [
     ("work... <summary> Use a stack. </summary>", ("Use a stack.", True)),
-    ("<summary>first</summary> more <summary>second</summary> tail", ("second", True)),
-    ("answer <summary>  cut off here", ("cut off here", True)),
-    ("<summary>a</summary> then <summary>b", ("b", True)),
+    # The first complete summary, as the authors take it.
+    ("<summary>first</summary> more <summary>second</summary> tail", ("first", True)),
+    ("<summary>a</summary> then <summary>b", ("a", True)),
+    ("<summary>x <summary>y</summary> z", ("x <summary>y", True)),
+    ("<summary>\ntwo\nlines\n</summary>", ("two\nlines", True)),
+    # No complete summary: the first characters of the response.
+    ("answer <summary>  cut off here", ("answer <su", False)),
     ("no tag at all, just a long answer", ("no tag at ", False)),
     ("short", ("short", False)),
     ("</summary> closing only", ("</summary>", False)),
@@ -60,34 +64,60 @@ def test_host_summarize_pads_caps_and_counts_missing():
 # ---------------------------------------------------------------- Member selection.
 
 
-def _reference_members(success, primary, k):
-  batch, group = success.shape
-  members = np.full((batch, group, k), -1)
-  labels = np.zeros((batch, group, k), bool)
-  for b in range(batch):
-    for i in range(group):
-      chosen = [j for j in range(group) if j != i and j != primary[b, i]][:k]
-      for slot, j in enumerate(chosen):
-        members[b, i, slot] = j
-        labels[b, i, slot] = success[b, j]
-  return members, labels
+def _candidates(group, i, primary):
+  """Members whose summary rollout i may read: not itself, not its shown primary."""
+  return [j for j in range(group) if j != i and j != primary]
 
 
 @pytest.mark.parametrize("k", [1, 3, 7])
-def test_select_summary_members_matches_reference(k):
+def test_select_summary_members_draws_valid_members(k):
   rng = np.random.default_rng(k)
-  for _ in range(5):
+  for trial in range(5):
     success = rng.random((3, 6)) < 0.5
-    primary = peer_context.select_peers(jnp.asarray(success), jax.random.PRNGKey(0)).primary
-    members, labels = peer_context.select_summary_members(jnp.asarray(success), primary, k)
-    ref_members, ref_labels = _reference_members(success, np.asarray(primary), k)
-    np.testing.assert_array_equal(members, ref_members)
-    np.testing.assert_array_equal(labels, ref_labels)
+    primary = np.asarray(peer_context.select_peers(jnp.asarray(success),
+                                                   jax.random.PRNGKey(0)).primary)
+    members, labels = peer_context.select_summary_members(
+        jnp.asarray(success), jnp.asarray(primary), k, jax.random.PRNGKey(trial))
+    members, labels = np.asarray(members), np.asarray(labels)
+    assert members.shape == labels.shape == (3, 6, k)
+    for b in range(3):
+      for i in range(6):
+        allowed = _candidates(6, i, primary[b, i])
+        shown = [j for j in members[b, i] if j >= 0]
+        count = min(k, len(allowed))
+        # Distinct allowed members fill the first slots; the rest are empty.
+        assert len(set(shown)) == len(shown) == count and set(shown) <= set(allowed)
+        assert (members[b, i, count:] == -1).all()
+        np.testing.assert_array_equal(labels[b, i, :count], success[b, shown])
+        assert not labels[b, i, count:].any()
+
+
+def test_summary_members_are_a_uniform_ordered_sample():
+  # Rollout 0 of G = 5 with primary 1 reads 2 of the candidates {2, 3, 4}: each of the
+  # 6 ordered pairs has probability 1/6, and every (b, i) draws independently.
+  batch, group = 6000, 5
+  success = jnp.asarray(np.tile([False, True, False, True, False], (batch, 1)))
+  primary = jnp.asarray(np.tile([1, 3, 1, 1, 1], (batch, 1)), jnp.int32)
+  members, _ = jax.jit(peer_context.select_summary_members, static_argnums=2)(
+      success, primary, 2, jax.random.PRNGKey(3))
+  members = np.asarray(members)
+  pairs = members[:, 0, 0] * group + members[:, 0, 1]
+  counts = np.bincount(pairs, minlength=group * group)
+  expected = [a * group + b for a in (2, 3, 4) for b in (2, 3, 4) if a != b]
+  assert counts[expected].sum() == batch
+  sigma = np.sqrt(batch * (1 / 6) * (5 / 6))
+  assert np.all(np.abs(counts[expected] - batch / 6) < 5 * sigma), counts[expected]
+  # Rollouts 0 and 2 (candidates {2, 3, 4} and {0, 3, 4}) draw independently: their first
+  # picks agree with probability 2 / 9.
+  same = np.mean(members[:, 0, 0] == members[:, 2, 0])
+  assert abs(same - 2 / 9) < 5 * np.sqrt(2 / 9 * 7 / 9 / batch)
+  other_key = peer_context.select_summary_members(success, primary, 2, jax.random.PRNGKey(4))
+  assert not np.array_equal(np.asarray(other_key[0]), members)
 
 
 # ---------------------------------------------------------------- Prompt assembly.
 
-P = dict(solution_header=[101, 102], solution_trailer=[103], another_header=[104],
+P = dict(solution_header=[101, 102], another_header=[104],
          failure_header=[105, 106], feedback_header=[107], closing=[108, 109],
          summary_instruction=[111, 112, 113], summaries_header=[121, 122],
          summary_success=[131], summary_failure=[141, 142])
@@ -140,13 +170,13 @@ def test_teacher_prompt_with_summaries_token_by_token():
       summary_successful=successful, summary_cap=summary_cap)
   out_len = peer_context.teacher_prompt_length(lp, PIECES, peer_cap, 0, 2, summary_cap)
   # prompt + solution block + summaries block + another + failure + closing.
-  assert out_len == 4 + (2 + 3 + 1) + (2 + 2 * (2 + 2)) + (1 + 3) + (2 + 3) + 2
+  assert out_len == 4 + (2 + 3) + (2 + 2 * (2 + 2)) + (1 + 3) + (2 + 3) + 2
   assert tokens.shape == (4, out_len)
   s, f = P["summary_success"], P["summary_failure"]
   expected = [
-      [5, 6] + P["solution_header"] + [221, 222, 223] + P["solution_trailer"]
+      [5, 6] + P["solution_header"] + [221, 222, 223]
       + P["summaries_header"] + f + [311] + s + [] + P["closing"] + [7],
-      [5, 6] + P["solution_header"] + [221, 222, 223] + P["solution_trailer"]
+      [5, 6] + P["solution_header"] + [221, 222, 223]
       + P["summaries_header"] + s + [301, 302] + s + [] + P["closing"] + [7],
       [5, 6] + P["closing"] + [7],
       [5, 6] + P["summaries_header"] + s + [301, 302] + f + [311]
@@ -171,6 +201,11 @@ def test_settings_reject_summaries_outside_mopd():
 
 
 # ---------------------------------------------------------------- One jitted step.
+
+
+# The authors' instruction text (MOPD spec section 2), written out here.
+SPEC_INSTRUCTION = ("After your answer, briefly summarize your key approach in one sentence "
+                    "inside <summary> tags, e.g. <summary>...</summary>.")
 
 
 def _hash_scorer(texts, refs):
@@ -203,7 +238,10 @@ def _check_summary_blocks(s, student):
   success = (rewards >= cfg.success_threshold).reshape(b, g)
   primary = np.asarray(peer_context.select_peers(jnp.asarray(success),
                                                  jax.random.PRNGKey(0)).primary)
-  members, labels = _reference_members(success, primary, min(pc.num_summaries, g - 1))
+  # The members the step draws (the draw itself is tested above).
+  members, labels = jax.device_get(peer_context.select_summary_members(
+      jnp.asarray(success), jnp.asarray(primary), min(pc.num_summaries, g - 1),
+      jax.random.fold_in(jax.random.PRNGKey(1), 1)))
   texts = {name: s.tokenizer.encode(peer_context.TEMPLATE_TEXTS[name])
            for name in ("summaries_header", "summary_success", "summary_failure")}
   for row in range(n):
@@ -232,17 +270,17 @@ def test_jitted_step_with_summaries(tiny_base_dir):
     got = student["prompt_tokens"][row][student["prompt_mask"][row]]
     assert got.tolist() == real[:ins].tolist() + instruction + real[ins:].tolist()
     assert int(student["insert_index"][row]) == ins + len(instruction)
+    assert SPEC_INSTRUCTION in s.tokenizer.decode(got.tolist())
   _check_summary_blocks(s, student)
-  # Evaluation samples from the same prompts as training.
+  # Evaluation samples from the plain prompts: the instruction is for training rollouts.
   evaluator = train.Evaluator(s.settings, s.model_cfg, s.tokenizer, s.eval_batches,
-                              s.host_verifier, s.mesh, s.state_shapes.params, s.pieces)
+                              s.host_verifier, s.mesh, s.state_shapes.params)
   eval_batch = jax.device_get(evaluator.batch)
   plain = s.eval_batches.first(config.eval.num_prompts)
   for row in range(config.eval.num_prompts):
     real = plain["prompt_tokens"][row][plain["prompt_mask"][row].astype(bool)].tolist()
-    ins = int(plain["insert_index"][row])
-    got = eval_batch["prompt_tokens"][row][eval_batch["prompt_mask"][row]].tolist()
-    assert got == real[:ins] + instruction + real[ins:]
+    got = eval_batch["prompt_tokens"][row][eval_batch["prompt_mask"][row].astype(bool)]
+    assert got.tolist() == real
   state, metrics = s.train_step()(s.init_state(), batch)
   metrics = jax.device_get(metrics)
   assert np.isfinite(metrics["train/loss"]) and metrics["train/skipped_nonfinite"] == 0

@@ -25,7 +25,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-AGGREGATION_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+AGGREGATION_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                     "seq-mean-token-mean-all")
 
 _LOG_RATIO_BOUND = 20.0
 
@@ -322,6 +323,9 @@ def aggregation_weights(mask: jax.Array, mode: str) -> jax.Array:
   if mode == "token-mean":
     return weight / jnp.maximum(jnp.sum(weight), 1.0)
   seq_count = jnp.sum(weight, axis=-1, keepdims=True)  # [N, 1]
+  if mode == "seq-mean-token-mean-all":
+    # Every row counts in N, even one without tokens (its weights are all 0).
+    return weight / jnp.maximum(seq_count, 1.0) / mask.shape[0]
   has_tokens = seq_count > 0.0  # [N, 1]
   num_seqs = jnp.maximum(jnp.sum(has_tokens.astype(jnp.float32)), 1.0)
   if mode == "seq-mean-token-mean":
@@ -346,7 +350,12 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
       "seq-mean-token-sum": per-sequence masked sum, averaged over sequences
         with at least one token (0 if there are none);
       "seq-mean-token-mean": per-sequence masked mean, averaged over
-        sequences with at least one token (0 if there are none).
+        sequences with at least one token (0 if there are none);
+      "seq-mean-token-mean-all": per-sequence masked mean (denominator
+        max(row mask sum, 1)), averaged over all N rows: a row without
+        tokens contributes 0 but counts in N. This is the authors' effective
+        loss (one sequence per micro-batch, token-mean inside it, each
+        micro-batch scaled by 1 / N; MOPD spec section 3).
 
   Returns:
     float32 scalar.

@@ -9,6 +9,15 @@ Host side (`HostVerifier`): receives example ids, response tokens and lengths as
 arrays, decodes the text, looks the example's reference up in a host table, scores the
 batch and returns fixed-shape numpy arrays. It never calls JAX and never raises: a
 failure of the verifier gives reward 0 with status ERROR and is counted in the metrics.
+
+Feedback length (MOPD spec section 2): the authors show at most `FEEDBACK_MAX_CHARS`
+characters of a rollout's feedback, and the teacher prompt's token cap is the only other
+limit. Here the feedback text is cut to those characters before tokenisation, and its
+tokens go to a fixed-shape buffer of `feedback_len` tokens, the room the teacher prompt
+reserves for it. A feedback with more tokens than that is cut at the buffer, counted in
+`verify/feedback_cut_rows` and logged (once per run), never silently. A byte-level BPE
+makes at most one token of each ASCII character, so a buffer of `FEEDBACK_MAX_CHARS`
+tokens cuts only feedback with many multi-byte characters.
 """
 
 from __future__ import annotations
@@ -31,28 +40,39 @@ from mopd_jax.verifiers.result import Result
 # Status codes returned per row.
 STATUS_CODES = {"ok": 0, "format_error": 1, "timeout": 2, "error": 3}
 
+# The authors' preview limit of verifier feedback, in characters.
+FEEDBACK_MAX_CHARS = 2000
+
 _SUMMARY_OPEN, _SUMMARY_CLOSE = "<summary>", "</summary>"
 # Decoded batches kept for the other of the two host callables (see `HostVerifier`).
 _MAX_SHARED_BATCHES = 16
 
 
 def extract_summary(text: str, fallback_chars: int) -> tuple[str, bool]:
-  """The response's summary: (text, True) for the text between the last `<summary>` and
-  the next `</summary>` (stripped; to the end of the text when unterminated), else
-  (the first `fallback_chars` characters, False)."""
-  start = text.rfind(_SUMMARY_OPEN)
-  if start < 0:
-    return text[:fallback_chars], False
-  body = text[start + len(_SUMMARY_OPEN):]
-  end = body.find(_SUMMARY_CLOSE)
-  return (body if end < 0 else body[:end]).strip(), True
+  """The response's summary, as the authors take it (MOPD spec section 2).
+
+  (text, True) for the first complete `<summary>...</summary>`: the text between the
+  first `<summary>` and the first `</summary>` after it, stripped. A response without a
+  complete one (no tag, or an unterminated tag) gives (its first `fallback_chars`
+  characters, False).
+  """
+  start = text.find(_SUMMARY_OPEN)
+  if start >= 0:
+    body = text[start + len(_SUMMARY_OPEN):]
+    end = body.find(_SUMMARY_CLOSE)
+    if end >= 0:
+      return body[:end].strip(), True
+  return text[:fallback_chars], False
 
 
 class HostVerifier:
   """Callable (ids [n], tokens [n, Lr], lengths [n]) -> fixed-shape numpy arrays.
 
   Returns (rewards float32 [n], status int32 [n], feedback int32 [n, feedback_len],
-  feedback_lengths int32 [n]). `summarize` is the summaries variant's second callable.
+  feedback_lengths int32 [n]). The feedback is the first `FEEDBACK_MAX_CHARS` characters
+  of the verifier's, tokenised; one with more than `feedback_len` tokens keeps the first
+  `feedback_len` and is counted (see the module docstring). `summarize` is the summaries
+  variant's second callable.
 
   With `share_texts` (the summaries variant), the step hands the same responses to both
   callables, in either order or at once: whichever decodes a batch first keeps the texts
@@ -78,22 +98,44 @@ class HostVerifier:
     self.summary_fallback_chars = summary_fallback_chars
     self.calls = 0  # calls and rows verified on this process, over the whole run
     self.rows = 0
-    # Host-side timing since the last `pop_timing` (calls may come from several threads).
+    self.feedback_cut_rows = 0  # feedback cut at `feedback_len` tokens, over the whole run
+    # Host-side statistics since the last `pop_metrics` (calls may come from several
+    # threads).
     self._lock = threading.Lock()
     self._seconds = 0.0
     self._rows = 0
+    self._feedback_cut = 0
     self._share_texts = share_texts
     self._shared: dict[bytes, list[str]] = {}
     self.decoded_rows = 0  # responses decoded on this process, over the whole run
 
-  def pop_timing(self) -> dict:
-    """Wall time spent in the host callables (verifying, and extracting summaries) since
-    the last call, total and per verified response."""
+  def pop_metrics(self) -> dict:
+    """Host-side statistics of this process since the last call: wall time spent in the
+    host callables (verifying, and extracting summaries), total and per verified
+    response, and the rows whose feedback was cut at `feedback_len` tokens."""
     with self._lock:
-      seconds, rows = self._seconds, self._rows
-      self._seconds, self._rows = 0.0, 0
+      seconds, rows, cut = self._seconds, self._rows, self._feedback_cut
+      self._seconds, self._rows, self._feedback_cut = 0.0, 0, 0
     return {"verify/host_time_s": seconds,
-            "verify/mean_time_s": seconds / rows if rows else 0.0}
+            "verify/mean_time_s": seconds / rows if rows else 0.0,
+            "verify/feedback_cut_rows": cut}
+
+  def _feedback_tokens(self, text: str) -> list[int]:
+    """The feedback's first `FEEDBACK_MAX_CHARS` characters, tokenised, at most
+    `feedback_len` tokens (a cut is counted, and logged the first time)."""
+    ids = self.tokenizer.encode(text[:FEEDBACK_MAX_CHARS])
+    if len(ids) <= self.feedback_len:
+      return ids
+    with self._lock:
+      first = self.feedback_cut_rows == 0
+      self.feedback_cut_rows += 1
+      self._feedback_cut += 1
+    if first:
+      logging.warning(
+          "Verifier feedback of %d tokens cut to config.peers.feedback_len = %d tokens; "
+          "raise it to show the whole feedback (at most %d characters). Cuts are counted "
+          "in verify/feedback_cut_rows.", len(ids), self.feedback_len, FEEDBACK_MAX_CHARS)
+    return ids[:self.feedback_len]
 
   def texts(self, tokens, lengths) -> list[str]:
     with self._lock:
@@ -136,7 +178,7 @@ class HostVerifier:
         rewards[row] = np.clip(np.float32(res.reward), 0.0, 1.0)
         status[row] = STATUS_CODES.get(res.status, STATUS_CODES["error"])
         if self.feedback_len and res.feedback:
-          fb = self.tokenizer.encode(res.feedback)[: self.feedback_len]
+          fb = self._feedback_tokens(res.feedback)
           feedback[row, : len(fb)] = fb
           feedback_lengths[row] = len(fb)
     except Exception:  # pylint: disable=broad-except
