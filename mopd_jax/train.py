@@ -182,14 +182,15 @@ class _StopFlag:
   def stop_after(self, step: int) -> str | None:
     """Why every process stops after `step` (a log phrase); None to go on. Collective:
     every process calls it after every step."""
+    here = None if self.signum is None else signal.Signals(self.signum).name
     if jax.process_count() == 1:
-      return None if self.signum is None else f"Signal {self.signum} received"
+      return None if here is None else f"{here} received"
     if self.preemption_service and multihost_utils.reached_preemption_sync_point(step):
       return "Preemption notice (SIGTERM) received by a process"
     if self.check_every and step % self.check_every:
       return None
-    if _any_process(self.signum is not None):
-      return f"Signal {self.signum} received (here or on another process)"
+    if _any_process(here is not None):
+      return f"A signal reached a process ({here or 'another one'})"
     return None
 
 
