@@ -9,8 +9,9 @@ Injects each fault several times and checks what survived and what was lost:
 - a sandbox worker that crashes (SIGSEGV), is killed (SIGKILL) or hangs (SIGSTOP) while it
   verifies a response of a batch of four;
 - a verifier process killed with SIGKILL while its pool runs (the next start cleans up);
-- SIGKILL during a checkpoint save (at orbax's commit points and at random moments), a
-  truncated or corrupted latest checkpoint, a full disk at save time (a small tmpfs);
+- SIGKILL during an asynchronous checkpoint save (at orbax's commit points and at random
+  moments), a truncated or corrupted latest checkpoint, a full disk at save time (a small
+  tmpfs);
 - load: the adversarial suite's hostile programs mixed with valid responses, batch after
   batch, watching processes, open files and resident memory for leaks.
 "Data lost" counts valid responses scored wrong, or resumed states that differ from an
@@ -39,7 +40,6 @@ import jax
 import numpy as np
 import psutil
 
-from mopd_jax import checkpointing
 from mopd_jax.verifiers import code, sandbox, sandbox_cgroups
 from tests import test_checkpoint_faults as ckpt_faults
 from tests import test_sandbox_adversarial as adversarial
@@ -258,7 +258,7 @@ def checkpoint_kills(repeats, scratch):
     raise RuntimeError("the uninterrupted checkpoint loop failed")
   want = np.load(reference + "/final.npy")
   injected = survived = lost = 0
-  plans = [(point, 0.0) for point in ("before_commit", "after_commit", "before_manifest")]
+  plans = [(point, 0.0) for point in ("before_commit", "after_commit")]
   plans += [("", random.Random(seed).uniform(0.0, 0.15)) for seed in range(repeats)]
   for attempt, (point, delay) in enumerate(plans):
     directory = os.path.join(scratch, f"kill{attempt}")
@@ -277,8 +277,8 @@ def checkpoint_kills(repeats, scratch):
     same = resumed.returncode == 0 and np.array_equal(np.load(out), want)
     survived += killed and same
     lost += not same
-  return _row("SIGKILL during a checkpoint save", injected, survived, 0, lost,
-              "3 at orbax/manifest commit points, the rest at random moments; resumed "
+  return _row("SIGKILL during an asynchronous checkpoint save", injected, survived, 0, lost,
+              "2 at orbax's commit points, the rest at random moments; resumed "
               "state bit-identical to an uninterrupted run")
 
 
@@ -304,7 +304,8 @@ def damaged_checkpoints(repeats, scratch):
       lost += not intact
       ckpt.close()
   return _row("truncated / corrupted latest checkpoint", injected, survived, 0, lost,
-              "detected by the manifest, moved aside, resumed from the previous step")
+              "truncation fails the restore, a flipped bit restores other values than "
+              "the state's fingerprint; moved aside, resumed from the previous step")
 
 
 def full_disk(repeats, scratch):
@@ -318,8 +319,10 @@ def full_disk(repeats, scratch):
     try:
       ckpt = ckpt_faults._saved(os.path.join(mount, "ckpt"), [1, 2])
       injected += 1
-      failed = not ckpt.save(3, ckpt_faults._state(3), {"data_position": 3})
-      intact = all(checkpointing.check_manifest(ckpt.step_dir(s)) is None for s in (1, 2))
+      failed = not (ckpt.save(3, ckpt_faults._state(3), {"data_position": 3})
+                    and ckpt.wait())
+      intact = all(np.array_equal(ckpt.restore(s, ckpt_faults.ABSTRACT)[0]["w"],
+                                  ckpt_faults._state(s)["w"]) for s in (1, 2))
       step, state, _ = ckpt.restore_latest(ckpt_faults.ABSTRACT)
       intact = intact and step == 2 and np.array_equal(state["w"], ckpt_faults._state(2)["w"])
       survived += failed and intact and ckpt.all_steps() == [1, 2]

@@ -1,37 +1,44 @@
-"""Orbax checkpoints of the whole training state, restored directly onto the mesh.
+"""Orbax checkpoints of the whole training state, saved asynchronously, restored onto the mesh.
 
 A checkpoint holds the TrainState (step, params, optimizer state, teacher, RNG) and a
-small JSON record (data position, config fingerprint). Because the data order is a
-function of (seed, step) and every random draw of the step is `fold_in(rng, step)`, a
+small JSON record (data position, seed, the state's fingerprint). Because the data order
+is a function of (seed, step) and every random draw of the step is `fold_in(rng, step)`, a
 resumed run continues exactly as if it had never stopped.
 
+`save` returns once orbax has copied the arrays to host memory (the next step may then
+donate them); the files are written by a background thread. The next `save`, `wait`,
+`restore_latest` and `close` first wait for that write, so at most one save is in flight.
+
 Faults:
-- Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` once
+- Orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` once
   complete, so a process killed during a save (SIGKILL included) leaves the earlier steps
   untouched and an unfinished temporary directory, which the next start removes.
-- After orbax commits a step, every file of it is read back, synced to disk and recorded
-  (size and CRC-32) in `<step>/manifest.json`, written last and atomically. At restore a
-  step whose files do not match its manifest (truncated, corrupted, missing), or that fails
-  to restore, is moved to `<directory>-damaged/` with a warning naming it, and the newest
-  intact step is used instead. A step without a manifest (the process died between the
-  orbax commit and the manifest) is used if it restores.
-- A save that fails (a full disk, an unwritable directory) is logged and counted in
-  `failed_saves`; its partial files are removed and earlier checkpoints are not touched.
+- No file is read back to check a save. Instead the JSON record holds a fingerprint of
+  every state array (`fingerprint`: a position-weighted sum of its bits, computed on the
+  devices that hold it), and a restored state must reproduce it. A step that fails to
+  restore (a file truncated or missing) or restores other values (flipped bytes) is moved
+  to `<directory>-damaged/` with a warning naming it, and the newest intact step is used
+  instead. Not detected: damage that leaves every restored value's bits as they were
+  (bytes no array is read from) or a collision of the 32-bit sums (about 2**-32 per
+  damaged array).
+- A save that fails (a full disk, an unwritable directory) is reported when it is waited
+  for: logged and counted in `failed_saves`; its temporary files are removed and earlier
+  checkpoints are not touched.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import time
-import zlib
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
-MANIFEST = "manifest.json"
+FINGERPRINT = "fingerprint"  # the key of the state's fingerprint in the JSON record
 _TMP_MARK = ".orbax-checkpoint-tmp"
 
 
@@ -39,73 +46,47 @@ class CheckpointError(RuntimeError):
   """No checkpoint in the directory can be restored."""
 
 
-def _crc32(path: str) -> int:
-  crc = 0
-  with open(path, "rb") as f:
-    while chunk := f.read(1 << 22):
-      crc = zlib.crc32(chunk, crc)
-    os.fsync(f.fileno())
-  return crc
+def _leaf_fingerprint(x):
+  """sum_i bits_i * (2 i + 1) mod 2**32 over the flat index i of the array's 32-bit words.
+
+  Any change of one word changes the sum (the weight is odd), and so does a swap of
+  two different words (their weights differ).
+  """
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  size = x.dtype.itemsize
+  words = jax.lax.bitcast_convert_type(
+      x, jnp.uint32 if size >= 4 else jnp.dtype(f"uint{8 * size}")).astype(jnp.uint32)
+  index = jnp.zeros(words.shape, jnp.uint32)  # the flat index, wrapping at 2**32
+  stride = 1
+  for dim in reversed(range(words.ndim)):
+    index += jax.lax.broadcasted_iota(jnp.uint32, words.shape, dim) * np.uint32(stride)
+    stride = (stride * words.shape[dim]) % (1 << 32)
+  return jnp.sum(words * (2 * index + 1), dtype=jnp.uint32)
 
 
-def _fsync_dir(path: str) -> None:
-  fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
+_fingerprints = jax.jit(lambda tree: jax.tree.map(_leaf_fingerprint, tree))
 
 
-def _files(step_dir: str) -> list[str]:
-  """Paths relative to `step_dir` of its files, the manifest excluded, sorted."""
-  found = []
-  for parent, _, names in os.walk(step_dir):
-    for name in names:
-      relative = os.path.relpath(os.path.join(parent, name), step_dir)
-      if relative != MANIFEST:
-        found.append(relative)
-  return sorted(found)
+def fingerprint(state) -> dict:
+  """{array path: fingerprint} of a pytree of (possibly sharded, multi-process) arrays."""
+  sums = _fingerprints(state)
+  return {jax.tree_util.keystr(path): int(np.asarray(value.addressable_data(0)))
+          for path, value in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
 
-def write_manifest(step_dir: str) -> None:
-  """Syncs every file of a committed step to disk and records its size and CRC-32."""
-  entries = {}
-  for relative in _files(step_dir):
-    path = os.path.join(step_dir, relative)
-    entries[relative] = [os.path.getsize(path), _crc32(path)]
-  for parent, _, _ in os.walk(step_dir):
-    _fsync_dir(parent)
-  tmp = os.path.join(step_dir, MANIFEST + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"files": entries}, f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(step_dir, MANIFEST))
-  _fsync_dir(step_dir)
-
-
-def check_manifest(step_dir: str) -> str | None:
-  """Why the step's files differ from its manifest; None if they match or it has none."""
-  path = os.path.join(step_dir, MANIFEST)
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path, encoding="utf-8") as f:
-      entries = json.load(f)["files"]
-  except (OSError, ValueError, KeyError, TypeError) as exc:
-    return f"unreadable {MANIFEST}: {exc}"
-  for relative, (size, crc) in sorted(entries.items()):
-    file_path = os.path.join(step_dir, relative)
-    if not os.path.exists(file_path):
-      return f"{relative} is missing"
-    actual = os.path.getsize(file_path)
-    if actual != size:
-      return f"{relative} has {actual} bytes, {size} were written"
-    if _crc32(file_path) != crc:
-      return f"{relative} does not match its CRC-32 (corrupted)"
-  extra = sorted(set(_files(step_dir)) - set(entries))
-  if extra:
-    return f"files not written by the save: {extra[:3]}"
+def fingerprint_mismatch(state, expected: dict) -> str | None:
+  """Which arrays of `state` differ from the `expected` fingerprint; None if none do."""
+  actual = fingerprint(state)
+  if actual.keys() != expected.keys():
+    return (f"the state has arrays {sorted(actual)[:3]}..., the checkpoint's record "
+            f"{sorted(expected)[:3]}...")
+  differ = sorted(k for k in actual if actual[k] != expected[k])
+  if differ:
+    return (f"{len(differ)} restored array(s) differ from the fingerprint written at save "
+            f"time (corrupted): {differ[:3]}")
   return None
 
 
@@ -116,10 +97,12 @@ class Checkpointer:
     self.every = every
     self.directory = os.path.abspath(directory)
     self.failed_saves = 0
+    self._in_flight = None  # the step being written in the background
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             cleanup_tmp_directories=True),
+                                             cleanup_tmp_directories=True,
+                                             enable_async_checkpointing=True),
         item_names=("state", "meta"))
 
   def latest_step(self):
@@ -135,43 +118,62 @@ class Checkpointer:
     return self.every > 0 and step % self.every == 0
 
   def save(self, step: int, state, meta: dict) -> bool:
-    """Writes the state at `step` and blocks until it is on disk.
+    """Starts writing the state at `step`; returns once its arrays are in host memory.
 
-    Returns False (logged, counted in `failed_saves`) if the save failed; earlier
-    checkpoints are kept either way.
+    The save in flight, if any, is finished first (`wait`). Returns False (logged,
+    counted in `failed_saves`) if the save could not be started; a failure while the
+    files are written is reported by the next `wait`. Earlier checkpoints are kept
+    either way.
     """
+    self.wait()
     if step in self._manager.all_steps():
       return True
     try:
+      record = dict(meta, **{FINGERPRINT: fingerprint(state)})
       self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record)), force=True)
+    except Exception as exc:  # pylint: disable=broad-except  # Reported; training goes on.
+      self._failed(step, exc)
+      return False
+    self._in_flight = step
+    return True
+
+  def wait(self) -> bool:
+    """Blocks until the save in flight (if any) is committed; False if it failed (logged,
+    counted in `failed_saves`, its temporary files removed)."""
+    step, self._in_flight = self._in_flight, None
+    if step is None:
+      return True
+    try:
       self._manager.wait_until_finished()
-      if jax.process_index() == 0:
-        write_manifest(self.step_dir(step))
       return True
     except Exception as exc:  # pylint: disable=broad-except  # Reported; training goes on.
-      self.failed_saves += 1
-      logging.error("Saving the checkpoint of step %d in %s failed (%s: %s); the earlier "
-                    "checkpoints %s are kept.", step, self.directory, type(exc).__name__,
-                    exc, self.all_steps())
-      self._remove_partial(step)
+      self._failed(step, exc)
       return False
 
-  def _remove_partial(self, step: int) -> None:
-    """Removes what a failed save of `step` left (its temporary or manifest-less files)."""
-    for name in os.listdir(self.directory):
-      if name == str(step) or name.startswith(f"{step}{_TMP_MARK}"):
-        path = os.path.join(self.directory, name)
-        if name == str(step) and os.path.exists(os.path.join(path, MANIFEST)):
-          continue
-        shutil.rmtree(path, ignore_errors=True)
+  def _failed(self, step: int, exc: Exception) -> None:
+    self.failed_saves += 1
+    for name in os.listdir(self.directory):  # what the failed save left
+      if name.startswith(f"{step}{_TMP_MARK}"):
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
     self._manager.reload()
+    logging.error("Saving the checkpoint of step %d in %s failed (%s: %s); the earlier "
+                  "checkpoints %s are kept.", step, self.directory, type(exc).__name__,
+                  exc, self.all_steps())
 
   def restore(self, step: int, abstract_state):
-    """(state, meta) at `step`; arrays land on the shardings of `abstract_state`."""
+    """(state, meta) at `step`; arrays land on the shardings of `abstract_state`.
+
+    Raises CheckpointError if the restored state does not match its fingerprint.
+    """
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return restored.state, restored.meta
+    meta = dict(restored.meta)
+    expected = meta.pop(FINGERPRINT, None)
+    problem = None if expected is None else fingerprint_mismatch(restored.state, expected)
+    if problem:
+      raise CheckpointError(problem)
+    return restored.state, meta
 
   def restore_latest(self, abstract_state):
     """(step, state, meta) of the newest intact checkpoint; None if there is none.
@@ -180,18 +182,18 @@ class Checkpointer:
     warning and the next older one is tried. Raises CheckpointError if steps exist but
     none of them can be restored.
     """
+    self.wait()
     problems = []
     for step in sorted(self.all_steps(), reverse=True):
       step_dir = self.step_dir(step)
-      problem = check_manifest(step_dir)
-      if problem is None:
-        try:
-          state, meta = self.restore(step, abstract_state)
-          if problems:
-            logging.warning("Resuming from step %d, the newest intact checkpoint.", step)
-          return step, state, meta
-        except Exception as exc:  # pylint: disable=broad-except  # Falls back, logged.
-          problem = f"restore failed: {type(exc).__name__}: {str(exc)[:500]}"
+      try:
+        state, meta = self.restore(step, abstract_state)
+        if problems:
+          logging.warning("Resuming from step %d, the newest intact checkpoint.", step)
+        return step, state, meta
+      except Exception as exc:  # pylint: disable=broad-except  # Falls back, logged.
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        problem = f"restore failed: {type(exc).__name__}: {first_line[:300]}"
       problems.append(f"{step_dir}: {problem}")
       moved = self._set_aside(step) if jax.process_index() == 0 else "(by process 0)"
       logging.warning("Checkpoint %s is damaged (%s); moved it to %s and trying the "
@@ -209,9 +211,11 @@ class Checkpointer:
     self._manager.reload()
     return target
 
-  def close(self):
-    self._manager.wait_until_finished()
+  def close(self) -> bool:
+    """Finishes the save in flight (False if it failed, as `wait`) and closes orbax."""
+    ok = self.wait()
     self._manager.close()
+    return ok
 
 
 def abstract_like(state, shardings):

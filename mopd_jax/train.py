@@ -124,7 +124,7 @@ class Evaluator:
     ids = np.repeat(self.local_ids, self.k)
     rewards, status, _, _ = self.host(ids, sharding.local_rows(out.tokens),
                                       sharding.local_rows(out.lengths))
-    self.host.pop_metrics()  # evaluation is not part of a training step's statistics
+    self.host.pop_timing()  # evaluation is not part of a training step's statistics
     if jax.process_count() > 1:
       # Each block holds whole groups of k rows, so the metrics below do not depend on
       # the order of the blocks; the ids travel with them and name each group's source.
@@ -136,14 +136,30 @@ class Evaluator:
 
 
 class _StopFlag:
-  """Set by SIGTERM / SIGINT; the loop saves a checkpoint and exits at the next step."""
+  """When every process stops: after a signal, at a step they all agree on.
 
-  def __init__(self):
+  One process: SIGTERM / SIGINT set a flag that the loop reads after every step.
+  Many processes (the signal may reach one host only, or the hosts at different steps),
+  without a collective per step:
+  - SIGTERM (a scheduler's preemption notice; `launch/local.sh` passes it on) is left to
+    JAX's preemption service, which tells every process through the coordination service;
+    `reached_preemption_sync_point` then names the same step on all of them, the step
+    after the furthest any process had reached (a step or two of latency);
+  - SIGINT (and SIGTERM when the preemption service is off) sets the local flag, which the
+    processes compare at checkpoint steps only (every step when checkpoints are off), so
+    a stop waits for up to `run.checkpoint_every` steps.
+  """
+
+  def __init__(self, *, check_every: int):
     self.signum = None
+    self.check_every = check_every
     self._previous = {}
+    self.preemption_service = (jax.process_count() > 1
+                               and jax.config.jax_enable_preemption_service)
 
   def install(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = [signal.SIGINT] + ([] if self.preemption_service else [signal.SIGTERM])
+    for sig in signals:
       self._previous[sig] = signal.signal(sig, self._handler)
 
   def _handler(self, signum, frame):
@@ -153,6 +169,76 @@ class _StopFlag:
   def restore(self):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+  def stop_after(self, step: int) -> str | None:
+    """Why every process stops after `step` (a log phrase); None to go on. Collective:
+    every process calls it after every step."""
+    here = None if self.signum is None else signal.Signals(self.signum).name
+    if jax.process_count() == 1:
+      return None if here is None else f"{here} received"
+    if self.preemption_service and multihost_utils.reached_preemption_sync_point(step):
+      return "Preemption notice (SIGTERM) received by a process"
+    if self.check_every and step % self.check_every:
+      return None
+    if _any_process(here is not None):
+      return f"A signal reached a process ({here or 'another one'})"
+    return None
+
+
+class _LateMetrics:
+  """Training metrics read one step late, so the host never waits for the step it has
+  just launched: `push` of step k reads and writes step k-1, while step k runs.
+
+  Every step still reaches the metrics file (every `log_every` steps and the last) and
+  the progress line. A step's time runs from when the previous step's metrics were read
+  (or its own launch, if later) to when its own are: evaluation and checkpoint writes
+  between steps are not counted.
+  """
+
+  def __init__(self, st: settings.Settings, schedule, host_verifier, writer, progress):
+    self.st, self.schedule, self.host_verifier = st, schedule, host_verifier
+    self.writer, self.progress = writer, progress
+    self.step_times, self.last = [], {}
+    self._pending = None  # [step, metrics (device until read), launch time, read?]
+    self._last_read = 0.0
+
+  def push(self, step: int, metrics, launched: float):
+    """Records the step just launched; reads and writes the one before it."""
+    self.flush()
+    self._pending = [step, metrics, launched, False]
+
+  def read(self) -> dict:
+    """The pending step's metrics on the host (waits for that step)."""
+    pending = self._pending
+    if not pending[3]:
+      step, m = pending[0], jax.device_get(pending[1])
+      # The verifier's timing of this step: the next one has been launched but cannot
+      # have verified anything yet (it samples first).
+      m.update(self.host_verifier.pop_timing())
+      now = time.time()
+      dt = now - max(pending[2], self._last_read)
+      self._last_read = now
+      self.step_times.append(dt)
+      m["train/lr"] = float(self.schedule(step - 1))
+      m["train/step_time_s"] = dt
+      if m["train/skipped_nonfinite"]:
+        logging.warning("Step %d: non-finite loss or gradient norm (loss=%s, grad_norm=%s);"
+                        " the update was skipped.", step, m["train/loss"],
+                        m["train/grad_norm"])
+      pending[1], pending[3] = m, True
+    return pending[1]
+
+  def flush(self):
+    """Reads and writes the pending step, if any."""
+    if self._pending is None:
+      return
+    m, step = self.read(), self._pending[0]
+    self._pending = None
+    if step % self.st.run.log_every == 0 or step == self.st.run.total_steps:
+      self.writer.write(step, m)
+    self.last = m
+    self.progress.update(step, float(m["train/reward_mean"]), float(m["train/loss"]),
+                         m["train/step_time_s"])
 
 
 @dataclasses.dataclass
@@ -457,42 +543,32 @@ def run(config, workdir: str) -> dict:
     writer.write(start_step, eval_before)
     if primary:
       _write_json(summary_path + ".partial", {"eval_before": eval_before})
-  step_times, last_metrics = [], {}
-  stop = _StopFlag()
+  stop = _StopFlag(check_every=st.run.checkpoint_every)
   stop.install()
   progress = metrics_lib.Progress(st.run.total_steps, active=primary)
+  late = _LateMetrics(st, s.schedule, s.host_verifier, writer, progress)
   interrupted = False
   try:
     step = start_step
     while step < st.run.total_steps:
-      t0 = time.time()
-      state, m = compiled(state, s.batch(step))
-      m = jax.device_get(m)
+      batch = s.batch(step)  # built while the previous step runs
+      launched = time.time()
+      state, m = compiled(state, batch)
       step += 1
-      dt = time.time() - t0
-      step_times.append(dt)
-      m["train/lr"] = float(s.schedule(step - 1))
-      m.update(s.host_verifier.pop_metrics())
-      m["train/step_time_s"] = dt
-      if m["train/skipped_nonfinite"]:
-        logging.warning("Step %d: non-finite loss or gradient norm (loss=%s, grad_norm=%s);"
-                        " the update was skipped.", step, m["train/loss"],
-                        m["train/grad_norm"])
+      late.push(step, m, launched)
+      # Evaluation and checkpoints need this step's state, which the next step donates:
+      # they come before it is launched.
       if st.run.eval_every and step % st.run.eval_every == 0 and step < st.run.total_steps:
-        m.update(evaluator(state.params))
-      if step % st.run.log_every == 0 or step == st.run.total_steps:
-        writer.write(step, m)
-      last_metrics = m
-      progress.update(step, float(m["train/reward_mean"]), float(m["train/loss"]), dt)
-      meta = {"data_position": step, "seed": st.run.seed}
-      if ckpt.should_save(step):
-        ckpt.save(step, state, meta)
-      if _any_process(stop.signum is not None):
-        logging.warning("Signal %s received (here or on another process): saving step %d "
-                        "and stopping.", stop.signum, step)
-        ckpt.save(step, state, meta)
+        late.read().update(evaluator(state.params))
+      reason = stop.stop_after(step)
+      if ckpt.should_save(step) or reason:
+        late.flush()  # a step is in metrics.jsonl before its checkpoint can exist
+        ckpt.save(step, state, {"data_position": step, "seed": st.run.seed})
+      if reason:
+        logging.warning("%s: saved step %d, stopping.", reason, step)
         interrupted = True
         break
+    late.flush()
   finally:
     stop.restore()
     progress.close()
@@ -516,16 +592,20 @@ def run(config, workdir: str) -> dict:
       "eval_before": eval_before,
       "eval_after": eval_after,
       "compile_time_s": compile_time,
-      "step_time_median_s": statistics.median(step_times) if step_times else None,
+      "step_time_median_s": (statistics.median(late.step_times) if late.step_times
+                             else None),
       "wall_time_s": time.time() - wall_start,
       "resumed_from_step": resume_step,
       "data": {"train": s.train_batches.report, "heldout": s.eval_batches.report,
                "load": {"train": s.train_batches.split.meta.get("load"),
                         "heldout": s.eval_batches.split.meta.get("load")}},
-      "final_train_metrics": {k: metrics_lib.to_python(v) for k, v in last_metrics.items()},
+      "final_train_metrics": {k: metrics_lib.to_python(v) for k, v in late.last.items()},
       "device": f"{s.mesh.size} x {s.mesh.devices.flat[0].device_kind}",
       "memory_plan": plan.as_dict(),
       "processes": jax.process_count(),
+      # This process's rows whose feedback was cut at config.peers.feedback_len tokens
+      # (since this process started).
+      "feedback_cut_rows": s.host_verifier.feedback_cut_rows,
   }
   if primary:
     _write_json(summary_path, summary)
@@ -537,8 +617,9 @@ def run(config, workdir: str) -> dict:
 
 
 def _log_verified(host_verifier):
-  logging.info("Process %d verified %d rows in %d calls.", jax.process_index(),
-               host_verifier.rows, host_verifier.calls)
+  logging.info("Process %d verified %d rows in %d calls (feedback cut: %d rows).",
+               jax.process_index(), host_verifier.rows, host_verifier.calls,
+               host_verifier.feedback_cut_rows)
 
 
 def _primary_first(load):

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -23,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 5
 
 # argv: checkpoint directory, output .npy, kill point ("" = none). Kill points stop the
-# process with SIGKILL at a chosen moment of the save of step 3.
+# process with SIGKILL at a chosen moment of the save of step 3 (orbax commits it in its
+# background thread while the loop computes step 4).
 LOOP = """
 import os, signal, sys
 import jax, jax.numpy as jnp, numpy as np
@@ -37,28 +39,20 @@ resumed = ckpt.restore_latest(jax.eval_shape(lambda: state))
 start = 0 if resumed is None else resumed[0]
 if resumed is not None:
   state = resumed[1]
-saving = [0]
 
 def die(point):
-  if kill_at == point and saving[0] == 3:
+  if kill_at == point:
     os.kill(os.getpid(), signal.SIGKILL)
 
 finalize = atomicity.AtomicRenameTemporaryPath.finalize
 async def killing_finalize(self):  # Items are committed inside the step; the step last.
-  is_step = self.get_final().name == str(saving[0])
+  is_step = self.get_final().name == "3"
   if is_step:
     die("before_commit")
   await finalize(self)
   if is_step:
     die("after_commit")
 atomicity.AtomicRenameTemporaryPath.finalize = killing_finalize
-
-replace = os.replace
-def killing_replace(src, dst):
-  if dst.endswith(checkpointing.MANIFEST):
-    die("before_manifest")
-  replace(src, dst)
-checkpointing.os.replace = killing_replace
 
 @jax.jit
 def update(state):
@@ -67,9 +61,8 @@ def update(state):
 
 for step in range(start, %d):
   state = update(state)
-  saving[0] = step + 1
   assert ckpt.save(step + 1, state, {"data_position": step + 1})
-ckpt.close()
+assert ckpt.close()
 np.save(out, np.asarray(state["w"]))
 print("resumed from", start)
 """ % TOTAL
@@ -91,8 +84,7 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_at,resume_step", [
     ("before_commit", 2),     # Step 3 is a temporary directory: resume from 2.
-    ("after_commit", 3),      # Committed, no manifest yet: restorable, resume from 3.
-    ("before_manifest", 3),   # The manifest's temporary file exists, not the manifest.
+    ("after_commit", 3),      # Committed: resume from 3.
 ])
 def test_sigkill_during_save_then_resume_is_identical(tmp_path, uninterrupted, kill_at,
                                                       resume_step):
@@ -144,13 +136,61 @@ def _saved(directory, steps, keep=5):
   ckpt = checkpointing.Checkpointer(str(directory), every=1, keep=keep)
   for step in steps:
     assert ckpt.save(step, _state(step), {"data_position": step})
+  assert ckpt.wait()
   return ckpt
 
 
 def _largest_file(step_dir):
   files = [os.path.join(parent, name) for parent, _, names in os.walk(step_dir)
-           for name in names if name != checkpointing.MANIFEST]
+           for name in names]
   return max(files, key=os.path.getsize)
+
+
+def test_fingerprint_matches_a_numpy_reference():
+  """sum_i word_i * (2 i + 1) mod 2**32 over each array's 32-bit (or narrower) words."""
+  rng = np.random.default_rng(0)
+  tree = {"f32": rng.normal(size=(3, 5, 7)).astype(np.float32),
+          "bf16": jnp.asarray(rng.normal(size=(4, 9)), jnp.bfloat16),
+          "i32": rng.integers(-2**31, 2**31, size=(6,), dtype=np.int32),
+          "mask": rng.random((5, 3)) < 0.5,
+          "key": jax.random.PRNGKey(7), "scalar": np.float32(-2.5)}
+
+  def reference(x):
+    x = np.asarray(x)
+    words = x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]).ravel()
+    weights = 2 * np.arange(words.size, dtype=np.uint64) + 1
+    return int((words.astype(np.uint64) * weights).sum() % (1 << 32))
+
+  got = checkpointing.fingerprint(jax.tree.map(jnp.asarray, tree))
+  assert got == {f"['{k}']": reference(v) for k, v in tree.items()}
+  flipped = np.array(tree["f32"])
+  flipped.view(np.uint32)[1, 2, 3] ^= 1 << 20
+  assert checkpointing.fingerprint({"f32": jnp.asarray(flipped)})["['f32']"] != got["['f32']"]
+
+
+def test_save_returns_before_the_files_are_written(tmp_path, monkeypatch):
+  """The write goes on in the background: the state may be deleted (as the step donates
+  it) right after `save`, and the checkpoint is committed only by `wait`."""
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=import-outside-toplevel
+  release = threading.Event()
+  finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def held_finalize(self):
+    release.wait(timeout=60)
+    await finalize(self)
+
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", held_finalize)
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "ckpt"), every=1)
+  state = _state(1)
+  assert ckpt.save(1, state, {"data_position": 1})
+  jax.tree.map(lambda x: x.delete(), state)
+  assert not os.path.exists(ckpt.step_dir(1))  # not committed yet
+  release.set()
+  assert ckpt.wait() and ckpt.all_steps() == [1]
+  step, restored, meta = ckpt.restore_latest(ABSTRACT)
+  assert (step, meta) == (1, {"data_position": 1})
+  np.testing.assert_array_equal(restored["w"], _state(1)["w"])
+  ckpt.close()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte", "delete_file"])
@@ -167,12 +207,13 @@ def test_damaged_latest_falls_back_to_the_newest_intact(tmp_path, caplog, damage
       f.write(bytes([byte[0] ^ 0xFF]))
   else:
     os.unlink(victim)
-  assert checkpointing.check_manifest(ckpt.step_dir(3)) is not None
   with caplog.at_level(logging.WARNING):
     step, state, meta = ckpt.restore_latest(ABSTRACT)
   assert (step, int(state["n"]), meta["data_position"]) == (2, 2, 2)
   np.testing.assert_array_equal(state["w"], _state(2)["w"])
   assert ckpt.step_dir(3) in caplog.text and "damaged" in caplog.text
+  if damage == "flip_byte":  # orbax restores the flipped value; the fingerprint objects
+    assert "differ from the fingerprint" in caplog.text
   assert ckpt.all_steps() == [1, 2]
   assert os.listdir(str(tmp_path / "ckpt") + "-damaged")[0].startswith("3-")
   assert ckpt.save(3, _state(3), {"data_position": 3})  # The step can be saved again.
@@ -191,21 +232,24 @@ def test_no_intact_checkpoint_is_an_error_naming_them(tmp_path):
 
 
 def test_failed_save_is_reported_and_keeps_earlier_checkpoints(tmp_path, caplog, monkeypatch):
-  """A write error in the middle of a save (as a full disk gives) is logged, not raised."""
+  """A write error in the background part of a save (as a full disk gives) is logged when
+  the save is waited for, not raised; the next save works."""
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=import-outside-toplevel
   ckpt = _saved(tmp_path / "ckpt", [1, 2])
-  real_write = checkpointing.write_manifest
+  finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
-  def disk_full(step_dir):
-    raise OSError(28, "No space left on device", step_dir)
+  async def disk_full(self):
+    raise OSError(28, "No space left on device", str(self.get_final()))
 
-  monkeypatch.setattr(checkpointing, "write_manifest", disk_full)
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
+  assert ckpt.save(3, _state(3), {"data_position": 3})  # started
   with caplog.at_level(logging.ERROR):
-    assert not ckpt.save(3, _state(3), {"data_position": 3})
+    assert not ckpt.wait()
   assert "step 3" in caplog.text and "No space left" in caplog.text
   assert ckpt.failed_saves == 1 and ckpt.all_steps() == [1, 2]
   assert sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2"]
-  monkeypatch.setattr(checkpointing, "write_manifest", real_write)
-  assert ckpt.save(3, _state(3), {"data_position": 3})
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
+  assert ckpt.save(3, _state(3), {"data_position": 3}) and ckpt.wait()
   assert ckpt.restore_latest(ABSTRACT)[0] == 3
   ckpt.close()
 
@@ -221,13 +265,14 @@ def test_full_disk_at_save_time(tmp_path, caplog):
   try:
     ckpt = _saved(mount / "ckpt", [1, 2])
     with caplog.at_level(logging.ERROR):
-      assert not ckpt.save(3, _state(3), {"data_position": 3})
+      ckpt.save(3, _state(3), {"data_position": 3})  # fails now or when waited for
+      assert not ckpt.wait() or ckpt.failed_saves == 1
     assert "step 3" in caplog.text
     assert ckpt.failed_saves == 1 and ckpt.all_steps() == [1, 2]
     assert sorted(os.listdir(mount / "ckpt")) == ["1", "2"]
     for step in (1, 2):
-      assert os.path.exists(os.path.join(ckpt.step_dir(step), checkpointing.MANIFEST))
-      assert checkpointing.check_manifest(ckpt.step_dir(step)) is None
+      state, _ = ckpt.restore(step, ABSTRACT)
+      np.testing.assert_array_equal(state["w"], _state(step)["w"])
     step, state, _ = ckpt.restore_latest(ABSTRACT)
     assert step == 2 and int(state["n"]) == 2
     ckpt.close()

@@ -250,3 +250,35 @@ def test_checkpoints_restore_onto_the_other_process_count(runs, tiny_base_dir, t
   assert [r["step"] for r in a] == list(range(1, STEPS + 3))
   _assert_close(a, b)
   _assert_close(_train_metrics(runs["two"]), a[:STEPS])
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_matches(runs, tiny_base_dir,
+                                                                         tmp_path):
+  """A preemption notice (SIGTERM) reaching process 1 alone: JAX's preemption service
+  makes both processes save the same step and exit cleanly, with no collective per step;
+  the resumed run has the uninterrupted run's metrics."""
+  workdir = str(tmp_path)
+  total = STEPS + 4  # room for the step the processes agree on
+  log_path = tmp_path / "launcher.log"
+  with open(log_path, "w") as log:
+    launcher = subprocess.Popen(_local_sh(_flags(tiny_base_dir, workdir, total_steps=total)),
+                                cwd=ROOT, env=_clean_env(), stdout=log,
+                                stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(workdir, 1, launcher)
+    pid = int(re.search(r"process 1 is pid (\d+)", log_path.read_text()).group(1))
+    os.kill(pid, signal.SIGTERM)
+    assert launcher.wait(timeout=RUN_TIMEOUT) == 0, log_path.read_text()[-6000:]
+  text = log_path.read_text()
+  stopped = {int(i): int(s) for i, s in re.findall(
+      r"\[process (\d)\].*Preemption notice \(SIGTERM\) received by a process: saved step "
+      r"(\d+), stopping", text)}
+  assert stopped.keys() == {0, 1} and stopped[0] == stopped[1], text[-6000:]
+  assert 1 < stopped[0] < total
+  assert not os.path.exists(os.path.join(workdir, "summary.json"))
+  _run_two(_flags(tiny_base_dir, workdir, total_steps=total))
+  with open(os.path.join(workdir, "summary.json")) as f:
+    assert json.load(f)["resumed_from_step"] == stopped[0]
+  resumed = _train_metrics(workdir)
+  assert [r["step"] for r in resumed] == list(range(1, total + 1))
+  _assert_close(_train_metrics(runs["two"]), resumed[:STEPS])

@@ -14,8 +14,9 @@ Feedback length (MOPD spec section 2): the authors show at most `FEEDBACK_MAX_CH
 characters of a rollout's feedback, and the teacher prompt's token cap is the only other
 limit. Here the feedback text is cut to those characters before tokenisation, and its
 tokens go to a fixed-shape buffer of `feedback_len` tokens, the room the teacher prompt
-reserves for it. A feedback with more tokens than that is cut at the buffer, counted in
-`verify/feedback_cut_rows` and logged (once per run), never silently. A byte-level BPE
+reserves for it. A feedback with more tokens than that is cut at the buffer, counted
+(`HostVerifier.feedback_cut_rows`, over the run: the summary's `feedback_cut_rows`) and
+logged (once per run), never silently. A byte-level BPE
 makes at most one token of each ASCII character, so a buffer of `FEEDBACK_MAX_CHARS`
 tokens cuts only feedback with many multi-byte characters.
 """
@@ -99,26 +100,26 @@ class HostVerifier:
     self.calls = 0  # calls and rows verified on this process, over the whole run
     self.rows = 0
     self.feedback_cut_rows = 0  # feedback cut at `feedback_len` tokens, over the whole run
-    # Host-side statistics since the last `pop_metrics` (calls may come from several
+    # Host-side statistics since the last `pop_timing` (calls may come from several
     # threads).
     self._lock = threading.Lock()
     self._seconds = 0.0
     self._rows = 0
-    self._feedback_cut = 0
     self._share_texts = share_texts
     self._shared: dict[bytes, list[str]] = {}
     self.decoded_rows = 0  # responses decoded on this process, over the whole run
 
-  def pop_metrics(self) -> dict:
-    """Host-side statistics of this process since the last call: wall time spent in the
+  def pop_timing(self) -> dict:
+    """Host-side timing of this process since the last call: wall time spent in the
     host callables (verifying, and extracting summaries), total and per verified
-    response, and the rows whose feedback was cut at `feedback_len` tokens."""
+    response. (The loop reads a step's metrics after launching the next step, whose
+    callback may already have run: only timings, never counts that must be exact, are
+    attributed this way; see `feedback_cut_rows` for the run's count of cut feedback.)"""
     with self._lock:
-      seconds, rows, cut = self._seconds, self._rows, self._feedback_cut
-      self._seconds, self._rows, self._feedback_cut = 0.0, 0, 0
+      seconds, rows = self._seconds, self._rows
+      self._seconds, self._rows = 0.0, 0
     return {"verify/host_time_s": seconds,
-            "verify/mean_time_s": seconds / rows if rows else 0.0,
-            "verify/feedback_cut_rows": cut}
+            "verify/mean_time_s": seconds / rows if rows else 0.0}
 
   def _feedback_tokens(self, text: str) -> list[int]:
     """The feedback's first `FEEDBACK_MAX_CHARS` characters, tokenised, at most
@@ -129,12 +130,12 @@ class HostVerifier:
     with self._lock:
       first = self.feedback_cut_rows == 0
       self.feedback_cut_rows += 1
-      self._feedback_cut += 1
     if first:
       logging.warning(
           "Verifier feedback of %d tokens cut to config.peers.feedback_len = %d tokens; "
           "raise it to show the whole feedback (at most %d characters). Cuts are counted "
-          "in verify/feedback_cut_rows.", len(ids), self.feedback_len, FEEDBACK_MAX_CHARS)
+          "in the summary's feedback_cut_rows.", len(ids), self.feedback_len,
+          FEEDBACK_MAX_CHARS)
     return ids[:self.feedback_len]
 
   def texts(self, tokens, lengths) -> list[str]:
