@@ -290,9 +290,7 @@ def _load_external_teacher(st: settings.Settings, mesh, student_cfg):
         f"The external teacher's vocabulary ({teacher_cfg.vocab_size} tokens, "
         f"{st.teacher.checkpoint}) differs from the student's "
         f"({student_cfg.vocab_size} tokens): teacher and student must share a vocabulary.")
-  return dataclasses.replace(teacher_cfg, dtype=st.model.dtype, remat_policy="none",
-                             attention=st.model.attention,
-                             matmul_precision=st.model.matmul_precision), params
+  return st.model.model_config(teacher_cfg, external_teacher=True), params
 
 
 def domain_score_batch(domain: str, vs: settings.VerifierSettings):
@@ -350,11 +348,7 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
 
   # ---------------------------------------------------------------- Models and tokenizer.
   base_cfg, base_params, tok, cache_dir, spm_path = _load_model(st, mesh)
-  model_cfg = dataclasses.replace(base_cfg, dtype=st.model.dtype,
-                                  param_dtype=st.model.param_dtype,
-                                  remat_policy=st.model.remat_policy,
-                                  attention=st.model.attention,
-                                  matmul_precision=st.model.matmul_precision)
+  model_cfg = st.model.model_config(base_cfg)
   teacher_cfg, teacher_params = _load_external_teacher(st, mesh, model_cfg)
 
   # ---------------------------------------------------------------- Data.
