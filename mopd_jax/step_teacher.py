@@ -5,7 +5,8 @@ module holds what feeds the teacher: `student_prompts` (the prompts as the stude
 them), stage 1 `build_teacher_inputs` (peers per group and every rollout's teacher prompt,
 assembled by gathers into `TeacherInputs`) and stage 2 `score_with_teacher` /
 `teacher_terms` (the teacher's hidden states on the response positions, stop-gradient).
-The losses of stage 3 are in `step_losses`.
+The losses of stage 3 are the algorithm's (`cfg.method`, from the pieces in
+`step_losses`).
 
 Alignment of response positions: the student input is prompt [Lp] + response [Lr] and
 the teacher input is teacher prompt [Ltp] + the same response; both prompts are

@@ -150,6 +150,21 @@ def test_sdpo_never_overrides_the_peers_section():
           st.peers.include_feedback) == (True, False, False, False)
 
 
+def test_mopd_shows_own_feedback_by_default_only_without_a_solution():
+  """Hand-built: group 0 has one success (row 0), so rows 1-3 see it and row 0 has no
+  primary but no feedback; group 1 fails throughout, so its rows with feedback (4, 6, 7)
+  show it."""
+  cfg = make_cfg("mopd")
+  assert cfg.peers.include_feedback and cfg.peers.feedback_only_without_solution
+  batch, rollouts, _, _ = make_inputs()
+  build = jax.jit(functools.partial(step_teacher.build_teacher_inputs, cfg, PIECES))
+  inputs = jax.device_get(build(batch, rollouts, jax.random.key(0)))
+  header = np.asarray(PIECES.feedback_header)
+  shows = [any(np.array_equal(row[i:i + len(header)], header)
+               for i in range(len(row) - len(header) + 1)) for row in inputs.teacher_tokens]
+  np.testing.assert_array_equal(np.flatnonzero(shows), [4, 6, 7])
+
+
 def test_unknown_algorithm_names_the_registered_ones():
   config = settings.base_config()
   config.algorithm.name = "ppo"
