@@ -68,11 +68,15 @@ def build_teacher_inputs(cfg: StepConfig, pieces, batch, rollouts: Rollouts,
   success = (rollouts.rewards >= cfg.success_threshold).reshape(b, g)
   response_mask = jnp.arange(lr)[None, :] < rollouts.lengths[:, None]
   advantages = cfg.method.advantages(cfg, rollouts, b)
+  if advantages is None:
+    advantages = jnp.zeros((n,), jnp.float32)
   if not cfg.method.peer_context:
+    plain_mask = cfg.method.rollout_mask(cfg, rollouts, b)
     return TeacherInputs(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
                          teacher_tokens=prompt_tokens, teacher_mask=prompt_mask,
                          response_mask=response_mask,
-                         rollout_mask=cfg.method.rollout_mask(cfg, rollouts, b),
+                         rollout_mask=jnp.ones((n,), bool) if plain_mask is None
+                         else plain_mask,
                          advantages=advantages, success=success)
   text_lengths = rollouts.lengths - rollouts.finished.astype(jnp.int32)  # drop EOS
   control_kwargs = {}

@@ -72,6 +72,8 @@ def test_toy_algorithm_runs_a_step_and_matches_reference(tiny_base_dir):
 def test_registering_a_name_twice_or_a_non_algorithm_fails():
   with pytest.raises(ValueError, match="'toy_reward_weighted_nll' is already registered"):
     algorithms.register("toy_reward_weighted_nll")(RewardWeightedNLL)
+  with pytest.raises(ValueError, match="'sdpo' is already registered"):
+    algorithms.register("sdpo")(RewardWeightedNLL)
   with pytest.raises(TypeError, match="subclass of Algorithm"):
     algorithms.register("not_an_algorithm")(object)
   with pytest.raises(settings.ConfigError, match="'nope'.*toy_reward_weighted_nll"):

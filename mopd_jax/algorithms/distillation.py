@@ -7,8 +7,6 @@ of the loss section, weighted by the aggregation mode.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 from mopd_jax import step_losses, step_teacher
 from mopd_jax.algorithms import registry
 
@@ -18,15 +16,6 @@ class Distillation(registry.Algorithm):
 
   # MOPD spec §3: the distillation methods' effective aggregation.
   default_aggregation = "token-mean"
-
-  def rollout_mask(self, cfg, rollouts, num_prompts):
-    """Without a peer context every rollout enters the loss."""
-    del cfg, num_prompts
-    return jnp.ones(rollouts.rewards.shape, bool)
-
-  def advantages(self, cfg, rollouts, num_prompts):
-    del cfg, num_prompts
-    return jnp.zeros(rollouts.rewards.shape, jnp.float32)
 
   def teacher_signal(self, cfg, teacher_params, student_params, inputs, rollouts):
     return step_teacher.teacher_terms(cfg, teacher_params, student_params, inputs, rollouts)

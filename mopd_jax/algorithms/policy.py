@@ -17,14 +17,6 @@ from mopd_jax.choices import ConfigError
 class PolicyLoss(registry.Algorithm):
   """A loss on the student's own log-probs; no teacher signal unless overridden."""
 
-  def rollout_mask(self, cfg, rollouts, num_prompts):
-    del cfg, num_prompts
-    return jnp.ones(rollouts.rewards.shape, bool)
-
-  def advantages(self, cfg, rollouts, num_prompts):
-    del cfg, num_prompts
-    return jnp.zeros(rollouts.rewards.shape, jnp.float32)
-
   def teacher_signal(self, cfg, teacher_params, student_params, inputs, rollouts):
     del cfg, teacher_params, student_params, inputs, rollouts
     return None

@@ -14,7 +14,8 @@ built-in algorithms are imported on the first lookup, so that importing this mod
 What an algorithm decides, in the order a step runs:
 - `peer_context`: the teacher reads the peer context of `config.peers` (else the plain
   prompt, with the rollouts of `rollout_mask` in the loss);
-- `advantages`: float32 [N] per-rollout advantages its loss uses (else zeros);
+- `rollout_mask`: without a peer context, the rollouts in its loss (default: all);
+- `advantages`: float32 [N] per-rollout advantages its loss uses (default: zeros);
 - `teacher_signal`: stage 2, what its loss needs from the teacher slot (the teacher's
   `TeacherTerms` to distil, a reference model's log-probs, or None);
 - `loss`: stage 3, the student's forward and the weighted loss;
@@ -57,13 +58,14 @@ class Algorithm(abc.ABC):
           f"{self.name!r}: the summaries variant is a context of the mopd teacher; set "
           "config.algorithm.name to 'mopd' or config.peers.summaries to False.")
 
-  @abc.abstractmethod
   def rollout_mask(self, cfg, rollouts, num_prompts: int):
-    """bool [N]: the rollouts in the loss when the teacher reads the plain prompt."""
+    """bool [N]: the rollouts in the loss when the teacher reads the plain prompt;
+    None (the default) = all of them."""
+    del cfg, rollouts, num_prompts
 
-  @abc.abstractmethod
   def advantages(self, cfg, rollouts, num_prompts: int):
-    """float32 [N] per-rollout advantages (zeros when the loss uses none)."""
+    """float32 [N] per-rollout advantages; None (the default) = zeros."""
+    del cfg, rollouts, num_prompts
 
   @abc.abstractmethod
   def teacher_signal(self, cfg, teacher_params, student_params, inputs, rollouts) -> Any:
@@ -92,6 +94,7 @@ def register(name: str):
     raise ValueError(f"An algorithm name must be an identifier, got {name!r}.")
 
   def wrap(cls):
+    _load_builtins()  # the built-in names first, so that no later module can take them
     if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
       raise TypeError(f"@register({name!r}) takes a subclass of Algorithm, got {cls!r}.")
     if name in _REGISTRY:
@@ -105,6 +108,7 @@ def register(name: str):
 
 
 def _load_builtins():
+  """Imports the built-in algorithms once (they register themselves)."""
   global _builtins_loaded
   if not _builtins_loaded:
     _builtins_loaded = True
