@@ -137,11 +137,14 @@ def test_sdpo_never_overrides_the_peers_section():
   config = settings.base_config()
   config.algorithm.name = "sdpo"
   with pytest.raises(settings.ConfigError,
-                     match=r"'sdpo'.*\['include_another', 'include_failure'\].*"
-                           r"include_another=False --config.peers.include_failure=False"):
+                     match=r"config\.peers\.include_another = True, config\.peers\."
+                           r"include_failure = True with config\.algorithm\.name = 'sdpo'.*"
+                           r"set --config\.peers\.include_another=False "
+                           r"--config\.peers\.include_failure=False"):
     settings.from_config(config)
   config.peers.include_another = False
-  with pytest.raises(settings.ConfigError, match=r"\['include_failure'\]"):
+  with pytest.raises(settings.ConfigError,
+                     match=r"Invalid config\.peers\.include_failure = True with"):
     settings.from_config(config)
   config.peers.include_failure = False
   config.peers.include_feedback = False  # SDPO without feedback, as the authors also run it

@@ -3,12 +3,16 @@ plus the rollout's own feedback where `config.peers.include_feedback` (on by def
 without a solution); the authors also run it without feedback.
 
 The 1S context is the user's to set: `config.peers.include_another=False` and
-`config.peers.include_failure=False` (no control, no summaries); any other peers setting
-is an error that names the keys, never changed behind the user's back.
+`config.peers.include_failure=False` (primary on, no control, no summaries); any other
+peers setting is an error that names the keys, never changed behind the user's back.
 """
 
 from mopd_jax.algorithms import distillation, registry
 from mopd_jax.choices import ConfigError
+
+# The peers knobs of the 1S context.
+ONE_S = {"include_primary": True, "include_another": False, "include_failure": False,
+         "control": ""}
 
 
 @registry.register("sdpo")
@@ -17,14 +21,12 @@ class SDPO(distillation.Distillation):
 
   def check(self, st):
     super().check(st)
-    pc = st.peers
-    wrong = [key for key, off_1s in (
-        ("include_primary", not pc.include_primary), ("include_another", pc.include_another),
-        ("include_failure", pc.include_failure), ("control", pc.control)) if off_1s]
+    wrong = {key: getattr(st.peers, key) for key, value in ONE_S.items()
+             if getattr(st.peers, key) != value}
     if wrong:
+      given = ", ".join(f"config.peers.{key} = {value!r}" for key, value in wrong.items())
+      flags = " ".join(f"--config.peers.{key}={ONE_S[key]!r}" for key in wrong)
       raise ConfigError(
-          f"config.algorithm.name = 'sdpo' reads the 1S context (the first other success "
-          f"and, with include_feedback, the own feedback), but config.peers.{wrong} of "
-          "config.peers say otherwise: set --config.peers.include_primary=True "
-          "--config.peers.include_another=False --config.peers.include_failure=False "
-          "--config.peers.control='' (or use algorithm 'mopd' for other contexts).")
+          f"Invalid {given} with config.algorithm.name = 'sdpo': SDPO's teacher reads the 1S "
+          "context (the first other success, and the own feedback with include_feedback); "
+          f"set {flags}, or use algorithm 'mopd' for other contexts.")
