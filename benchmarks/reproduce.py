@@ -48,7 +48,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 METHODS = {
     "mopd_2s1f": {"algorithm.name": "mopd"},
-    "sdpo_1s": {"algorithm.name": "sdpo"},
+    "sdpo_1s": {"algorithm.name": "sdpo", "peers.include_another": False,
+                "peers.include_failure": False, "peers.include_feedback": True},
     "grpo": {"algorithm.name": "grpo"},
     "opd_frozen": {"algorithm.name": "opd", "teacher.mode": "frozen", "loss.alpha": 1.0},
     "sft_verified": {"algorithm.name": "sft"},

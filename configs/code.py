@@ -72,6 +72,9 @@ def get_config(arg=None):
   # Peer context: 2S1F with condition "always" (the paper's best configuration).
   c.peers.failure_condition = "always"
   c.peers.peer_cap = 40  # tokens per peer block
+  # The demo base model was never pretrained on a teacher prompt with the rollout's own
+  # feedback (the authors' default, on in the presets below): the demo leaves it out.
+  c.peers.include_feedback = False
 
   c.loss.alpha = 0.5
   c.loss.top_k = 100
@@ -109,6 +112,7 @@ def _paper_scale(c, arg):
   c.sampling.num_samples = 8
   c.sampling.max_response_len = 4096
   c.peers.peer_cap = 2048
+  c.peers.include_feedback = True  # the authors' default (own feedback without a solution)
   c.loss.chunk_size = 32
   c.teacher.ema_rate = 0.05
   c.optim.lr = 1e-5

@@ -17,58 +17,15 @@ Evaluating on BFCL's single-call items instead (read out of the bfcl-eval wheel)
 `--config.data.eval_source=bfcl --config.data.eval_path=/data/wheels`.
 """
 
-import os
+from mopd_jax import domain_config
 
-import ml_collections
-
-from mopd_jax import settings
-
-PRESETS = ("local", "qwen3_4b", "qwen3_8b")
-_FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
-                         "data")
+PRESETS = domain_config.PRESETS
 
 
 def get_config(arg=None):
   """arg: None / 'local' (fixtures, demo model) or a paper-scale preset of PRESETS."""
-  arg = arg or "local"
-  if arg not in PRESETS:
-    raise ValueError(f"Unknown preset {arg!r} for configs/tooluse.py; available: {PRESETS}.")
-  c = settings.base_config(seed=42, total_steps=200, checkpoint_every=50, keep_checkpoints=3,
-                           eval_every=5, log_every=1)
-  c.data.task = "tooluse"
-  c.data.source = "toolalpaca"
-  if arg == "local":
-    return _local(c)
-  placeholder = ml_collections.config_dict.placeholder
-  c.model.checkpoint = placeholder(str)  # required: a Hugging Face checkpoint directory
-  c.model.preset = {"qwen3_4b": "qwen3-4b", "qwen3_8b": "qwen3-8b"}[arg]
-  c.model.dtype = "bfloat16"
-  c.data.path = placeholder(str)  # required: ToolAlpaca train_data.json
-  c.data.eval_path = placeholder(str)  # required: eval_simulated.json or eval_real.json
-  c.data.batch_size = 32
-  c.data.max_prompt_len = 2048
-  c.mesh.shape = (1, -1, 1)  # FSDP over all devices
-  return c
-
-
-def _local(c):
-  """A few steps on the fixtures with the demo model, small enough for a CPU."""
-  c.total_steps, c.checkpoint_every, c.eval_every = 3, 0, 0
-  c.model.checkpoint = "demo"
-  c.data.path = os.path.join(_FIXTURES, "toolalpaca", "train_data.json")
-  c.data.eval_path = os.path.join(_FIXTURES, "toolalpaca", "eval_simulated.json")
-  c.data.batch_size = 2
-  c.data.max_prompt_len = 384
-  c.data.overlong = "truncate"
-  c.sampling.num_samples = 2
-  c.sampling.max_response_len = 16
-  c.peers.peer_cap = 16
-  # Room for the verifiers' longest message (500 characters), so feedback is never cut.
-  c.peers.feedback_len = 512
-  c.loss.chunk_size = 16
-  c.teacher.ema_rate = 0.01
-  c.optim.lr = 1e-4
-  c.optim.warmup_steps = 1
-  c.eval.num_prompts = 2
-  c.eval.num_samples = 2
-  return c
+  return domain_config.get_config(
+      arg, config_file="configs/tooluse.py", task="tooluse", source="toolalpaca",
+      local_paths={"path": "toolalpaca/train_data.json",
+                   "eval_path": "toolalpaca/eval_simulated.json"},
+      needs_eval_path=True)  # paper scale: train_data.json, eval_simulated / eval_real.json

@@ -29,9 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from mopd_jax import peer_selection
-
-CONTROLS = ("random_peer", "unrelated_prompt", "success_only_matched")
-BUDGETS = ("blocks", "tokens")
+from mopd_jax.choices import BUDGETS, CONTROLS
 _SLOTS = 3  # primary, another, failure
 
 

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-FAILURE_CONDITIONS = ("always", "when_no_solution")
+from mopd_jax.choices import FAILURE_CONDITIONS
 
 
 class PeerSelection(NamedTuple):

@@ -27,8 +27,7 @@ import jax.numpy as jnp
 
 from mopd_jax.models import transformer
 
-
-DECODE_LAYERS = ("scan", "unrolled")
+from mopd_jax.choices import DECODE_LAYERS
 
 
 @flax.struct.dataclass

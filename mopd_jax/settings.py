@@ -15,7 +15,10 @@ and `from_config(config)` builds and validates every section once, at start-up:
     top-level keys -> RunSettings
 
 The dataclasses are hashable, so the step takes them as static configuration. Every
-error is a `ConfigError` that names the key, the value and what is allowed.
+error is a `ConfigError` that names the key, the value and what is allowed. Allowed
+values come from `mopd_jax.choices`; the checks that span sections (those of the
+algorithm included: `Algorithm.check`) run once, when `Settings` is built. Importing
+this module imports no JAX.
 """
 
 from __future__ import annotations
@@ -27,14 +30,11 @@ from typing import Any, ClassVar
 
 import ml_collections
 
-from mopd_jax import losses, peer_controls, peer_selection, sampling, teacher
-from mopd_jax.data import source_splits, sources
-from mopd_jax.models import attention as attention_lib
-from mopd_jax.models import transformer
+from mopd_jax import choices
+from mopd_jax.algorithms import registry
+from mopd_jax.choices import ConfigError
 
-
-class ConfigError(ValueError):
-  """An invalid run setting; the message names the key, the value and what is allowed."""
+__all__ = ["ConfigError", "Settings", "base_config", "from_config", "section", "to_dict"]
 
 
 # ------------------------------------------------------------------ Checks.
@@ -145,18 +145,27 @@ class ModelSettings(_Section):
                     "Compute dtype.")
   param_dtype: str = knob("float32", _one_of(_DTYPES), "'float32' or 'bfloat16'")
   remat_policy: str = knob(
-      "full", _one_of(tuple(transformer.REMAT_POLICIES)),
-      f"one of {list(transformer.REMAT_POLICIES)}",
+      "full", _one_of(choices.REMAT_POLICIES), f"one of {list(choices.REMAT_POLICIES)}",
       "jax.checkpoint policy of each layer in the backward pass ('none' = no remat).")
-  attention: str = knob("auto", _one_of(attention_lib.KINDS),
-                        f"one of {list(attention_lib.KINDS)}",
+  attention: str = knob("auto", _one_of(choices.ATTENTION_KINDS),
+                        f"one of {list(choices.ATTENTION_KINDS)}",
                         "Attention implementation (auto: splash on TPU, cudnn on GPU where "
                         "it applies, else blockwise; splash_interpret: the splash kernel in "
                         "the Pallas interpreter, for tests).")
   matmul_precision: str = knob(
-      "default", _one_of(tuple(attention_lib.PRECISIONS)),
-      f"one of {list(attention_lib.PRECISIONS)}",
+      "default", _one_of(choices.MATMUL_PRECISIONS),
+      f"one of {list(choices.MATMUL_PRECISIONS)}",
       "Precision of float32 matmuls ('highest' = no TF32 / bfloat16 passes on GPU / TPU).")
+
+  def model_config(self, loaded, *, external_teacher: bool = False):
+    """The `ModelConfig` a run computes with: `loaded`'s shapes with this section's
+    numerics. An external teacher keeps the parameter dtype it was loaded in
+    (config.teacher.param_dtype) and no remat: it is never differentiated."""
+    return dataclasses.replace(
+        loaded, dtype=self.dtype, attention=self.attention,
+        matmul_precision=self.matmul_precision,
+        param_dtype=loaded.param_dtype if external_teacher else self.param_dtype,
+        remat_policy="none" if external_teacher else self.remat_policy)
 
   def check(self):
     if self.checkpoint is None:
@@ -174,7 +183,7 @@ def _json_object(v):
     return False
 
 
-DATA_TASKS = ("demo_code",) + tuple(source_splits.TASK_DOMAINS)
+DATA_TASKS = ("demo_code",) + tuple(choices.TASK_DOMAINS)
 OVERLONG_MODES = ("filter", "truncate")
 
 
@@ -190,14 +199,15 @@ class DataSettings(_Section):
   NAME: ClassVar[str] = "data"
   task: str = knob("demo_code", _one_of(DATA_TASKS), f"one of {DATA_TASKS}",
                    "'demo_code', or the domain of a real-data task (seqio task mopd_<task>).")
-  source: str = knob("", _one_of(("",) + sources.KINDS), f"'' or one of {sources.KINDS}",
+  source: str = knob("", _one_of(("",) + choices.SOURCE_KINDS),
+                   f"'' or one of {choices.SOURCE_KINDS}",
                      "Source kind of the training problems ('' for demo_code).")
   path: str | None = knob(None, _optional(_str), "None or a file, directory or wheel path",
                           "The training problems' file, directory or wheel.", kind=str)
   options: str = knob("{}", _json_object, "a JSON object of reader options",
                       "e.g. '{\"split\": \"train\"}' (see the source's module).")
-  eval_source: str = knob("", _one_of(("",) + sources.KINDS),
-                          f"'' (the training source) or one of {sources.KINDS}")
+  eval_source: str = knob("", _one_of(("",) + choices.SOURCE_KINDS),
+                          f"'' (the training source) or one of {choices.SOURCE_KINDS}")
   eval_path: str | None = knob(None, _optional(_str), "None (the training path) or a path",
                                kind=str)
   eval_options: str = knob("{}", _json_object, "a JSON object of reader options")
@@ -225,14 +235,6 @@ class DataSettings(_Section):
         raise ConfigError(f"{self.key(name)} is required with config.data.task = "
                           f"{self.task!r}: pass --{self.key(name)}=...")
 
-  def split_specs(self) -> dict:
-    """{"train": SplitSpec, "heldout": SplitSpec} of a real-data task."""
-    return {"train": source_splits.SplitSpec.make(self.source, self.path,
-                                                  json.loads(self.options)),
-            "heldout": source_splits.SplitSpec.make(self.eval_source or self.source,
-                                                    self.eval_path or self.path,
-                                                    json.loads(self.eval_options))}
-
 
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings(_Section):
@@ -245,7 +247,7 @@ class SamplingSettings(_Section):
   top_k: int = knob(0, _int(0), "a non-negative integer (0 = off)")
   top_p: float = knob(1.0, _num(0.0, 1.0, lo_open=True), "a number in (0, 1]")
   decode_layers: str = knob(
-      "scan", _one_of(sampling.DECODE_LAYERS), f"one of {sampling.DECODE_LAYERS}",
+      "scan", _one_of(choices.DECODE_LAYERS), f"one of {choices.DECODE_LAYERS}",
       "How a decode step runs the layers: under a scan over the stacked weights, or one "
       "after another from weights split once per sampling call (one more copy of them "
       "while sampling; no per-step slice of each layer's weights). Faster depends on the "
@@ -279,22 +281,28 @@ class PeerSettings(_Section):
   include_primary: bool = knob(True, _bool, "True or False")
   include_another: bool = knob(True, _bool, "True or False")
   include_failure: bool = knob(True, _bool, "True or False")
-  failure_condition: str = knob("always", _one_of(peer_selection.FAILURE_CONDITIONS),
-                                f"one of {peer_selection.FAILURE_CONDITIONS}")
+  failure_condition: str = knob("always", _one_of(choices.FAILURE_CONDITIONS),
+                                f"one of {choices.FAILURE_CONDITIONS}")
   exclude_self_success: bool = knob(True, _bool, "True or False")
-  include_feedback: bool = knob(False, _bool, "True or False")
-  feedback_only_without_solution: bool = knob(True, _bool, "True or False")
+  include_feedback: bool = knob(
+      True, _bool, "True or False",
+      "The rollout's own verifier feedback as a block of its teacher prompt (the authors' "
+      "default, for every algorithm with a peer context).")
+  feedback_only_without_solution: bool = knob(
+      True, _bool, "True or False", "Own feedback only when no primary solution is shown.")
   peer_cap: int = knob(2048, _int(1), "a positive integer", "Tokens per peer block.")
-  feedback_len: int = knob(64, _int(1), "a positive integer",
-                           "Tokens of the rollout's own verifier feedback.")
+  feedback_len: int = knob(
+      2000, _int(1), "a positive integer",
+      "Token room of the rollout's own feedback in the teacher prompt. The feedback is "
+      "first cut to 2,000 characters (the authors' limit); one with more tokens than this "
+      "is cut here, logged and counted (summary.json's feedback_cut_rows).")
   control: str = knob(
-      "", _one_of(("",) + peer_controls.CONTROLS),
-      f"'' (off) or one of {peer_controls.CONTROLS}",
+      "", _one_of(("",) + choices.CONTROLS), f"'' (off) or one of {choices.CONTROLS}",
       "Matched-budget peer control: the 2S1F budget of every rollout filled with other "
       "peers (mopd_jax.peer_controls); success_only_matched labels its extra success as "
       "another successful solution.")
-  control_budget: str = knob("blocks", _one_of(peer_controls.BUDGETS),
-                             f"one of {peer_controls.BUDGETS}",
+  control_budget: str = knob("blocks", _one_of(choices.BUDGETS),
+                             f"one of {choices.BUDGETS}",
                              "Match the 2S1F budget by block count or by token count.")
   summaries: bool = knob(
       False, _bool, "True or False",
@@ -322,6 +330,12 @@ class PeerSettings(_Section):
           "budget, so config.peers.include_primary, include_another and include_failure "
           "must be True and config.peers.failure_condition 'always'.")
 
+  @property
+  def feedback_room(self) -> int:
+    """Tokens of own feedback the verifier returns per rollout: feedback_len, or 0 when
+    the teacher never shows it (no buffer, no tokenisation)."""
+    return self.feedback_len if self.include_feedback else 0
+
 
 @dataclasses.dataclass(frozen=True)
 class LossSettings(_Section):
@@ -333,8 +347,13 @@ class LossSettings(_Section):
   top_k: int | None = knob(100, _optional(_int(1)),
                            "None (full vocabulary) or a positive integer", kind=int)
   add_tail: bool = knob(True, _bool, "True or False")
-  aggregation: str = knob("token-mean", _one_of(losses.AGGREGATION_MODES),
-                          f"one of {losses.AGGREGATION_MODES}")
+  aggregation: str | None = knob(
+      None, _optional(_one_of(choices.AGGREGATION_MODES)),
+      f"None (the algorithm's default) or one of {choices.AGGREGATION_MODES}",
+      "How per-token losses are averaged over the batch (mopd_jax.losses.aggregate). "
+      "None: the algorithm's `default_aggregation` (seq-mean-token-mean-all for mopd, "
+      "sdpo and opd, as the authors' runs aggregate; token-mean for the policy losses).",
+      kind=str)
   temperature: float = knob(
       1.0, _num(0.0, lo_open=True), "a number > 0",
       "Distillation temperature: both sides' logits are divided by it (its own setting, "
@@ -354,7 +373,8 @@ class LossSettings(_Section):
 @dataclasses.dataclass(frozen=True)
 class TeacherSettings(_Section):
   NAME: ClassVar[str] = "teacher"
-  mode: str = knob("ema", _one_of(teacher.TEACHER_MODES), f"one of {teacher.TEACHER_MODES}")
+  mode: str = knob("ema", _one_of(choices.TEACHER_MODES),
+                   f"one of {choices.TEACHER_MODES}")
   checkpoint: str | None = knob(None, _optional(_str), "None or a checkpoint path",
                                 "External teacher only.", kind=str)
   param_dtype: str = knob("bfloat16", _one_of(_DTYPES), "'float32' or 'bfloat16'",
@@ -404,27 +424,24 @@ class OptimSettings(_Section):
       "size. Sampling always runs as one batch.")
 
 
-# Distillation from a teacher that reads a context / policy losses on the student alone.
-DISTILLATION_ALGORITHMS = ("mopd", "sdpo", "opd")
-POLICY_ALGORITHMS = ("grpo", "sft", "dpo", "simpo")
-ALGORITHMS = DISTILLATION_ALGORITHMS + POLICY_ALGORITHMS
-
-
 @dataclasses.dataclass(frozen=True)
 class AlgorithmSettings(_Section):
-  """The training objective (MOPD spec §6); all use the same rollouts.
+  """The training objective (MOPD spec §6), a registered algorithm of
+  `mopd_jax.algorithms` (one module each); all use the same rollouts.
 
-  mopd: the peers section's context. sdpo: the 1S context (primary success) plus the
-  rollout's own feedback when there is no success; it sets the peers section's
-  include_another / include_failure / include_feedback / feedback_only_without_solution.
+  mopd: the peers section's context. sdpo: the 1S context (the primary success) plus the
+  own feedback of include_feedback; it needs include_another = include_failure = False.
   opd: the teacher reads the plain prompt (no peers); pair it with teacher.mode 'external'
   or 'frozen' and loss.alpha = 1 (reverse KL). grpo, sft, dpo, simpo: policy losses
   without a teacher context (dpo's reference model is the frozen initial student, kept in
-  the teacher slot). Policy log-probs are taken at the sampling temperature.
+  the teacher slot). Policy log-probs are taken at the sampling temperature. The knobs
+  below belong to the algorithm their prefix names.
   """
 
   NAME: ClassVar[str] = "algorithm"
-  name: str = knob("mopd", _one_of(ALGORITHMS), f"one of {ALGORITHMS}")
+  name: str = knob("mopd", lambda v: isinstance(v, str) and v.isidentifier(),
+                   f"a registered algorithm ({', '.join(registry.BUILTIN_MODULES)} or one "
+                   "added with mopd_jax.algorithms.register)")
   grpo_clip_low: float = knob(0.2, _num(0.0, 1.0, hi_open=True), "a number in [0, 1)",
                               "Ratio lower clip 1 - grpo_clip_low.")
   grpo_clip_high: float = knob(0.28, _num(0.0), "a number >= 0",
@@ -438,19 +455,6 @@ class AlgorithmSettings(_Section):
   simpo_beta: float = knob(2.0, _num(0.0, lo_open=True), "a number > 0")
   simpo_gamma: float = knob(1.0, _num(), "a finite number", "Target reward margin.")
   simpo_label_smoothing: float = knob(0.0, _num(0.0, 0.5), "a number in [0, 0.5]")
-
-  @property
-  def distills(self) -> bool:
-    """True when the loss is a divergence to a teacher (stages 2 and 3 use it)."""
-    return self.name in DISTILLATION_ALGORITHMS
-
-  def peer_settings(self, peers: PeerSettings) -> PeerSettings:
-    """The context the teacher reads: `peers`, or SDPO's 1S + own feedback."""
-    if self.name != "sdpo":
-      return peers
-    return dataclasses.replace(peers, include_primary=True, include_another=False,
-                               include_failure=False, include_feedback=True,
-                               feedback_only_without_solution=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -567,27 +571,11 @@ class Settings:
   distributed: DistributedSettings
 
   def __post_init__(self):
-    name = self.algorithm.name
-    if self.peers.summaries and name != "mopd":
-      raise ConfigError(
-          f"Invalid config.peers.summaries = True with config.algorithm.name = {name!r}: "
-          "the summaries variant is a context of the mopd teacher; set "
-          "config.algorithm.name to 'mopd' or config.peers.summaries to False.")
     if self.peers.summaries and self.sampling.num_samples < 2:
       raise ConfigError(
           f"Invalid config.peers.summaries = True with config.sampling.num_samples = "
           f"{self.sampling.num_samples}: summaries come from other members of a group, so "
           "num_samples must be at least 2.")
-    if name == "dpo" and self.teacher.mode != "frozen":
-      raise ConfigError(
-          f"Invalid config.teacher.mode = {self.teacher.mode!r} with config.algorithm.name = "
-          "'dpo': DPO's reference model is the initial student, kept in the teacher slot, so "
-          "the teacher mode must be 'frozen'.")
-    if name in ("dpo", "simpo") and 0 < self.optim.micro_batch_rows < self.rows:
-      raise ConfigError(
-          f"Invalid config.optim.micro_batch_rows = {self.optim.micro_batch_rows} with "
-          f"config.algorithm.name = {name!r}: a preference pair spans two rows of a group, so "
-          "pair losses run on the whole batch; set micro_batch_rows to 0.")
     mb = self.optim.micro_batch_rows
     if mb and self.rows % mb:
       divisors = [d for d in range(1, self.rows + 1) if self.rows % d == 0]
@@ -596,6 +584,12 @@ class Settings:
           f"{self.rows} rows of a step (data.batch_size {self.data.batch_size} x "
           f"sampling.num_samples {self.sampling.num_samples}); divisors: {divisors}, "
           "or 0 for one batch.")
+    # The algorithm's own rules and defaults (loads the built-in algorithms on first use).
+    method = registry.get(self.algorithm.name)
+    method.check(self)
+    if self.loss.aggregation is None:
+      object.__setattr__(self, "loss", dataclasses.replace(
+          self.loss, aggregation=method.default_aggregation))
 
   @property
   def rows(self) -> int:

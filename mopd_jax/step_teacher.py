@@ -5,7 +5,8 @@ module holds what feeds the teacher: `student_prompts` (the prompts as the stude
 them), stage 1 `build_teacher_inputs` (peers per group and every rollout's teacher prompt,
 assembled by gathers into `TeacherInputs`) and stage 2 `score_with_teacher` /
 `teacher_terms` (the teacher's hidden states on the response positions, stop-gradient).
-The losses of stage 3 are in `step_losses`.
+The losses of stage 3 are the algorithm's (`cfg.method`, from the pieces in
+`step_losses`).
 
 Alignment of response positions: the student input is prompt [Lp] + response [Lr] and
 the teacher input is teacher prompt [Ltp] + the same response; both prompts are
@@ -15,17 +16,12 @@ Lp - 1 + t (student) and Ltp - 1 + t (teacher) in every row (`response_hidden`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
-
-import flax.struct
 import jax
 import jax.numpy as jnp
 
-from mopd_jax import losses, peer_context, peer_controls, peer_selection, settings, teacher
+from mopd_jax import peer_context, peer_controls, peer_selection, settings, teacher
 from mopd_jax.models import transformer
-
-if TYPE_CHECKING:  # train_step imports this module: its types serve as annotations only.
-  from mopd_jax.train_step import Rollouts, StepConfig
+from mopd_jax.step_types import Rollouts, StepConfig, TeacherInputs, TeacherTerms
 
 
 def student_prompts(peers: settings.PeerSettings, pieces, batch, pad_id: int):
@@ -55,30 +51,12 @@ def response_hidden(model_cfg, params, prompt_tokens, prompt_mask, responses,
   return hidden[:, lp - 1:lp - 1 + lr]
 
 
-@flax.struct.dataclass
-class TeacherInputs:
-  """Stage 1's output: peers, teacher prompts and the masks the loss uses."""
-
-  prompt_tokens: jax.Array  # int32 [N, Lp], student prompts, left-padded
-  prompt_mask: jax.Array  # bool [N, Lp]
-  teacher_tokens: jax.Array  # int32 [N, Ltp], teacher prompts, left-padded
-  teacher_mask: jax.Array  # bool [N, Ltp]
-  response_mask: jax.Array  # bool [N, Lr], True on response tokens (EOS included)
-  rollout_mask: jax.Array  # bool [N], the rollout enters the loss (e.g. has a context block)
-  advantages: jax.Array  # float32 [N], GRPO's group-relative advantages (else 0)
-  success: jax.Array  # bool [B, G]
-
-  @property
-  def loss_mask(self):
-    return self.response_mask & self.rollout_mask[:, None]
-
-
 def build_teacher_inputs(cfg: StepConfig, pieces, batch, rollouts: Rollouts,
                          peer_key) -> TeacherInputs:
   """Stage 1: select peers per group and assemble every rollout's teacher prompt.
 
-  Algorithms without a peer context (opd and the policy losses) give the teacher the
-  plain prompt, and their own rollout mask (see `_plain_prompt_rollout_mask`).
+  An algorithm without a peer context (`cfg.method.peer_context` False: opd and the
+  policy losses) gives the teacher the plain prompt, and its own `rollout_mask`.
   """
   g, pc = cfg.num_samples, cfg.peers
   b = batch["prompt_tokens"].shape[0]
@@ -89,16 +67,16 @@ def build_teacher_inputs(cfg: StepConfig, pieces, batch, rollouts: Rollouts,
 
   success = (rollouts.rewards >= cfg.success_threshold).reshape(b, g)
   response_mask = jnp.arange(lr)[None, :] < rollouts.lengths[:, None]
-  advantages = jnp.zeros((n,), jnp.float32)
-  if cfg.algorithm.name == "grpo":
-    advantages = losses.grpo_advantages(
-        rollouts.rewards.reshape(b, g),
-        normalize_std=cfg.algorithm.grpo_normalize_std).reshape(n)
-  if cfg.algorithm.name not in ("mopd", "sdpo"):
+  advantages = cfg.method.advantages(cfg, rollouts, b)
+  if advantages is None:
+    advantages = jnp.zeros((n,), jnp.float32)
+  if not cfg.method.peer_context:
+    plain_mask = cfg.method.rollout_mask(cfg, rollouts, b)
     return TeacherInputs(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
                          teacher_tokens=prompt_tokens, teacher_mask=prompt_mask,
                          response_mask=response_mask,
-                         rollout_mask=_plain_prompt_rollout_mask(cfg, rollouts, b),
+                         rollout_mask=jnp.ones((n,), bool) if plain_mask is None
+                         else plain_mask,
                          advantages=advantages, success=success)
   text_lengths = rollouts.lengths - rollouts.finished.astype(jnp.int32)  # drop EOS
   control_kwargs = {}
@@ -155,32 +133,6 @@ def build_teacher_inputs(cfg: StepConfig, pieces, batch, rollouts: Rollouts,
                        teacher_tokens=teacher_tokens, teacher_mask=teacher_mask,
                        response_mask=response_mask, rollout_mask=rollout_mask,
                        advantages=advantages, success=success)
-
-
-def _plain_prompt_rollout_mask(cfg: StepConfig, rollouts: Rollouts, b: int):
-  """bool [N]: which rollouts enter the loss when there is no peer context.
-
-  opd, grpo: all (a group with equal rewards has zero advantages); sft: the verified
-  rollouts (reward >= threshold, at least one token); dpo, simpo: rollouts of groups
-  with at least one pair of different rewards.
-  """
-  n = rollouts.rewards.shape[0]
-  if cfg.algorithm.name == "sft":
-    return (rollouts.rewards >= cfg.success_threshold) & (rollouts.lengths > 0)
-  if cfg.algorithm.name in ("dpo", "simpo"):
-    rewards = rollouts.rewards.reshape(b, -1)
-    has_pair = rewards.max(axis=1) > rewards.min(axis=1)  # [B]
-    return jnp.repeat(has_pair, n // b)
-  return jnp.ones((n,), bool)
-
-
-class TeacherTerms(NamedTuple):
-  """The teacher as terms whose weighted logits sum to its logits (stop-gradient):
-  logits = sum_i weights[i] * hidden[i] @ head[i]. One term, except for the trust region."""
-
-  hidden: tuple[jax.Array, ...]  # each [N, Lr, D_i] on the response positions
-  head: tuple[jax.Array, ...]  # each [D_i, V]
-  weights: tuple[float, ...]  # static
 
 
 def score_with_teacher(cfg: StepConfig, teacher_params, inputs: TeacherInputs,

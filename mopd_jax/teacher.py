@@ -20,8 +20,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-TEACHER_MODES = ("ema", "frozen", "trust_region", "external")
-
 
 def init_teacher(student_params):
   """float32 copy of the student's parameters."""

@@ -367,9 +367,7 @@ def _load_external_teacher(st: settings.Settings, mesh, student_cfg):
         f"The external teacher's vocabulary ({teacher_cfg.vocab_size} tokens, "
         f"{st.teacher.checkpoint}) differs from the student's "
         f"({student_cfg.vocab_size} tokens): teacher and student must share a vocabulary.")
-  return dataclasses.replace(teacher_cfg, dtype=st.model.dtype, remat_policy="none",
-                             attention=st.model.attention,
-                             matmul_precision=st.model.matmul_precision), params
+  return st.model.model_config(teacher_cfg, external_teacher=True), params
 
 
 def domain_score_batch(domain: str, vs: settings.VerifierSettings):
@@ -427,11 +425,7 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
 
   # ---------------------------------------------------------------- Models and tokenizer.
   base_cfg, base_params, tok, cache_dir, _ = _load_model(st, mesh)
-  model_cfg = dataclasses.replace(base_cfg, dtype=st.model.dtype,
-                                  param_dtype=st.model.param_dtype,
-                                  remat_policy=st.model.remat_policy,
-                                  attention=st.model.attention,
-                                  matmul_precision=st.model.matmul_precision)
+  model_cfg = st.model.model_config(base_cfg)
   teacher_cfg, teacher_params = _load_external_teacher(st, mesh, model_cfg)
 
   # ---------------------------------------------------------------- Data.
@@ -453,7 +447,7 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
   if score_batch is None:
     score_batch = domain_score_batch(train_split.meta.get("domain", "code"), st.verifier)
   host_verifier = callback.HostVerifier(score_batch, references, tok,
-                                        feedback_len=st.peers.feedback_len,
+                                        feedback_len=st.peers.feedback_room,
                                         summary_len=st.peers.summary_len,
                                         summary_fallback_chars=st.peers.summary_fallback_chars,
                                         share_texts=st.peers.summaries)

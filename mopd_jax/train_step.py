@@ -8,96 +8,28 @@
       -> student forward + chunked top-k JSD + grad     loss, grads
       -> AdamW (warm-up, clipping), EMA teacher         new state, metrics
 
-This module holds the state and batch types, micro-batching, the update and the
-assembly of the step; the teacher inputs and scoring are in `step_teacher`, the losses
-in `step_losses`. `make_train_step` jits the whole chain; `make_split_step` runs the
+This module holds micro-batching, the update and the assembly of the step; the types
+are in `step_types` (re-exported here), the teacher inputs and scoring in
+`step_teacher`, and what differs per algorithm (teacher context, loss, its weights and
+metrics) in the registered algorithm `cfg.method` (`mopd_jax.algorithms`). `make_train_step` jits the whole chain; `make_split_step` runs the
 same pieces as jit(sample) -> host verify -> jit(update), for debugging and evaluation.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Callable
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from mopd_jax import settings, sharding, step_losses, step_teacher, teacher
-from mopd_jax.models import transformer
-from mopd_jax.sampling import Sampler, SampleOutput
+from mopd_jax import settings, sharding, step_teacher, teacher
+from mopd_jax.sampling import SampleOutput
+from mopd_jax.step_types import Rollouts, StepConfig, TeacherInputs, TrainState
 from mopd_jax.verifiers import callback
 
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # int32 scalar
-  params: Any
-  opt_state: Any
-  teacher_params: Any  # float32
-  rng: jax.Array  # uint32 [2], raw PRNG key (checkpointable)
-
-
-@flax.struct.dataclass
-class Rollouts:
-  """Sampled responses and their verification, row b*G + g = sample g of prompt b."""
-
-  tokens: jax.Array  # int32 [N, Lr]
-  logprobs: jax.Array  # float32 [N, Lr], sampler log-probs
-  lengths: jax.Array  # int32 [N], incl. end-of-sequence token
-  finished: jax.Array  # bool [N]
-  rewards: jax.Array  # float32 [N]
-  status: jax.Array  # int32 [N], see verifiers.callback.STATUS_CODES
-  feedback: jax.Array  # int32 [N, Lf]
-  feedback_lengths: jax.Array  # int32 [N]
-  # Summaries variant only (else None): `HostVerifier.summarize` of every response.
-  summaries: jax.Array | None = None  # int32 [N, summary_len], right-padded
-  summary_lengths: jax.Array | None = None  # int32 [N]
-  summary_missing: jax.Array | None = None  # int32 [N], 1 = no <summary> tag
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-  """Static settings of the step (hashable): the sections of `mopd_jax.settings` it
-  uses, the model's shapes and the tokenizer's special ids."""
-
-  model: transformer.ModelConfig
-  sampling: settings.SamplingSettings
-  peers: settings.PeerSettings
-  loss: settings.LossSettings
-  teacher: settings.TeacherSettings
-  optim: settings.OptimSettings
-  stop_ids: tuple[int, ...]
-  pad_id: int
-  success_threshold: float = 1.0
-  # External teacher (classic OPD): its own shapes, same vocabulary. None = self-teacher.
-  teacher_model: transformer.ModelConfig | None = None
-  algorithm: settings.AlgorithmSettings = settings.AlgorithmSettings()
-
-  @classmethod
-  def from_settings(cls, s: settings.Settings, model, tokenizer, teacher_model=None):
-    return cls(model=model, sampling=s.sampling,
-               peers=s.algorithm.peer_settings(s.peers), loss=s.loss,
-               teacher=s.teacher, optim=s.optim, stop_ids=tuple(tokenizer.stop_ids),
-               pad_id=tokenizer.pad_id, success_threshold=s.verifier.success_threshold,
-               teacher_model=teacher_model, algorithm=s.algorithm)
-
-  @property
-  def num_samples(self) -> int:
-    return self.sampling.num_samples
-
-  @property
-  def sampler(self) -> Sampler:
-    sp = self.sampling
-    return Sampler(model=self.model, max_new_tokens=sp.max_response_len,
-                   stop_ids=self.stop_ids, pad_id=self.pad_id,
-                   temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
-                   num_samples=sp.num_samples, decode_layers=sp.decode_layers)
-
-  @property
-  def teacher_cfg(self) -> transformer.ModelConfig:
-    return self.teacher_model or self.model
+__all__ = ["Rollouts", "StepConfig", "TrainState", "apply_update", "loss_and_grads",
+           "make_optimizer", "make_split_step", "make_train_step", "update"]
 
 
 def make_optimizer(optim: settings.OptimSettings):
@@ -142,19 +74,18 @@ def _from_micro_batches(tree):
       lambda x: x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:]), tree)
 
 
-def loss_and_grads(cfg: StepConfig, state: TrainState,
-                   inputs: step_teacher.TeacherInputs, rollouts: Rollouts):
-  """Stages 2 and 3, over row micro-batches when `optim.micro_batch_rows` is set.
-
-  Stage 3 is `step_losses.distillation_loss` for mopd, sdpo and opd, else
-  `step_losses.policy_loss`.
+def loss_and_grads(cfg: StepConfig, state: TrainState, inputs: TeacherInputs,
+                   rollouts: Rollouts):
+  """Stages 2 and 3, over row micro-batches when `optim.micro_batch_rows` is set:
+  the algorithm's `teacher_signal` and its `loss`, weighted by its `loss_weights`.
 
   Each micro-batch runs the teacher forward and the student forward + backward; the
   gradients (float32) and the loss are summed in a `lax.scan`, so only one micro-batch's
   activations are live at a time. Weights of the whole batch make the sum equal to the
   one-batch loss and gradient. Returns (loss, grads, student_logp, teacher_logp).
   """
-  weights = step_losses.loss_weights(cfg, inputs)
+  method = cfg.method
+  weights = method.loss_weights(cfg, inputs)
   row_inputs = (inputs.prompt_tokens, inputs.prompt_mask, inputs.teacher_tokens,
                 inputs.teacher_mask, inputs.response_mask, inputs.rollout_mask,
                 inputs.advantages)
@@ -164,23 +95,16 @@ def loss_and_grads(cfg: StepConfig, state: TrainState,
     mb = inputs.replace(prompt_tokens=p_tok, prompt_mask=p_mask, teacher_tokens=t_tok,
                         teacher_mask=t_mask, response_mask=r_mask, rollout_mask=ro_mask,
                         advantages=adv)
-    if cfg.algorithm.distills:
-      terms = step_teacher.teacher_terms(cfg, state.teacher_params, params, mb, rollouts)
-      loss_fn = functools.partial(step_losses.distillation_loss, cfg)
-      args = (terms, weights)
-    else:
-      loss_fn = functools.partial(step_losses.policy_loss, cfg)
-      args = (step_losses.reference_logp(cfg, state.teacher_params, mb, rollouts), weights)
+    signal = method.teacher_signal(cfg, state.teacher_params, params, mb, rollouts)
+    loss_fn = functools.partial(method.loss, cfg)
     (loss, (s_logp, t_logp)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, mb, rollouts, *args)
+        params, mb, rollouts, signal, weights)
     return loss, grads, s_logp, t_logp
 
   n = rollouts.tokens.shape[0]
   rows = cfg.optim.micro_batch_rows
   if not rows or rows >= n:
     return one(state.params, row_inputs, rollouts, weights)
-  if n % rows:
-    raise ValueError(f"optim.micro_batch_rows={rows} does not divide the {n} rows.")
   num = n // rows
   stacked = _to_micro_batches((row_inputs, rollouts, weights), num)
 
@@ -198,26 +122,27 @@ def loss_and_grads(cfg: StepConfig, state: TrainState,
 
 
 def apply_update(cfg: StepConfig, optimizer, state: TrainState, loss, grads):
-  """Stage 4: optimizer step and EMA teacher, both skipped on a non-finite loss or
-  gradient norm. Returns (new state, grad norm, finite)."""
+  """Stage 4: optimizer step, then the EMA teacher, both skipped on a non-finite loss or
+  gradient norm. The teacher mixes in the student *after* this update (MOPD spec §4, as
+  the authors do). Returns (new state, grad norm, finite)."""
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   keep = lambda new, old: jax.tree.map(  # noqa: E731
       lambda a, o: jnp.where(finite, a, o), new, old)
+  new_params = keep(new_params, state.params)
   new_state = state.replace(
       step=state.step + 1,
-      params=keep(new_params, state.params),
+      params=new_params,
       opt_state=keep(new_opt_state, state.opt_state),
-      # EMA mixes in the student *before* this update (the teacher lags by one step).
-      teacher_params=teacher.ema_update(state.teacher_params, state.params,
-                                        cfg.teacher.ema, finite),
+      teacher_params=teacher.ema_update(state.teacher_params, new_params, cfg.teacher.ema,
+                                        finite),
   )
   return new_state, grad_norm, finite
 
 
-def step_metrics(inputs: step_teacher.TeacherInputs, rollouts: Rollouts, loss, grad_norm,
+def step_metrics(inputs: TeacherInputs, rollouts: Rollouts, loss, grad_norm,
                  finite, student_logp, teacher_logp):
   """Stage 5: scalar metrics of the step."""
   fmask = inputs.response_mask.astype(jnp.float32)
@@ -259,13 +184,13 @@ def update(cfg: StepConfig, optimizer, pieces, state: TrainState, batch,
   if rollouts.summary_missing is not None:
     metrics["train/summary_missing_fraction"] = rollouts.summary_missing.mean(
         dtype=jnp.float32)
-  return new_state, {**metrics, **step_losses.algorithm_metrics(cfg, inputs, rollouts)}
+  return new_state, {**metrics, **cfg.method.metrics(cfg, inputs, rollouts)}
 
 
 def _verify(cfg, mesh, host_fn, batch, out: SampleOutput) -> Rollouts:
   ids = jnp.repeat(batch["example_id"], cfg.num_samples, axis=0)
   rewards, status, feedback, feedback_lengths = callback.verify_on_device(
-      mesh, host_fn, ids, out.tokens, out.lengths, feedback_len=max(cfg.peers.feedback_len, 1))
+      mesh, host_fn, ids, out.tokens, out.lengths, feedback_len=max(cfg.peers.feedback_room, 1))
   summaries = {}
   if cfg.peers.summaries:
     summaries = dict(zip(("summaries", "summary_lengths", "summary_missing"),

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mopd_jax import (peer_context, peer_controls, settings, step_teacher, teacher,
-                      train_step)
+from mopd_jax import (algorithms, peer_context, peer_controls, settings, step_teacher,
+                      teacher, train_step)
 from mopd_jax.models import transformer
 
 MODEL = transformer.ModelConfig(vocab_size=31, num_layers=1, embed_dim=16, num_heads=2,
@@ -26,13 +26,17 @@ PIECES = peer_context.TemplatePieces(*(jnp.asarray([19 + k, 20 + k], jnp.int32)
                                        for k in range(0, 10, 2)))
 
 
+# SDPO's 1S context, as a user sets it (the peers section's defaults are 2S1F).
+ONE_S = dict(include_another=False, include_failure=False)
+
+
 def make_cfg(name, **knobs):
   return train_step.StepConfig(
       model=MODEL,
       sampling=settings.SamplingSettings(num_samples=G, max_response_len=LR,
                                          temperature=TEMPERATURE),
-      peers=settings.AlgorithmSettings(name=name).peer_settings(
-          settings.PeerSettings(peer_cap=LR, feedback_len=3)),
+      peers=settings.PeerSettings(peer_cap=LR, feedback_len=3,
+                                  **(ONE_S if name == "sdpo" else {})),
       loss=settings.LossSettings(alpha=knobs.pop("alpha", 0.5), top_k=None, chunk_size=4,
                                  rollout_correction_clip=0.0),
       teacher=settings.TeacherSettings(mode="frozen"),
@@ -116,14 +120,62 @@ def reference_pairs():
           if rewards[b, i] > rewards[b, j]]
 
 
-def test_algorithm_names_and_sdpo_context():
-  assert settings.ALGORITHMS == ("mopd", "sdpo", "opd", "grpo", "sft", "dpo", "simpo")
-  peers = settings.AlgorithmSettings(name="sdpo").peer_settings(settings.PeerSettings())
-  assert (peers.include_primary, peers.include_another, peers.include_failure,
-          peers.include_feedback, peers.feedback_only_without_solution) == (
-              True, False, False, True, True)
-  mopd = settings.PeerSettings()
-  assert settings.AlgorithmSettings(name="mopd").peer_settings(mopd) is mopd
+def test_algorithm_names_and_own_feedback_default():
+  assert algorithms.names()[:7] == ("mopd", "sdpo", "opd", "grpo", "sft", "dpo", "simpo")
+  assert [algorithms.get(n).peer_context for n in ("mopd", "sdpo", "opd", "grpo")] == [
+      True, True, False, False]
+  # Own feedback (only without a solution) is on by default for every algorithm.
+  # The distillation methods aggregate as the authors' runs do (MOPD spec section 3).
+  for name, aggregation in (("mopd", "seq-mean-token-mean-all"),
+                            ("opd", "seq-mean-token-mean-all"), ("grpo", "token-mean")):
+    config = settings.base_config()
+    config.algorithm.name = name
+    st = settings.from_config(config)
+    assert st.peers.include_feedback and st.peers.feedback_only_without_solution
+    assert st.loss.aggregation == algorithms.get(name).default_aggregation == aggregation
+
+
+def test_sdpo_never_overrides_the_peers_section():
+  config = settings.base_config()
+  config.algorithm.name = "sdpo"
+  with pytest.raises(settings.ConfigError,
+                     match=r"config\.peers\.include_another = True, config\.peers\."
+                           r"include_failure = True with config\.algorithm\.name = 'sdpo'.*"
+                           r"set --config\.peers\.include_another=False "
+                           r"--config\.peers\.include_failure=False"):
+    settings.from_config(config)
+  config.peers.include_another = False
+  with pytest.raises(settings.ConfigError,
+                     match=r"Invalid config\.peers\.include_failure = True with"):
+    settings.from_config(config)
+  config.peers.include_failure = False
+  config.peers.include_feedback = False  # SDPO without feedback, as the authors also run it
+  st = settings.from_config(config)
+  assert (st.peers.include_primary, st.peers.include_another, st.peers.include_failure,
+          st.peers.include_feedback) == (True, False, False, False)
+
+
+def test_mopd_shows_own_feedback_by_default_only_without_a_solution():
+  """Hand-built: group 0 has one success (row 0), so rows 1-3 see it and row 0 has no
+  primary but no feedback; group 1 fails throughout, so its rows with feedback (4, 6, 7)
+  show it."""
+  cfg = make_cfg("mopd")
+  assert cfg.peers.include_feedback and cfg.peers.feedback_only_without_solution
+  batch, rollouts, _, _ = make_inputs()
+  build = jax.jit(functools.partial(step_teacher.build_teacher_inputs, cfg, PIECES))
+  inputs = jax.device_get(build(batch, rollouts, jax.random.key(0)))
+  header = np.asarray(PIECES.feedback_header)
+  shows = [any(np.array_equal(row[i:i + len(header)], header)
+               for i in range(len(row) - len(header) + 1)) for row in inputs.teacher_tokens]
+  np.testing.assert_array_equal(np.flatnonzero(shows), [4, 6, 7])
+
+
+def test_unknown_algorithm_names_the_registered_ones():
+  config = settings.base_config()
+  config.algorithm.name = "ppo"
+  with pytest.raises(settings.ConfigError,
+                     match=r"config\.algorithm\.name = 'ppo'.*'mopd', 'sdpo'"):
+    settings.from_config(config)
 
 
 def test_grpo_loss_and_gradient_match_reference():
@@ -215,7 +267,10 @@ def test_distillation_variants_match_reference(name, alpha):
   teacher_full = response_logp64(state.teacher_params, inputs.teacher_tokens,
                                  inputs.teacher_mask, rollouts, 1.0)
   mask = response_mask() & inputs.rollout_mask[:, None]
-  expected = (np_divergence(student, teacher_full, alpha) * mask).sum() / mask.sum()
+  # seq-mean-token-mean-all (the distillation default): each row's masked token-mean,
+  # averaged over all rows.
+  per_row = (np_divergence(student, teacher_full, alpha) * mask).sum(1)
+  expected = np.mean(per_row / np.maximum(mask.sum(1), 1))
   np.testing.assert_allclose(metrics["train/loss"], expected, rtol=1e-4)
   if name == "opd":
     # No peers: the teacher reads the student's prompt, and every rollout is trained on.
@@ -268,8 +323,9 @@ def test_per_token_policy_losses_split_over_micro_batches(name):
                                             ("success_only_matched", "tokens")])
 def test_peer_controls_feed_the_teacher_prompts(control, budget):
   cfg = make_cfg("mopd")
-  cfg = dataclasses.replace(cfg, peers=dataclasses.replace(cfg.peers, control=control,
-                                                           control_budget=budget))
+  # Feedback off: response ids then reach the teacher prompt only through peer blocks.
+  cfg = dataclasses.replace(cfg, peers=dataclasses.replace(
+      cfg.peers, control=control, control_budget=budget, include_feedback=False))
   batch, rollouts, state, optimizer = make_inputs()
   rewards = np.array([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0], np.float32)
   rollouts = rollouts.replace(rewards=rewards)

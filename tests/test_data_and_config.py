@@ -152,3 +152,45 @@ def test_paper_scale_presets_require_checkpoints(preset):
       settings.from_config(config)
   else:
     settings.from_config(config)
+
+
+def test_importing_settings_imports_no_jax():
+  """settings reads its allowed values from mopd_jax.choices, not from the implementations
+  (the algorithms load, with JAX, when a Settings is built)."""
+  code = ("import sys\n"
+          "from mopd_jax import settings\n"
+          "settings.base_config()\n"
+          "heavy = ('jax', 'flax', 'optax', 'tensorflow', 'mopd_jax.losses', "
+          "'mopd_jax.sampling', 'mopd_jax.teacher', 'mopd_jax.models.transformer', "
+          "'mopd_jax.models.attention', 'mopd_jax.data.sources')\n"
+          "print(sorted(m for m in heavy if m in sys.modules))\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_allowed_values_are_those_the_implementations_accept():
+  from mopd_jax import choices  # pylint: disable=import-outside-toplevel
+  from mopd_jax.data import sources  # pylint: disable=import-outside-toplevel
+  from mopd_jax.models import attention, transformer  # pylint: disable=import-outside-toplevel
+  assert tuple(transformer.REMAT_POLICIES) == choices.REMAT_POLICIES
+  assert tuple(attention.PRECISIONS) == choices.MATMUL_PRECISIONS
+  assert tuple(sources._READERS) == choices.SOURCE_KINDS  # pylint: disable=protected-access
+
+
+def test_micro_batch_rows_must_divide_the_rows():
+  with pytest.raises(settings.ConfigError,
+                     match=r"micro_batch_rows = 5: it must divide the 64 rows.*\[1, 2, 4"):
+    settings.from_config(load_config(**{"optim.micro_batch_rows": 5}))
+
+
+@pytest.mark.parametrize("name", ["math", "science", "tooluse"])
+def test_domain_configs_share_one_block(name):
+  local = settings.from_config(load_config(name))
+  assert (local.data.task, local.model.checkpoint, local.run.total_steps) == (
+      {"math": "math", "science": "science", "tooluse": "tooluse"}[name], "demo", 3)
+  assert os.path.exists(local.data.path)
+  config = load_config(name, "qwen3_8b")
+  assert config.model.preset == "qwen3-8b" and config.data.batch_size == 32
+  with pytest.raises(settings.ConfigError, match="--config.model.checkpoint=PATH"):
+    settings.from_config(config)

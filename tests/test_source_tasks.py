@@ -39,7 +39,7 @@ def lcb_data(**overrides):
 
 def test_seqio_task_serves_the_sources_in_order_with_reports():
   from mopd_jax.data import seqio_tasks  # pylint: disable=import-outside-toplevel
-  task = seqio_tasks.register_source_task("code", lcb_data().split_specs())
+  task = seqio_tasks.register_source_task("code", source_splits.split_specs(lcb_data()))
   assert task.name == "mopd_code"
   expected = {split: sources.load("livecodebench", os.path.join(DATA, "livecodebench"),
                                   split=name)
@@ -168,7 +168,7 @@ def test_data_settings_name_the_offending_key():
                           options="split=train")
   with pytest.raises(settings.ConfigError, match="config.data.overlong = 'cut'"):
     settings.DataSettings(overlong="cut")
-  specs = lcb_data(eval_source="humaneval", eval_path="wheels").split_specs()
+  specs = source_splits.split_specs(lcb_data(eval_source="humaneval", eval_path="wheels"))
   assert specs["train"] == source_splits.SplitSpec("livecodebench", lcb_data().path,
                                                    (("split", "train"),))
   assert specs["heldout"] == source_splits.SplitSpec("humaneval", "wheels", (("split", "test"),))
@@ -213,7 +213,7 @@ def test_paper_presets_need_checkpoint_and_data_and_have_the_papers_settings(nam
 def test_local_presets_point_at_the_fixtures(name):
   st = settings.from_config(load_config(name))
   assert st.model.checkpoint == "demo"
-  for spec in st.data.split_specs().values():
+  for spec in source_splits.split_specs(st.data).values():
     assert os.path.exists(spec.path) and os.path.commonpath([spec.path, DATA]) == DATA
 
 

@@ -1,11 +1,14 @@
 """The jitted MOPD step: composition, reference loss, EMA, NaN handling, verifier failures."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from mopd_jax import losses, peer_context, train, train_step
+from mopd_jax import losses, peer_context, settings, train, train_step
 from mopd_jax.models import transformer
 from mopd_jax.verifiers.result import Result
 from tests.conftest import tiny_config
@@ -65,8 +68,39 @@ def test_ema_teacher_update_formula(setup, split_step):
   old_t, old_s = jax.device_get((state.teacher_params, state.params))
   new_state, m = split_step(state, s.put_batch(s.train_batches.batch(0)))
   rate = config.teacher.ema_rate
-  expected = jax.tree.map(lambda t, p: (1 - rate) * t + rate * p, old_t, old_s)
+  # The student after this step's update (at step 0 of the warm-up equal to old_s).
+  new_s = jax.device_get(new_state.params)
+  expected = jax.tree.map(lambda t, p: (1 - rate) * t + rate * p, old_t, new_s)
   _tree_allclose(new_state.teacher_params, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("finite", [True, False])
+def test_ema_mixes_in_the_post_update_student(setup, finite):
+  """MOPD spec §4: theta_T <- (1 - rate) theta_T + rate theta_S with theta_S after this
+  step's optimizer update, only when the step is finite; float64 numpy reference."""
+  _, s = setup
+  rate = 0.3
+  cfg = dataclasses.replace(s.step_cfg, teacher=settings.TeacherSettings(mode="ema",
+                                                                         ema_rate=rate))
+  rng = np.random.default_rng(0)
+  params = {"a": rng.normal(size=(3, 2)).astype(np.float32),
+            "b": rng.normal(size=(4,)).astype(np.float32)}
+  teacher_params = jax.tree.map(lambda p: p + 1.0, params)
+  grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+  optimizer = optax.sgd(0.5)  # new student = student - 0.5 * grads
+  state = train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=optimizer.init(params), teacher_params=teacher_params,
+                                rng=jax.random.PRNGKey(0))
+  loss = jnp.float32(1.0 if finite else np.nan)
+  new_state, _, ok = jax.jit(train_step.apply_update, static_argnums=(0, 1))(
+      cfg, optimizer, state, loss, grads)
+  assert bool(ok) == finite
+  for name in params:
+    s64, t64, g64 = (np.asarray(x[name], np.float64) for x in (params, teacher_params, grads))
+    student = s64 - 0.5 * g64 if finite else s64
+    teacher = (1 - rate) * t64 + rate * student if finite else t64
+    np.testing.assert_allclose(new_state.params[name], student, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(new_state.teacher_params[name], teacher, rtol=1e-6, atol=1e-6)
 
 
 def test_nonfinite_loss_skips_update_and_is_reported(setup, split_step):
@@ -143,7 +177,10 @@ def test_step_loss_equals_unchunked_reference(setup):
   logp = jnp.take_along_axis(jax.nn.log_softmax(student), out.tokens[..., None], -1)[..., 0]
   weights = jnp.minimum(jnp.exp(logp - out.logprobs), cfg.loss.rollout_correction_clip)
   mask = rmask & np.asarray(sel.mask).reshape(n)[:, None]
-  expected = float((per_token * weights * mask).sum() / max(mask.sum(), 1))
+  # seq-mean-token-mean-all (the distillation default): each row's masked token-mean,
+  # averaged over all n rows.
+  per_row = (np.asarray(per_token * weights, np.float64) * mask).sum(1)
+  expected = float(np.mean(per_row / np.maximum(mask.sum(1), 1)))
   np.testing.assert_allclose(float(metrics["train/loss"]), expected, rtol=1e-4)
   assert expected > 0
 

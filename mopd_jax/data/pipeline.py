@@ -28,7 +28,7 @@ import os
 import numpy as np
 
 from mopd_jax import tokenizers
-from mopd_jax.data import cache, demo_problems
+from mopd_jax.data import cache, demo_problems, source_splits
 
 
 def left_pad(prompts, insert_index, max_len: int, pad_id: int):
@@ -172,7 +172,7 @@ def load_source_splits(cache_dir: str, data, tokenizer) -> dict:
   sources through the task's seqio task (TensorFlow is imported only then); the load
   report travels in the cache's meta.
   """
-  specs = data.split_specs()
+  specs = source_splits.split_specs(data)
   digest = {split: spec.fingerprint(data.task, tokenizer.vocab_size, cache.FORMAT)
             for split, spec in specs.items()}
   paths = {split: os.path.join(cache_dir, f"mopd_{data.task}_{split}_{digest[split]}.npz")

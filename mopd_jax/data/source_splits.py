@@ -19,9 +19,9 @@ import json
 import os
 import re
 
+from mopd_jax.choices import TASK_DOMAINS
 from mopd_jax.data import sources
 
-TASK_DOMAINS = {"code": "code", "math": "math", "science": "choice", "tooluse": "tooluse"}
 SPLITS = ("train", "heldout")
 # Heldout example ids start here, so that train and heldout ids never collide in the host
 # reference table (ids travel as int32 through the step).
@@ -45,6 +45,15 @@ class SplitSpec:
     text = json.dumps([self.kind, os.path.abspath(self.path), self.options, *extra],
                       sort_keys=True, default=str)
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+
+
+def split_specs(data) -> dict:
+  """{"train": SplitSpec, "heldout": SplitSpec} of a real-data task's
+  `settings.DataSettings` (the eval_ keys default to the training ones)."""
+  return {"train": SplitSpec.make(data.source, data.path, json.loads(data.options)),
+          "heldout": SplitSpec.make(data.eval_source or data.source,
+                                    data.eval_path or data.path,
+                                    json.loads(data.eval_options))}
 
 
 def load_split_problems(task: str, spec: SplitSpec) -> tuple[list, dict]:

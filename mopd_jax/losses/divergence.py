@@ -25,8 +25,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-AGGREGATION_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
-                     "seq-mean-token-mean-all")
+from mopd_jax.choices import AGGREGATION_MODES
+
 
 _LOG_RATIO_BOUND = 20.0
 

@@ -51,9 +51,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mopd_jax import sharding
+from mopd_jax.choices import ATTENTION_KINDS as KINDS
 
-KINDS = ("auto", "naive", "blockwise", "cudnn", "splash", "splash_interpret")
-PRECISIONS = {
+PRECISIONS = {  # keys: choices.MATMUL_PRECISIONS
     "default": None,
     "high": jax.lax.Precision.HIGH,
     "highest": jax.lax.Precision.HIGHEST,

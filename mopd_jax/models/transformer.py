@@ -24,7 +24,7 @@ Entry points:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import flax.linen as nn
@@ -221,15 +221,29 @@ class RMSNorm(nn.Module):
     return (normed.astype(x.dtype) * scale.astype(x.dtype))
 
 
-class Attention(nn.Module):
-  """Self-attention of one layer.
+class LayerInputs(NamedTuple):
+  """What every layer reads besides the residual stream (None where the mode has none).
 
-  mode "full" / "prefill": `side` = (positions [B, T], mask) with mask the token mask
-  [B, T] (causal) or a dense bool mask [B, T, T]; returns (out, None), or for "prefill"
-  (out, (k, v) [B, T, K, Dh] after RoPE, for the prompt cache).
-  mode "decode": `side` = (positions [N, 1], prompt_mask [B, Lp], num_written, the prompt
-  and response caches stacked over layers), `cache` = this layer's index in them; returns
-  (out, (k, v) [N, K, Dh] of the current token).
+  mode "full" / "prefill": positions [B, T] and token_mask, the token mask [B, T]
+  (causal attention over real tokens) or a dense bool mask [B, T, T].
+  mode "decode": positions [N, 1], prompt_mask [B, Lp], num_written (int32 scalar: the
+  response slot of the current token) and caches, the prompt and response caches stacked
+  over layers ({"prompt_k", "prompt_v", "response_k", "response_v"}).
+  """
+
+  positions: jax.Array
+  token_mask: jax.Array | None = None
+  prompt_mask: jax.Array | None = None
+  num_written: jax.Array | None = None
+  caches: dict | None = None
+
+
+class Attention(nn.Module):
+  """Self-attention of one layer; keyword arguments as the fields of `LayerInputs`.
+
+  Returns (out, None) in mode "full", (out, (k, v) [B, T, K, Dh] after RoPE) in mode
+  "prefill" (for the prompt cache), and (out, (k, v) [N, K, Dh] of the current token) in
+  mode "decode", where `layer` is this layer's index in the stacked caches.
   """
 
   config: ModelConfig
@@ -237,7 +251,8 @@ class Attention(nn.Module):
   decode_block: int = 128
 
   @nn.compact
-  def __call__(self, x, side, cache):
+  def __call__(self, x, *, positions, token_mask=None, prompt_mask=None, num_written=None,
+               caches=None, layer=None):
     cfg = self.config
     dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
 
@@ -249,7 +264,6 @@ class Attention(nn.Module):
                                                  (head_axis, "head_dim")),
           name=name)(x)
 
-    positions = side[0]
     q = proj("q_proj", cfg.num_heads, "heads")  # [B, T, H, Dh]
     k = proj("k_proj", cfg.num_kv_heads, "kv_heads")  # [B, T, K, Dh]
     v = proj("v_proj", cfg.num_kv_heads, "kv_heads")
@@ -263,14 +277,13 @@ class Attention(nn.Module):
     v = sharding.constrain(v, ACT_KV_HEADS)
 
     if self.mode == "decode":
-      _, prompt_mask, num_written, caches = side
       out = attention_lib.decode_attention(
           q[:, 0], caches["prompt_k"], caches["prompt_v"], prompt_mask, caches["response_k"],
-          caches["response_v"], num_written, k[:, 0], v[:, 0], layer=cache,
+          caches["response_v"], num_written, k[:, 0], v[:, 0], layer=layer,
           block=self.decode_block, precision=cfg.precision)
       out, new_kv = out[:, None], (k[:, 0], v[:, 0])
     else:
-      mask = side[1]
+      mask = token_mask
       if mask.ndim == 3:
         if cfg.attention != "naive":
           logging.info("A dense [B, T, S] attention mask was given: attention %r falls back "
@@ -305,32 +318,38 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """One pre-norm layer; the scan body: (x, side, layer cache) -> (x, layer's new k/v)."""
+  """One pre-norm layer; the scan body: (x, `LayerInputs`, layer index or None) ->
+  (x, layer's new k/v). Positional because `nn.scan` broadcasts / scans its arguments."""
 
   config: ModelConfig
   mode: str = "full"
   decode_block: int = 128
 
   @nn.compact
-  def __call__(self, x, side, cache):
+  def __call__(self, x, inputs: LayerInputs, layer):
     cfg = self.config
     pdtype = dtype_from_name(cfg.param_dtype)
     h, new_kv = Attention(cfg, self.mode, self.decode_block, name="attn")(
-        RMSNorm(cfg.norm_eps, pdtype, name="input_norm")(x), side, cache)
+        RMSNorm(cfg.norm_eps, pdtype, name="input_norm")(x), **inputs._asdict(), layer=layer)
     x = x + h
     x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, pdtype, name="post_attn_norm")(x))
     return sharding.constrain(x, ACT_EMBED), new_kv
 
 
 class Decoder(nn.Module):
-  """Returns final-normed hidden states [B, T, D] and the per-layer k/v stacked [L, ...]."""
+  """Returns final-normed hidden states [B, T, D] and the per-layer k/v stacked [L, ...].
+
+  Keyword arguments as the fields of `LayerInputs`; mode "decode" also takes `layers`,
+  int32 [L] (the layer index each scanned layer reads its caches at).
+  """
 
   config: ModelConfig
   mode: str = "full"
   decode_block: int = 128
 
   @nn.compact
-  def __call__(self, tokens, side, cache=None):
+  def __call__(self, tokens, *, positions, token_mask=None, prompt_mask=None,
+               num_written=None, caches=None, layers=None):
     cfg = self.config
     dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
     embedding = self.param("embedding", _init(("vocab", "embed"), cfg.embed_dim ** -0.5),
@@ -346,7 +365,9 @@ class Decoder(nn.Module):
     stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                     in_axes=(nn.broadcast, 0), length=cfg.num_layers,
                     metadata_params={nn.PARTITION_NAME: "layers"})
-    x, new_kv = stack(cfg, self.mode, self.decode_block, name="layers")(x, side, cache)
+    inputs = LayerInputs(positions=positions, token_mask=token_mask, prompt_mask=prompt_mask,
+                         num_written=num_written, caches=caches)
+    x, new_kv = stack(cfg, self.mode, self.decode_block, name="layers")(x, inputs, layers)
     x = RMSNorm(cfg.norm_eps, pdtype, name="final_norm")(x)
     return x, new_kv
 
@@ -359,7 +380,8 @@ def init_params(config: ModelConfig, key: jax.Array):
 def _init_boxed(config, key):
   tokens = jnp.zeros((1, 2), jnp.int32)
   mask = jnp.ones((1, 2), bool)
-  return Decoder(config).init(key, tokens, (positions_from_mask(mask), mask))["params"]
+  return Decoder(config).init(key, tokens, positions=positions_from_mask(mask),
+                              token_mask=mask)["params"]
 
 
 def param_logical_axes(config: ModelConfig):
@@ -375,7 +397,8 @@ def hidden_states(config, params, tokens, positions, token_mask):
   [B, T, T] (naive attention only).
   """
   token_mask = token_mask.astype(bool)
-  return Decoder(config).apply({"params": params}, tokens, (positions, token_mask))
+  return Decoder(config).apply({"params": params}, tokens, positions=positions,
+                               token_mask=token_mask)
 
 
 def lm_head(config: ModelConfig, params) -> jax.Array:
@@ -415,7 +438,8 @@ def prefill(config, params, tokens, token_mask):
   """
   token_mask = token_mask.astype(bool)
   hidden, (k, v) = Decoder(config, "prefill").apply(
-      {"params": params}, tokens, (positions_from_mask(token_mask), token_mask))
+      {"params": params}, tokens, positions=positions_from_mask(token_mask),
+      token_mask=token_mask)
   k, v = (sharding.constrain(x.transpose(0, 1, 3, 2, 4), CACHE) for x in (k, v))
   return hidden, {"k": k, "v": v}
 
@@ -447,7 +471,7 @@ def unstack_layers(params):
   return {**params, "layers": split}
 
 
-def _decode_unrolled(config, params, tokens, side, block):
+def _decode_unrolled(config, params, tokens, inputs: LayerInputs, block):
   """The decode forward of `Decoder` with the layers of `unstack_layers` in a Python loop;
   returns (hidden [N, 1, D], (k, v) [L, N, K, Dh])."""
   dtype, pdtype = dtype_from_name(config.dtype), dtype_from_name(config.param_dtype)
@@ -456,7 +480,7 @@ def _decode_unrolled(config, params, tokens, side, block):
   layer_module = Block(config, "decode", block)
   new_k, new_v = [], []
   for index, layer_params in enumerate(params["layers"]):
-    x, (k, v) = layer_module.apply({"params": layer_params}, x, side, index)
+    x, (k, v) = layer_module.apply({"params": layer_params}, x, inputs, index)
     new_k.append(k)
     new_v.append(v)
   hidden = RMSNorm(config.norm_eps, pdtype).apply({"params": params["final_norm"]}, x)
@@ -487,12 +511,14 @@ def decode_step(config, params, tokens, positions, prompt_cache, prompt_mask,
             "prompt_v": prompt_cache["v"].astype(dtype),
             "response_k": response_cache["k"].astype(dtype),
             "response_v": response_cache["v"].astype(dtype)}
-  side = (positions, prompt_mask.astype(bool), num_written, caches)
+  inputs = LayerInputs(positions=positions, prompt_mask=prompt_mask.astype(bool),
+                       num_written=num_written, caches=caches)
   if isinstance(params["layers"], (list, tuple)):
-    hidden, (k, v) = _decode_unrolled(config, params, tokens, side, block)
+    hidden, (k, v) = _decode_unrolled(config, params, tokens, inputs, block)
   else:
     hidden, (k, v) = Decoder(config, "decode", block).apply(
-        {"params": params}, tokens, side, jnp.arange(config.num_layers, dtype=jnp.int32))
+        {"params": params}, tokens, **inputs._asdict(),
+        layers=jnp.arange(config.num_layers, dtype=jnp.int32))
 
   def write(buffer, new):  # new [L, N, K, Dh] -> slot num_written of [L, N, K, Lr, Dh]
     new = new[:, :, :, None].astype(buffer.dtype)

@@ -168,7 +168,8 @@ class HostVerifier:
     self.rows += n
     rewards = np.zeros((n,), np.float32)
     status = np.full((n,), STATUS_CODES["error"], np.int32)
-    feedback = np.zeros((n, self.feedback_len), np.int32)
+    # feedback_len 0 (feedback never shown): one empty column, the device's fixed shape.
+    feedback = np.zeros((n, max(self.feedback_len, 1)), np.int32)
     feedback_lengths = np.zeros((n,), np.int32)
     try:
       ids, tokens, lengths = np.asarray(ids), np.asarray(tokens), np.asarray(lengths)

@@ -14,6 +14,7 @@ names the file(s).
 
 from __future__ import annotations
 
+from mopd_jax.choices import SOURCE_KINDS
 from mopd_jax.data.sources import (aime, bfcl, deepmath, humaneval, livecodebench, mmath,
                                    mopd_parquet, sciknoweval, toolalpaca)
 from mopd_jax.data.sources import common
@@ -32,7 +33,7 @@ _READERS = {
     "mmath": mmath.load,
     "bfcl": bfcl.load,
 }
-KINDS = tuple(_READERS)
+KINDS = SOURCE_KINDS  # the readers' names, as the settings allow them
 
 
 def load(kind: str, path: str, *, report: dict | None = None, **options) -> list[Problem]:
