@@ -75,6 +75,9 @@ def get_config(arg=None):
   # The demo base model was never pretrained on a teacher prompt with the rollout's own
   # feedback (the authors' default, on in the presets below): the demo leaves it out.
   c.peers.include_feedback = False
+  # With --config.peers.include_feedback=True: room for the demo verifier's feedback (on
+  # wrong demo programs at most ~320 tokens; median 95).
+  c.peers.feedback_len = 320
 
   c.loss.alpha = 0.5
   c.loss.top_k = 100
