@@ -24,6 +24,7 @@ Entry points:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 from absl import logging
@@ -372,8 +373,13 @@ class Decoder(nn.Module):
     return x, new_kv
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
 def init_params(config: ModelConfig, key: jax.Array):
-  """Unboxed parameter pytree (use `param_logical_axes` for the axis names)."""
+  """Unboxed parameter pytree (use `param_logical_axes` for the axis names).
+
+  Jitted (the config is static): called eagerly, the scanned layers would be traced and
+  compiled again at every call.
+  """
   return nn.unbox(_init_boxed(config, key))
 
 
