@@ -253,13 +253,22 @@ def make_train_step(cfg: StepConfig, mesh, host_fn: Callable, optimizer, pieces,
 
 def make_split_step(cfg: StepConfig, mesh, host_fn: Callable, optimizer, pieces,
                     shardings: TrainState):
-  """The same step as jit(sample) -> host verify -> jit(update)."""
+  """The same step as jit(sample) -> host verify -> jit(update); donates the state.
+
+  On many processes each one verifies the rows its devices hold (as the fused step's
+  callback does): the samples stay on the devices, only this process's rows come to the
+  host, and the verifier's outputs go back as global arrays split over the batch axes.
+  """
 
   def sample_fn(state, batch):
     batch = step_teacher.student_prompts(cfg.peers, pieces, batch, cfg.pad_id)
     sample_key, _ = step_keys(state)
-    return cfg.sampler(state.params, batch["prompt_tokens"], batch["prompt_mask"],
-                       sample_key)
+    out = cfg.sampler(state.params, batch["prompt_tokens"], batch["prompt_mask"],
+                      sample_key)
+    # Rows split over the batch axes, as the host side reads them (`local_rows`).
+    return jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, x.ndim)),
+        out)
 
   sample_fn = sharding.UnderRules(jax.jit(sample_fn), mesh)
 
@@ -270,19 +279,21 @@ def make_split_step(cfg: StepConfig, mesh, host_fn: Callable, optimizer, pieces,
 
   update_jit = sharding.UnderRules(
       jax.jit(update_fn, in_shardings=(shardings, batch_shardings(mesh), None),
-              out_shardings=(shardings, sharding.replicated(mesh))), mesh)
+              out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,)),
+      mesh)
 
   def step(state, batch):
-    out = jax.device_get(sample_fn(state, batch))
-    ids = jax.device_get(batch["example_id"]).repeat(cfg.num_samples)
-    rewards, status, feedback, feedback_lengths = host_fn(ids, out.tokens, out.lengths)
-    summaries = {}
+    out = sample_fn(state, batch)
+    tokens, lengths = sharding.local_rows(out.tokens), sharding.local_rows(out.lengths)
+    ids = sharding.local_rows(batch["example_id"]).repeat(cfg.num_samples)
+    host = dict(zip(("rewards", "status", "feedback", "feedback_lengths"),
+                    host_fn(ids, tokens, lengths)))
     if cfg.peers.summaries:
-      summaries = dict(zip(("summaries", "summary_lengths", "summary_missing"),
-                           host_fn.summarize(out.tokens, out.lengths)))
+      host.update(zip(("summaries", "summary_lengths", "summary_missing"),
+                      host_fn.summarize(tokens, lengths)))
+    host = sharding.global_batch(mesh, host, out.tokens.shape[0])
     rollouts = Rollouts(tokens=out.tokens, logprobs=out.logprobs, lengths=out.lengths,
-                        finished=out.finished, rewards=rewards, status=status,
-                        feedback=feedback, feedback_lengths=feedback_lengths, **summaries)
+                        finished=out.finished, **host)
     return update_jit(state, batch, rollouts)
 
   return step

@@ -1,7 +1,8 @@
 """Two processes x 2 fake CPU devices (launch/local.sh, 127.0.0.1) against one process
 with 4 devices: same per-step metrics, each rollout verified once on the process that
 holds it, SIGKILL of one process then resume, and checkpoints restored onto the other
-process count."""
+process count; the split step (jit(sample) -> host verify -> jit(update)) on two processes
+too."""
 
 import json
 import os
@@ -112,7 +113,7 @@ num_processes, process_id = int(num_processes), int(process_id)
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 // num_processes}"
 sys.path.insert(0, os.getcwd())
 import jax, numpy as np
-from mopd_jax import distributed, settings, train
+from mopd_jax import distributed, settings, train, train_step
 from mopd_jax.verifiers.result import Result
 from tests.conftest import tiny_config
 
@@ -135,13 +136,22 @@ def recording(ids, tokens, lengths):
   return verifier(ids, tokens, lengths)
 s.host_verifier = recording
 state, step = s.init_state(), s.train_step()
-result = {"steps": []}
+result = {"steps": [], "split_steps": []}
 for i in range(2):
   calls.clear()
   state, m = step(state, s.batch(i))
   m = {k: float(v) for k, v in jax.device_get(m).items()}
   result["steps"].append({"calls": list(calls), "metrics": m,
                           "batch_ids": s.train_batches.batch(i)["example_id"].tolist()})
+# The same two steps as jit(sample) -> host verify -> jit(update).
+split = train_step.make_split_step(s.step_cfg, s.mesh, s.host_verifier, s.optimizer,
+                                   s.pieces, s.shardings)
+state = s.init_state()
+for i in range(2):
+  calls.clear()
+  state, m = split(state, s.batch(i))
+  m = {k: float(v) for k, v in jax.device_get(m).items()}
+  result["split_steps"].append({"calls": list(calls), "metrics": m})
 with open(out, "w") as f:
   json.dump(result, f)
 """
@@ -184,6 +194,14 @@ def test_each_rollout_is_verified_once_on_the_process_that_holds_it(tiny_base_di
     assert results[1]["steps"][step]["metrics"] == two_m
     for k in one_m:
       assert two_m[k] == pytest.approx(one_m[k], rel=1e-4, abs=1e-5), k
+    # The split step verifies the same rows on the same processes (in one host call per
+    # process) and gets the same step.
+    for r in results + [one]:
+      assert (sorted(sum(r["split_steps"][step]["calls"], []))
+              == sorted(sum(r["steps"][step]["calls"], [])))
+      for k, v in r["steps"][step]["metrics"].items():
+        if not k.endswith("time_s"):
+          assert r["split_steps"][step]["metrics"][k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
   # The scorer gives mixed rewards, so rewards and peer masks are really compared.
   rewards = [s["metrics"]["train/reward_mean"] for s in one["steps"]]
   assert all(0 < r < 1 for r in rewards)
