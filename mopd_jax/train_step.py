@@ -11,8 +11,10 @@
 This module holds micro-batching, the update and the assembly of the step; the types
 are in `step_types` (re-exported here), the teacher inputs and scoring in
 `step_teacher`, and what differs per algorithm (teacher context, loss, its weights and
-metrics) in the registered algorithm `cfg.method` (`mopd_jax.algorithms`). `make_train_step` jits the whole chain; `make_split_step` runs the
-same pieces as jit(sample) -> host verify -> jit(update), for debugging and evaluation.
+metrics) in the registered algorithm `cfg.method` (`mopd_jax.algorithms`).
+`make_train_step` jits the whole chain; `make_split_step` runs the same pieces as
+jit(sample) -> host verify -> jit(update), for debugging, evaluation and asynchronous
+setups.
 """
 from __future__ import annotations
 
