@@ -75,6 +75,14 @@ def compile_for_topology(config) -> memory_plan.MemoryPlan:
         f"config.mesh.shape = {st.mesh.shape} with config.mesh.dcn_shape = "
         f"{st.mesh.dcn_shape} does not fit the {len(devices)} devices of "
         f"{st.mesh.compile_for}: {e}") from e
+  # The training batch is split by prompts over data x fsdp (train.setup checks the same
+  # before a real run; the evaluation sampler is not compiled here).
+  divisor = sharding.batch_divisor(mesh)
+  if st.data.batch_size % divisor:
+    raise settings.ConfigError(
+        f"config.data.batch_size={st.data.batch_size} must be divisible by the data x fsdp "
+        f"mesh size {divisor} (mesh {dict(mesh.shape)} on {st.mesh.compile_for}); change "
+        "config.mesh.shape, e.g. more 'tensor'.")
   model_cfg = presets.get(st.model.preset)
   model_cfg = dataclasses.replace(
       model_cfg, dtype=st.model.dtype, param_dtype=st.model.param_dtype,
@@ -110,13 +118,10 @@ def compile_for_topology(config) -> memory_plan.MemoryPlan:
 def report(plan: memory_plan.MemoryPlan, topology_name: str) -> tuple[str, bool]:
   """(the plan's table with a verdict, whether the step fits on `topology_name`)."""
   if plan.device_limit is None:
-    return (f"{plan.table()}
-The HBM of a {plan.device_kind} is not known here "
+    return (plan.table() + f"\nThe HBM of a {plan.device_kind} is not known here "
             f"(known: {list(topology.TPU_CHIPS)}): no verdict.", False)
   try:
     memory_plan.check_fits(plan)
   except ValueError as e:
-    return f"{e}
-Does NOT fit on {topology_name}.", False
-  return f"{plan.table()}
-Fits on {topology_name}.", True
+    return f"{e}\nDoes NOT fit on {topology_name}.", False
+  return plan.table() + f"\nFits on {topology_name}.", True

@@ -74,7 +74,7 @@ def test_topology_devices_are_tpus_with_their_hbm(parts):
   assert {d.platform for d in devices} == {"tpu"}
   assert {d.device_kind for d in devices} == {"TPU v5 lite"}
   assert memory_plan.device_memory_limit(devices[0]) == 16 * 2**30
-  assert len({d.slice_index for d in devices}) == parts.mesh.size // 4
+  assert len({getattr(d, "slice_index", 0) for d in devices}) == parts.mesh.size // 4
   with sharding.axis_rules(parts.mesh):
     q = jax.ShapeDtypeStruct((1, 1, 4, 128), jnp.bfloat16)
     assert attention_lib.target_platform() == "tpu"
