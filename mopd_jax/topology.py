@@ -94,7 +94,8 @@ COLLECTIVE_KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
                 "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([a-z][\w\-]*)\(")
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((?:[^%)]*%([\w.\-]+))?")
 _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 _WHILE = re.compile(r"\bwhile\(.*\bbody=%?([\w.\-]+)")
 _CALLEES = re.compile(r"\b(?:calls|to_apply|body|condition|true_computation|"
@@ -153,7 +154,8 @@ def collectives(hlo_text: str, decode_marker: str = "decode") -> dict:
     and whatever that body calls;
   - training: elsewhere, with an op_name from differentiation (`jvp(` or `transpose(`);
   - rest: everything else (prefill, teacher forward, optimizer update, ...).
-  An async collective counts once (at its `-start`). Bytes are those of the result.
+  An async collective counts once (at its `-start`). Bytes are those of the result. A
+  collective without metadata takes the op_name of its first operand (up the chain).
   """
   computations = _parse(hlo_text)
   decode_bodies = set()
@@ -164,6 +166,25 @@ def collectives(hlo_text: str, decode_marker: str = "decode") -> dict:
       if m and name and decode_marker in name.group(1):
         decode_bodies.add(m.group(1))
   in_decode = _reachable(computations, decode_bodies)
+  # Instruction -> (its op_name or None, its first operand). Passes after partitioning
+  # (e.g. the multi-slice decomposition) create collectives without metadata: such a
+  # collective is named after the first operand up its chain that has an op_name.
+  origin = {}
+  for lines in computations.values():
+    for line in lines:
+      m = _INSTRUCTION.match(line)
+      if m:
+        name = _OP_NAME.search(line)
+        origin[m.group(1)] = (name.group(1) if name else None, m.group(4))
+
+  def op_name_of(instruction):
+    for _ in range(len(origin)):
+      op_name, operand = origin.get(instruction, (None, None))
+      if op_name is not None or operand is None:
+        return op_name or ""
+      instruction = operand
+    return ""
+
   out = {part: collections.defaultdict(lambda: {"count": 0, "bytes": 0})
          for part in ("decode_loop", "training", "rest")}
   for comp, lines in computations.items():
@@ -171,12 +192,11 @@ def collectives(hlo_text: str, decode_marker: str = "decode") -> dict:
       m = _INSTRUCTION.match(line)
       if not m:
         continue
-      op = m.group(2)
+      op = m.group(3)
       kind = op[:-len("-start")] if op.endswith("-start") else op
       if kind not in COLLECTIVE_KINDS:
         continue
-      name = _OP_NAME.search(line)
-      op_name = name.group(1) if name else ""
+      op_name = op_name_of(m.group(1))
       if comp in in_decode:
         part = "decode_loop"
       elif "jvp(" in op_name or "transpose(" in op_name:
@@ -186,6 +206,6 @@ def collectives(hlo_text: str, decode_marker: str = "decode") -> dict:
       entry = out[part][kind]
       entry["count"] += 1
       # An async start's result is a tuple holding its operand too: count the output.
-      entry["bytes"] += (_largest_array_bytes(m.group(1)) if op.endswith("-start")
-                         else _result_bytes(m.group(1)))
+      entry["bytes"] += (_largest_array_bytes(m.group(2)) if op.endswith("-start")
+                         else _result_bytes(m.group(2)))
   return {part: dict(kinds) for part, kinds in out.items()}

@@ -53,6 +53,7 @@ ENTRY %main (t: (s32[], bf16[8,4])) -> f32[2,4] {
   %ags = (bf16[4,4]{1,0}, bf16[16,4]{1,0}) all-gather-start(%y), metadata={op_name="jit(step)/transpose(jvp(Decoder))/dot"}
   %agd = bf16[16,4]{1,0} all-gather-done(%ags)
   %rs = f32[2,4]{1,0} reduce-scatter(%z), dimensions={0}, metadata={op_name="jit(step)/jvp(Decoder)/x"}
+  %ar2 = f32[2,4]{1,0} all-reduce(f32[2,4]{1,0} %rs), replica_groups={{0,1}}, to_apply=%add
   ROOT %cp = u32[3]{0} collective-permute(%q), metadata={op_name="jit(step)/optimizer"}
 }
 """
@@ -65,7 +66,9 @@ def test_collectives_are_split_into_decode_loop_training_and_rest():
       "decode_loop": {"all-gather": {"count": 1, "bytes": 8 * 16 * 2},
                       "all-reduce": {"count": 1, "bytes": 4 * 4}},
       # An async start counts once, with its output's bytes (not its operand's).
+      # A collective without metadata (%ar2) is named after its operand (%rs).
       "training": {"all-gather": {"count": 1, "bytes": 16 * 4 * 2},
-                   "reduce-scatter": {"count": 1, "bytes": 2 * 4 * 4}},
+                   "reduce-scatter": {"count": 1, "bytes": 2 * 4 * 4},
+                   "all-reduce": {"count": 1, "bytes": 2 * 4 * 4}},
       "rest": {"collective-permute": {"count": 1, "bytes": 3 * 4}},
   }

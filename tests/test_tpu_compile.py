@@ -90,10 +90,10 @@ def test_fused_step_compiles(parts, shardy):
     compiled = step.lower(parts.abstract_state, parts.batch).compile()
   text = _check(compiled)
   # The verifier's host callback is in the program (one send per operand, on the devices
-  # of tensor index 0), and the fsdp-sharded weights are gathered in the training
-  # forward/backward.
+  # of tensor index 0), and the training forward/backward over the sharded weights
+  # communicates.
   assert "host_transfer_rendezvous" in text and " send(" in text
-  assert topology.collectives(text)["training"]["all-gather"]["count"] > 0
+  assert sum(c["count"] for c in topology.collectives(text)["training"].values()) > 0
 
 
 def test_split_step_and_evaluation_sampler_compile(parts):
@@ -103,8 +103,9 @@ def test_split_step_and_evaluation_sampler_compile(parts):
   shardy = parts.mesh.size == 4
   step = train_step.make_split_step(cfg, mesh, parts.host, parts.optimizer, parts.pieces,
                                     parts.shardings)
-  out = jax.eval_shape(step.sample, parts.abstract_state, parts.batch)
-  n, lr = out.tokens.shape
+  with _partitioner(shardy):
+    sample = step.sample.lower(parts.abstract_state, parts.batch)
+  n, lr = sample.out_info.tokens.shape
   rows = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
       shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
   rollouts = train_step.Rollouts(
@@ -124,7 +125,7 @@ def test_split_step_and_evaluation_sampler_compile(parts):
   jitted = sharding.UnderRules(jax.jit(evaluation.__call__, out_shardings=jax.tree.map(
       lambda x: sharding.batch_sharding(mesh, x.ndim), shapes)), mesh)
   with _partitioner(shardy):
-    _check(step.sample.lower(parts.abstract_state, parts.batch).compile())
+    _check(sample.compile())
     _check(step.update.lower(parts.abstract_state, parts.batch, rollouts).compile())
     _check(jitted.lower(*args).compile())
 
@@ -146,3 +147,18 @@ def test_compile_only_run_checks_the_plan_against_the_chips_hbm(monkeypatch):
   text, fits = aot.report(dataclasses.replace(plan, device_limit=plan.total - 1), "v5e:2x2")
   assert not fits and "config.optim.micro_batch_rows" in text
   assert text.endswith("Does NOT fit on v5e:2x2.")
+
+
+def test_a_host_without_tpu_or_gpu_starts_jax_on_the_cpu(monkeypatch):
+  """With libtpu installed, `python -m mopd_jax.main` on a CPU host must not try a TPU
+  (errors printed, seconds lost); a TPU VM (or a GPU host) keeps JAX's own choice."""
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  monkeypatch.setattr(topology.glob, "glob", lambda pattern: [])
+  topology.skip_absent_tpu()
+  assert os.environ["JAX_PLATFORMS"] == "cpu"
+  for node in ("/dev/accel0", "/dev/vfio/0", "/dev/nvidia0"):
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(topology.glob, "glob",
+                        lambda pattern, node=node: [node] if pattern[:8] == node[:8] else [])
+    topology.skip_absent_tpu()
+    assert "JAX_PLATFORMS" not in os.environ, node
