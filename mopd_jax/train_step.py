@@ -360,6 +360,6 @@ def make_split_step(cfg: StepConfig, mesh, host_fn: Callable, optimizer, pieces,
                         feedback=feedback, feedback_lengths=feedback_lengths, **summaries)
     return update_jit(state, batch, rollouts)
 
-  # The two jitted halves, for compiling them ahead of time (mopd_jax.topology).
+  # The two jitted halves, for compiling them ahead of time (e.g. for a TPU topology).
   step.sample, step.update = sample_fn, update_jit
   return step
