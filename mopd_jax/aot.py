@@ -1,6 +1,6 @@
 """Compile-only run: the configured step compiled for a TPU topology, without a TPU.
 
-`python -m mopd_jax.main --config=configs/code.py:qwen3_4b --config.mesh.compile_for=v5p:4x4x4`
+`python -m mopd_jax.main --config=configs/code.py:qwen3_4b --config.mesh.compile_for=v5p:2x4x4`
 builds the run's fused step from abstract shapes only (no weights, no data, no tokenizer,
 no devices: the model's shapes come from `config.model.preset`), compiles it for the
 devices of that TPU topology (`mopd_jax.topology`; slices = the product of
