@@ -162,3 +162,18 @@ def test_a_host_without_tpu_or_gpu_starts_jax_on_the_cpu(monkeypatch):
                         lambda pattern, node=node: [node] if pattern[:8] == node[:8] else [])
     topology.skip_absent_tpu()
     assert "JAX_PLATFORMS" not in os.environ, node
+
+
+def test_compile_only_run_names_the_knob_before_compiling(monkeypatch):
+  from mopd_jax import settings  # pylint: disable=import-outside-toplevel
+  with pytest.raises(settings.ConfigError, match=r"needs config.model.preset"):
+    aot.compile_for_topology(load_config(**{"mesh.compile_for": "v5e:2x2"}))
+  monkeypatch.setattr(presets, "get", lambda name: TINY)
+  config = load_config(**{"model.preset": "tiny", "mesh.compile_for": "v5e:2x2",
+                          "mesh.shape": (1, -1, 1), "data.batch_size": 2})
+  with pytest.raises(settings.ConfigError, match=r"config.data.batch_size=2 must be "
+                     r"divisible by the data x fsdp mesh size 4"):
+    aot.compile_for_topology(config)
+  config = load_config(**{"model.preset": "tiny", "mesh.compile_for": "v5e:9x9"})
+  with pytest.raises(ValueError, match=r"Cannot describe TPU topology 'v5e:9x9'"):
+    aot.compile_for_topology(config)
