@@ -125,3 +125,21 @@ def report(plan: memory_plan.MemoryPlan, topology_name: str) -> tuple[str, bool]
   except ValueError as e:
     return f"{e}\nDoes NOT fit on {topology_name}.", False
   return plan.table() + f"\nFits on {topology_name}.", True
+
+
+def compile_only(config) -> tuple[str, bool]:
+  """`report` of the configured step compiled for `config.mesh.compile_for`.
+
+  The TPU compiler itself refuses a program whose temporaries exceed the chip's HBM;
+  that refusal is a verdict too (with the compiler's figures and the knobs), not a crash.
+  """
+  name = config.mesh.compile_for
+  try:
+    plan = compile_for_topology(config)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return (f"The TPU compiler ran out of memory for one {name} device: "
+            f"{str(e).splitlines()[0]}\nKnobs that shrink it: "
+            f"{memory_plan.SHRINKING_KNOBS}\nDoes NOT fit on {name}.", False)
+  return report(plan, name)

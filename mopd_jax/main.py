@@ -38,7 +38,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
   if config.mesh.compile_for:
-    text, fits = aot.report(aot.compile_for_topology(config), config.mesh.compile_for)
+    text, fits = aot.compile_only(config)
     print(text)
     sys.exit(0 if fits else 1)
   if not _WORKDIR.value:

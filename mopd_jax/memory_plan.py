@@ -123,6 +123,13 @@ def make_plan(compiled, state_shapes, state_shardings, kv_bytes: int, device) ->
       device_limit=device_memory_limit(device), device_kind=device.device_kind)
 
 
+SHRINKING_KNOBS = (
+    "config.optim.micro_batch_rows (fewer rows live at once), config.mesh.shape (more "
+    "fsdp devices split parameters and optimizer state), config.model.remat_policy "
+    "(save fewer activations), config.loss.chunk_size, and the lengths "
+    "config.data.max_prompt_len, config.sampling.max_response_len, config.peers.peer_cap.")
+
+
 def check_fits(plan: MemoryPlan, error_cls=ValueError):
   """Raises `error_cls` naming the knobs that shrink a step that does not fit."""
   if plan.fits():
@@ -131,8 +138,4 @@ def check_fits(plan: MemoryPlan, error_cls=ValueError):
       f"The step needs about {plan.total / 2**30:.1f} GiB per device (arguments "
       f"{plan.argument / 2**30:.1f} GiB + temporary {plan.temp / 2**30:.1f} GiB) but the "
       f"{plan.device_kind} has {plan.device_limit / 2**30:.1f} GiB. Knobs that shrink it: "
-      "config.optim.micro_batch_rows (fewer rows live at once), config.mesh.shape (more "
-      "fsdp devices split parameters and optimizer state), config.model.remat_policy "
-      "(save fewer activations), config.loss.chunk_size, and the lengths "
-      "config.data.max_prompt_len, config.sampling.max_response_len, config.peers.peer_cap."
-      f"\n{plan.table()}")
+      f"{SHRINKING_KNOBS}\n{plan.table()}")

@@ -177,3 +177,25 @@ def test_compile_only_run_names_the_knob_before_compiling(monkeypatch):
   config = load_config(**{"model.preset": "tiny", "mesh.compile_for": "v5e:9x9"})
   with pytest.raises(ValueError, match=r"Cannot describe TPU topology 'v5e:9x9'"):
     aot.compile_for_topology(config)
+
+
+def test_compile_only_run_turns_the_compilers_out_of_memory_into_a_verdict(monkeypatch):
+  def out_of_memory(config):
+    del config
+    raise jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (35.04G) exceeds available HBM (15.75G).\nmore")
+
+  monkeypatch.setattr(aot, "compile_for_topology", out_of_memory)
+  config = load_config(**{"model.preset": "tiny", "mesh.compile_for": "v5e:4x4"})
+  text, fits = aot.compile_only(config)
+  assert not fits and "(35.04G) exceeds available HBM (15.75G)." in text
+  assert "config.optim.micro_batch_rows" in text and text.endswith("Does NOT fit on v5e:4x4.")
+
+  def other_error(config):
+    del config
+    raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+  monkeypatch.setattr(aot, "compile_for_topology", other_error)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+    aot.compile_only(config)
