@@ -5,6 +5,9 @@ r"""Per-device memory of the fused MOPD step, compiled ahead of time from abstra
     python -m benchmarks.step_memory --preset=qwen3-4b --rows=256 --group=8 \
         --prompt-len=2048 --response-len=4096 --peer-cap=2048 \
         --mesh=1,8,1 --devices=8 --micro-batch-rows=16
+    python -m benchmarks.step_memory --preset=qwen3-0.6b --num-layers=2 --rows=32 \
+        --group=8 --prompt-len=128 --response-len=128 --peer-cap=64 --mesh=1,4,1 \
+        --topology=v5e:2x2
 
 No weight is materialised: parameters, optimizer state and teacher are ShapeDtypeStructs
 on their shardings, the fused step (sample -> verify -> peers -> teacher -> loss ->
@@ -12,6 +15,16 @@ update) is lowered and compiled, and XLA's `compiled.memory_analysis()` gives th
 per-device temporary, argument and output bytes. `--devices=N` fakes N CPU devices
 (it must be given before JAX starts, so this module imports JAX only after parsing).
 Prints one JSON line.
+
+`--topology=NAME [--num-slices=N]` (NAME as JAX spells it: v5e:2x2, v5p:2x2x2, v6e:2x4,
+...; needs libtpu) compiles for that TPU topology's devices instead, from this host: the
+mesh is `--mesh` within each slice and (N, 1, 1) across slices, the figures are the TPU
+compiler's, the memory limit is the chip's HBM, and the JSON line adds `device` (the TPU's
+kind), `attention` (the kernel `--attention` resolved to there), `partitioner` (Shardy, JAX's
+default, or GSPMD with JAX_USE_SHARDY_PARTITIONER=false), `flops` and `bytes_accessed`
+(cost analysis), `device_limit_bytes`, `fits`, and `collectives`: count and bytes of each
+collective kind in the optimized HLO, inside the sampler's decode loop, inside the training
+forward/backward, and the rest (`mopd_jax.topology.collectives`).
 
 `--rows` counts sequences (prompts x group); `--peer-cap` is the per-block cap of the
 peer context, so the teacher prompt is about prompt + 3 x cap + template tokens (2S1F).
@@ -45,7 +58,14 @@ def parse_args(argv=None):
   p.add_argument("--param-dtype", default="float32")
   p.add_argument("--chunk-size", type=int, default=32, help="loss chunk (positions)")
   p.add_argument("--top-k", type=int, default=100)
+  p.add_argument("--topology", default="",
+                 help="compile for this TPU topology (e.g. v5e:2x2; needs libtpu)")
+  p.add_argument("--num-slices", type=int, default=1, help="slices of --topology")
   args = p.parse_args(argv)
+  if args.topology and args.devices:
+    p.error("--devices fakes CPU devices; it cannot be combined with --topology.")
+  if args.num_slices > 1 and not args.topology:
+    p.error("--num-slices needs --topology.")
   if args.rows % args.group:
     p.error(f"--rows={args.rows} must be a multiple of --group={args.group}.")
   return args
@@ -53,16 +73,37 @@ def parse_args(argv=None):
 
 def compile_step(args) -> dict:
   """Lowers and compiles the fused step for `args`; returns the memory figures."""
+  from mopd_jax.models import presets  # pylint: disable=import-outside-toplevel
+  return compile_model_step(presets.get(args.preset), args)
+
+
+@dataclasses.dataclass
+class StepParts:
+  """What compiling a step for `args` needs: its config, mesh, host verifier stand-in,
+  optimizer, template pieces, state shapes and shardings, and abstract inputs."""
+  cfg: object
+  mesh: object
+  host: object
+  optimizer: object
+  pieces: object
+  state: object  # TrainState of ShapeDtypeStructs
+  shardings: object  # TrainState of shardings
+  abstract_state: object  # `state` with its shardings
+  batch: dict  # abstract batch on its shardings
+
+
+def build_step(model, args) -> StepParts:
+  """The parts of the step for a given ModelConfig (the preset's depth, dtypes and
+  attention overridden by `args`), on a mesh of CPU devices or of `args.topology`."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from mopd_jax import (memory_plan, peer_context, settings, sharding, teacher,  # pylint: disable=import-outside-toplevel
-                        train_step)
-  from mopd_jax.models import presets, transformer  # pylint: disable=import-outside-toplevel
+  from mopd_jax import (peer_context, settings, sharding, teacher,  # pylint: disable=import-outside-toplevel
+                        topology, train_step)
+  from mopd_jax.models import transformer  # pylint: disable=import-outside-toplevel
 
-  model = dataclasses.replace(presets.get(args.preset), dtype=args.dtype,
-                              param_dtype=args.param_dtype)
+  model = dataclasses.replace(model, dtype=args.dtype, param_dtype=args.param_dtype)
   overrides = {}
   if args.num_layers:
     overrides["num_layers"] = args.num_layers
@@ -81,7 +122,12 @@ def compile_step(args) -> dict:
       teacher=settings.TeacherSettings(),
       optim=settings.OptimSettings(micro_batch_rows=args.micro_batch_rows),
       stop_ids=(1,), pad_id=0)
-  mesh = sharding.make_mesh(tuple(int(x) for x in args.mesh.split(",")))
+  mesh_shape = tuple(int(x) for x in args.mesh.split(","))
+  if args.topology:
+    mesh = sharding.make_mesh(mesh_shape, topology.devices(args.topology, args.num_slices),
+                              dcn_shape=(args.num_slices, 1, 1))
+  else:
+    mesh = sharding.make_mesh(mesh_shape)
   optimizer, _ = train_step.make_optimizer(cfg.optim)
   param_dtype = transformer.dtype_from_name(model.param_dtype)
   params = jax.eval_shape(lambda: jax.tree.map(
@@ -103,7 +149,6 @@ def compile_step(args) -> dict:
     return (np.zeros(n, np.float32), np.zeros(n, np.int32), np.zeros((n, 1), np.int32),
             np.zeros(n, np.int32))
 
-  step = train_step.make_train_step(cfg, mesh, host, optimizer, pieces, shardings)
   batch_sh = train_step.batch_shardings(mesh)
   shape = (prompts, args.prompt_len)
   batch = {"prompt_tokens": jax.ShapeDtypeStruct(shape, jnp.int32,
@@ -116,14 +161,32 @@ def compile_step(args) -> dict:
                                               sharding=batch_sh["example_id"])}
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 state, shardings)
+  return StepParts(cfg=cfg, mesh=mesh, host=host, optimizer=optimizer, pieces=pieces,
+                   state=state, shardings=shardings, abstract_state=abstract_state,
+                   batch=batch)
+
+
+def compile_model_step(model, args) -> dict:
+  """`compile_step` for a given ModelConfig (see `build_step`)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from mopd_jax import memory_plan, sharding, topology, train_step  # pylint: disable=import-outside-toplevel
+  from mopd_jax.models import attention as attention_lib  # pylint: disable=import-outside-toplevel
+  from mopd_jax.models import transformer  # pylint: disable=import-outside-toplevel
+
+  parts = build_step(model, args)
+  model, mesh, state, shardings = parts.cfg.model, parts.mesh, parts.state, parts.shardings
+  prompts = args.rows // args.group
+  step = train_step.make_train_step(parts.cfg, mesh, parts.host, parts.optimizer,
+                                    parts.pieces, shardings)
   start = time.time()
-  compiled = step.lower(abstract_state, batch).compile()
+  compiled = step.lower(parts.abstract_state, parts.batch).compile()
   compile_s = time.time() - start
   kv = memory_plan.kv_cache_bytes(model, prompts=prompts, rows=args.rows,
                                   prompt_len=args.prompt_len, response_len=args.response_len,
                                   batch_devices=sharding.batch_divisor(mesh))
   plan = memory_plan.make_plan(compiled, state, shardings, kv, mesh.devices.flat[0])
-  return {
+  out = {
       "preset": args.preset, "num_layers": model.num_layers, "rows": args.rows,
       "group": args.group, "prompt_len": args.prompt_len,
       "response_len": args.response_len, "peer_cap": args.peer_cap,
@@ -135,10 +198,33 @@ def compile_step(args) -> dict:
       "teacher_bytes": plan.teacher, "kv_cache_bytes": plan.kv_cache,
       "compile_s": round(compile_s, 2), "device": plan.device_kind,
   }
+  if not args.topology:
+    return out
+  # The kernel the model's attention resolves to on these devices, as the step saw it.
+  with sharding.axis_rules(mesh):
+    q = jax.ShapeDtypeStruct((1, 1, model.num_heads, model.head_dim),
+                             transformer.dtype_from_name(model.dtype))
+    k = jax.ShapeDtypeStruct((1, 1, model.num_kv_heads, model.head_dim), q.dtype)
+    kernel = attention_lib.resolve_kind(model.attention, q, k,
+                                        attention_lib.precision_from_name(
+                                            model.matmul_precision))
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  out.update({
+      "topology": args.topology, "num_slices": args.num_slices, "attention": kernel,
+      "partitioner": "shardy" if jax.config.jax_use_shardy_partitioner else "gspmd",
+      "device_limit_bytes": plan.device_limit, "fits": plan.fits(),
+      "flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed"),
+      "collectives": topology.collectives(compiled.as_text()),
+  })
+  return out
 
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.topology:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   if args.devices:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}")

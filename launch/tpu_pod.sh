@@ -14,18 +14,20 @@
 # orbax writes each checkpoint from all processes into one directory.
 #
 # Options: --name, --zone, --accelerator_type (required); --project (default: gcloud's);
-#          --version=RUNTIME (default tpu-ubuntu2204-base); --spot; --reuse (the slice must
+#          --version=RUNTIME (default tpu-ubuntu2204-base); --python=VERSION (the
+#          workers' Python, installed with uv into ~/mopd_jax_venv; default 3.11); --spot; --reuse (the slice must
 #          exist); --keep (do not delete it at the end); --setup_command=CMD (run on every
 #          worker after install, e.g. to mount shared storage); --dry_run (print the
 #          gcloud commands, run nothing).
 set -euo pipefail
 
 name="" zone="" accelerator_type="" project="" version="tpu-ubuntu2204-base"
+python_version="3.11"
 spot=0 reuse=0 keep=0 dry_run=0 setup_command=""
 
 usage() {
   echo "usage: bash launch/tpu_pod.sh --name=NAME --zone=ZONE --accelerator_type=TYPE" \
-    "[--project=P] [--version=V] [--spot] [--reuse] [--keep] [--setup_command=CMD]" \
+    "[--project=P] [--version=V] [--python=V] [--spot] [--reuse] [--keep] [--setup_command=CMD]" \
     "[--dry_run] -- <arguments of python -m mopd_jax.main>" >&2
   exit 2
 }
@@ -37,6 +39,7 @@ while [[ $# -gt 0 ]]; do
     --accelerator_type=*) accelerator_type="${1#*=}" ;;
     --project=*) project="${1#*=}" ;;
     --version=*) version="${1#*=}" ;;
+    --python=*) python_version="${1#*=}" ;;
     --setup_command=*) setup_command="${1#*=}" ;;
     --spot) spot=1 ;;
     --reuse) reuse=1 ;;
@@ -101,10 +104,14 @@ fi
 run git archive --format=tar.gz --output="${archive}" HEAD
 run gcloud compute tpus tpu-vm scp "${archive}" "${name}:${archive_name}" "${common[@]}" \
   --worker=all
-on_all_workers "rm -rf ${remote_dir} && mkdir -p ${remote_dir} && tar -xzf ${archive_name} -C ${remote_dir} && cd ${remote_dir} && python3 -m pip install --quiet -e . 'jax[tpu]'"
+# The runtime image's Python may be older than the package needs (tpu-ubuntu2204-base has
+# 3.10, on which pip finds no current JAX): uv brings a standalone Python into a virtual
+# environment, and the `tpu` extra brings the jax[tpu] (libtpu) matching the installed jax.
+venv="\$HOME/mopd_jax_venv"
+on_all_workers "rm -rf ${remote_dir} && mkdir -p ${remote_dir} && tar -xzf ${archive_name} -C ${remote_dir} && cd ${remote_dir} && python3 -m pip install --quiet --user uv && python3 -m uv venv --quiet --allow-existing --python ${python_version} ${venv} && python3 -m uv pip install --quiet --python ${venv}/bin/python -e '.[tpu]'"
 if [[ -n "${setup_command}" ]]; then
   on_all_workers "${setup_command}"
 fi
 
 # ---------------------------------------------------------------- Run (logs stream here).
-on_all_workers "cd ${remote_dir} && python3 -m mopd_jax.main ${main_args}"
+on_all_workers "cd ${remote_dir} && ${venv}/bin/python -m mopd_jax.main ${main_args}"

@@ -13,7 +13,8 @@ the teacher are allocated (and, in `benchmarks.step_memory`, without any weight 
     temporary       compiled.memory_analysis().temp_size_in_bytes
 
 and compares the total with the device's memory limit where the backend reports one
-(GPU and TPU do; a CPU does not, and the check is then skipped with a log line).
+(GPU and TPU do; a CPU does not, and the check is then skipped with a log line). For the
+TPU devices of a topology compiled for ahead of time, the limit is the chip's HBM.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from mopd_jax import topology
 from mopd_jax.models import transformer
 
 
@@ -93,14 +95,18 @@ class MemoryPlan:
 
 
 def device_memory_limit(device) -> int | None:
-  """The device's memory limit in bytes, or None where the backend reports none."""
+  """The device's memory limit in bytes, or None where the backend reports none.
+
+  A TPU device this process cannot address (one of a topology compiled for ahead of time)
+  reports nothing; its limit is its share of the chip's HBM (`topology.hbm_bytes`).
+  """
   try:
     stats = device.memory_stats()
   except Exception:  # pylint: disable=broad-except
-    return None  # some backends raise instead of returning None
-  if not stats:
-    return None
-  return stats.get("bytes_limit") or None
+    stats = None  # some backends raise instead of returning None
+  if stats and stats.get("bytes_limit"):
+    return stats["bytes_limit"]
+  return topology.hbm_bytes(device) if device.platform == "tpu" else None
 
 
 def make_plan(compiled, state_shapes, state_shardings, kv_bytes: int, device) -> MemoryPlan:
@@ -117,6 +123,13 @@ def make_plan(compiled, state_shapes, state_shardings, kv_bytes: int, device) ->
       device_limit=device_memory_limit(device), device_kind=device.device_kind)
 
 
+SHRINKING_KNOBS = (
+    "config.optim.micro_batch_rows (fewer rows live at once), config.mesh.shape (more "
+    "fsdp devices split parameters and optimizer state), config.model.remat_policy "
+    "(save fewer activations), config.loss.chunk_size, and the lengths "
+    "config.data.max_prompt_len, config.sampling.max_response_len, config.peers.peer_cap.")
+
+
 def check_fits(plan: MemoryPlan, error_cls=ValueError):
   """Raises `error_cls` naming the knobs that shrink a step that does not fit."""
   if plan.fits():
@@ -125,8 +138,4 @@ def check_fits(plan: MemoryPlan, error_cls=ValueError):
       f"The step needs about {plan.total / 2**30:.1f} GiB per device (arguments "
       f"{plan.argument / 2**30:.1f} GiB + temporary {plan.temp / 2**30:.1f} GiB) but the "
       f"{plan.device_kind} has {plan.device_limit / 2**30:.1f} GiB. Knobs that shrink it: "
-      "config.optim.micro_batch_rows (fewer rows live at once), config.mesh.shape (more "
-      "fsdp devices split parameters and optimizer state), config.model.remat_policy "
-      "(save fewer activations), config.loss.chunk_size, and the lengths "
-      "config.data.max_prompt_len, config.sampling.max_response_len, config.peers.peer_cap."
-      f"\n{plan.table()}")
+      f"{SHRINKING_KNOBS}\n{plan.table()}")

@@ -230,6 +230,8 @@ class Sampler:
           cache=cache,
       )
 
-    state = jax.lax.while_loop(cond, body, state)
+    # Named, so that tools find the decode loop in compiled programs (topology.collectives).
+    with jax.named_scope("decode"):
+      state = jax.lax.while_loop(cond, body, state)
     return SampleOutput(tokens=state.tokens, logprobs=state.logprobs,
                         lengths=state.lengths, finished=state.done)

@@ -491,6 +491,11 @@ class MeshSettings(_Section):
       "processes (GPU, CPU)",
       "(1, 1, 1): one slice. Otherwise the mesh is built with "
       "mesh_utils.create_hybrid_device_mesh and `shape` is the shape within one slice.")
+  compile_for: str = knob(
+      "", _str, "'' or a TPU topology as JAX names it, e.g. 'v5p:4x4x4'",
+      "Compile-only run (mopd_jax.aot): compile the step for this topology (slices: the "
+      "product of dcn_shape) from abstract shapes, print the memory plan against the "
+      "chip's HBM, and exit 0 if it fits, 1 if not. Needs libtpu (the `tpu` extra).")
 
 
 DISTRIBUTED_MODES = ("auto", "off", "explicit")

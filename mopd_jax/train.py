@@ -419,7 +419,7 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
   logging.info("Mesh %s over %d %s devices.", dict(mesh.shape), mesh.size,
                mesh.devices.flat[0].platform)
   try:
-    attention_lib.check_backend(st.model.attention)
+    attention_lib.check_backend(st.model.attention, mesh.devices.flat[0].platform)
   except ValueError as e:
     raise settings.ConfigError(str(e)) from e
 

@@ -298,4 +298,6 @@ def make_split_step(cfg: StepConfig, mesh, host_fn: Callable, optimizer, pieces,
                         finished=out.finished, **host)
     return update_jit(state, batch, rollouts)
 
+  # The two jitted halves, for compiling them ahead of time (e.g. for a TPU topology).
+  step.sample, step.update = sample_fn, update_jit
   return step

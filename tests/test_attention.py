@@ -298,18 +298,20 @@ def test_activation_constraints_act_only_under_axis_rules(params):
 def test_kind_the_backend_lacks_stops_the_run_before_the_model_loads(monkeypatch, tmp_path):
   from mopd_jax import settings, train  # pylint: disable=import-outside-toplevel
   from tests.conftest import load_config  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-  A.check_backend("splash_interpret")
+  A.check_backend("splash_interpret", "cpu")
   with pytest.raises(ValueError, match=r"'cudnn' needs a GPU backend.*'blockwise'"):
-    A.check_backend("cudnn")
+    A.check_backend("cudnn", "cpu")
   # The model directory is empty: the run must stop on the attention kind first.
   config = load_config(**{"model.attention": "splash", "model.cache_dir": str(tmp_path)})
   with pytest.raises(settings.ConfigError, match=r"'splash' needs a TPU backend, and this "
                      r"one is 'cpu'"):
     train.setup(config)
   assert not os.listdir(tmp_path)
+  A.check_backend("splash", "tpu")
+  # The platform is the one given (the mesh's devices), not the process's backend.
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  A.check_backend("splash")
+  with pytest.raises(ValueError, match=r"'splash' needs a TPU backend, and this one is 'gpu'"):
+    A.check_backend("splash", "gpu")
 
 
 def test_blockwise_memory_inside_a_differentiated_scan():

@@ -33,8 +33,12 @@ Kinds:
 - `auto`: `splash` on TPU, `cudnn` on GPU where it applies, otherwise `blockwise`; logs when
   a TPU or GPU run falls back.
 
-A kind that cannot run on this backend or these inputs raises an error that names
-`config.model.attention`, the value and the kinds that run here.
+"This backend" is the platform the traced code is compiled for (`target_platform`): the
+devices of the context mesh (`jax.set_mesh`, which `sharding.axis_rules` sets), else the
+process's default backend. A CPU host compiling for TPU devices (ahead of time, for a named
+topology) therefore gets the TPU choices. A kind that cannot run on that platform or these
+inputs raises an error that names `config.model.attention`, the value and the kinds that
+run there.
 
 `decode_attention` is the sampler's one-token step over a prompt cache shared by the G
 samples of each prompt plus the written blocks of a per-sample response cache.
@@ -76,10 +80,18 @@ def precision_from_name(name: str):
   return PRECISIONS[name]
 
 
+def target_platform() -> str:
+  """The platform ('cpu', 'gpu', 'tpu') of the context mesh's devices, else the default one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.abstract_device is None:
+    return jax.default_backend()
+  return mesh.abstract_device.platform
+
+
 def _cudnn_unsupported_reason(q, k) -> str | None:
   """Why cuDNN flash attention cannot run these inputs here, or None when it can."""
-  if jax.default_backend() != "gpu":
-    return f"it needs a GPU backend, and this one is {jax.default_backend()!r}"
+  if target_platform() != "gpu":
+    return f"it needs a GPU backend, and this one is {target_platform()!r}"
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     return f"it needs bfloat16 or float16 inputs, got {q.dtype}"
   if q.shape[-1] > 128 or q.shape[-1] % 8:
@@ -91,32 +103,32 @@ def _cudnn_unsupported_reason(q, k) -> str | None:
 
 def _splash_unsupported_reason(q, precision) -> str | None:
   """Why the splash kernels cannot run these inputs here, or None when they can."""
-  if jax.default_backend() != "tpu":
-    return f"it needs a TPU backend, and this one is {jax.default_backend()!r}"
+  if target_platform() != "tpu":
+    return f"it needs a TPU backend, and this one is {target_platform()!r}"
   if precision is not None and q.dtype == jnp.float32:
     return (f"its kernels take no matmul precision, and float32 inputs ask for {precision} "
             f"(config.model.matmul_precision)")
   return None
 
 
-def _kinds_that_run() -> list[str]:
-  backend = jax.default_backend()
+def _kinds_that_run(backend: str) -> list[str]:
   return (["auto", "naive", "blockwise"] + ["cudnn"] * (backend == "gpu")
           + ["splash"] * (backend == "tpu") + ["splash_interpret"])
 
 
-def check_backend(kind: str) -> None:
-  """Raises ValueError, naming the kinds that run here, when `kind` needs another backend.
+def check_backend(kind: str, platform: str) -> None:
+  """Raises ValueError, naming the kinds that run there, when `kind` needs another platform.
 
-  Called at start-up, so that a run with a kind this backend lacks stops before building
-  the model and the data (the shape and dtype checks of `resolve_kind` come at tracing).
+  `platform` is that of the devices the run compiles for (`device.platform`). Called at
+  start-up, so that a run with a kind that platform lacks stops before building the model
+  and the data (the shape and dtype checks of `resolve_kind` come at tracing).
   """
   check_kind(kind)
-  if kind not in _kinds_that_run():
+  if kind not in _kinds_that_run(platform):
     needs = {"cudnn": "a GPU", "splash": "a TPU"}[kind]
     raise ValueError(
         f"config.model.attention={kind!r} needs {needs} backend, and this one is "
-        f"{jax.default_backend()!r}. Kinds that run here: {_kinds_that_run()}.")
+        f"{platform!r}. Kinds that run there: {_kinds_that_run(platform)}.")
 
 
 def resolve_kind(kind: str, q, k, precision=None) -> str:
@@ -130,11 +142,11 @@ def resolve_kind(kind: str, q, k, precision=None) -> str:
   if reason is not None:
     raise ValueError(
         f"config.model.attention={kind!r} cannot run: {reason}. Kinds that run here: "
-        f"{_kinds_that_run()} ('splash_interpret' is the splash kernel in the slow Pallas "
-        f"interpreter, for tests).")
+        f"{_kinds_that_run(target_platform())} ('splash_interpret' is the splash kernel in "
+        f"the slow Pallas interpreter, for tests).")
   if kind != "auto":
     return kind
-  if jax.default_backend() == "tpu":
+  if target_platform() == "tpu":
     reason = _splash_unsupported_reason(q, precision)
     if reason is None:
       return "splash"
@@ -143,7 +155,7 @@ def resolve_kind(kind: str, q, k, precision=None) -> str:
   reason = _cudnn_unsupported_reason(q, k)
   if reason is None:
     return "cudnn"
-  if jax.default_backend() == "gpu":
+  if target_platform() == "gpu":
     logging.info("attention='auto' uses blockwise instead of cudnn: %s.", reason)
   return "blockwise"
 
@@ -498,7 +510,7 @@ def decode_attention(q, prompt_k, prompt_v, prompt_mask, response_k, response_v,
   _, b, kh, lp, _ = prompt_k.shape
   g = n // b
   qg = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, g, kh, h // kh, d)
-  upcast = jax.default_backend() == "cpu"
+  upcast = target_platform() == "cpu"
 
   def mm(eq, a, b):
     # XLA's CPU runtime has no bf16 x bf16 -> f32 kernel for these batched

@@ -386,6 +386,9 @@ def init_params(config: ModelConfig, key: jax.Array):
 def _init_boxed(config, key):
   tokens = jnp.zeros((1, 2), jnp.int32)
   mask = jnp.ones((1, 2), bool)
+  # The parameters do not depend on the attention kernel; a portable one lets a host
+  # build the shapes of a model configured for another platform's kernel.
+  config = dataclasses.replace(config, attention="naive")
   return Decoder(config).init(key, tokens, positions=positions_from_mask(mask),
                               token_mask=mask)["params"]
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 from typing import Callable, Mapping, Sequence
@@ -250,14 +251,26 @@ def summarize_on_device(mesh, summarize_fn, tokens, lengths, *, summary_len: int
 
 def _rows_on_host(mesh, host_fn, out_shapes, *args):
   """Runs `host_fn(*args)` on each device's rows; every arg and output is split on its
-  first axis over ('data', 'fsdp'). out_shapes(n) -> ((shape, dtype), ...) of n rows."""
+  first axis over ('data', 'fsdp'). out_shapes(n) -> ((shape, dtype), ...) of n rows.
+
+  The callback hands every output back as a matrix [n, width] (reshaped on both sides):
+  on TPU under the Shardy partitioner, JAX lowers each result to its own host `recv`
+  and gives every one the sharding of the first result, so results of different ranks
+  (rewards [n] next to feedback [n, Lf]) would not lower.
+  """
+
+  def as_matrices(*host_args):
+    return tuple(np.asarray(x).reshape(len(x), -1) for x in host_fn(*host_args))
 
   def per_device(*args):
     n = args[0].shape[0]
     shapes = tuple(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in out_shapes(n))
+    matrices = tuple(jax.ShapeDtypeStruct((n, math.prod(s.shape[1:])), s.dtype)
+                     for s in shapes)
 
     def call(_):
-      return io_callback(host_fn, shapes, *args, ordered=False)
+      out = io_callback(as_matrices, matrices, *args, ordered=False)
+      return tuple(x.reshape(s.shape) for x, s in zip(out, shapes))
 
     def skip(_):
       return tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
