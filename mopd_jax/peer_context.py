@@ -419,17 +419,6 @@ def assemble_teacher_prompts(
   return _gather_segments(source, segments, out_len, pad_id)
 
 
-def teacher_positions(mask: jax.Array) -> jax.Array:
-  """Position ids from a left-padded mask: cumsum(mask) - 1, clipped at 0.
-
-  Args:
-      mask: bool [..., L], True on real tokens (a prompt, or a prompt + response
-          concatenation).
-
-  Returns:
-      int32 [..., L] positions; padding positions get 0.
-  """
-  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
 # Template text of the teacher prompt (MOPD spec, section 2); each piece is tokenized once.

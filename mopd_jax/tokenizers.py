@@ -425,16 +425,6 @@ def apply_chat_template(
   )
 
 
-def encode_chat(
-    tokenizer: HFTokenizer, messages: Sequence[Mapping[str, Any]], **kwargs: Any
-) -> list[int]:
-  """Token ids of `apply_chat_template(tokenizer, messages, **kwargs)`.
-
-  Equals transformers' `apply_chat_template(..., tokenize=True, return_dict=False)`.
-  """
-  return tokenizer.encode(apply_chat_template(tokenizer, messages, **kwargs))
-
-
 def _select_chat_template(tokenizer: HFTokenizer, name: str | None, tools: Any) -> str:
   templates = tokenizer.chat_templates
   if not templates:

@@ -261,3 +261,10 @@ def test_unrolled_decode_layers_sample_as_the_scan_does(params, prompts):
   np.testing.assert_array_equal(outs[0].lengths, outs[1].lengths)
   with pytest.raises(ValueError, match="decode_layers"):
     Sampler(CFG, max_new_tokens=2, stop_ids=(EOS,), pad_id=0, decode_layers="loop")
+
+
+def test_positions_from_mask_count_real_tokens_only():
+  mask = jnp.asarray([[False, False, True, True, True], [True] * 5, [False] * 5])
+  positions = jax.jit(T.positions_from_mask)(mask)
+  np.testing.assert_array_equal(positions, [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0] * 5])
+  assert positions.dtype == jnp.int32

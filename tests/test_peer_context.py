@@ -11,7 +11,6 @@ import pytest
 from mopd_jax.peer_context import (
     TemplatePieces,
     assemble_teacher_prompts,
-    teacher_positions,
     teacher_prompt_length,
     tokenize_pieces,
 )
@@ -536,8 +535,3 @@ def test_teacher_prompt_length():
     teacher_prompt_length(10, PIECES, -1)
 
 
-def test_teacher_positions():
-  mask = jnp.asarray([[False, False, True, True, True], [True] * 5, [False] * 5])
-  positions = jax.jit(teacher_positions)(mask)
-  np.testing.assert_array_equal(positions, [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0] * 5])
-  assert positions.dtype == jnp.int32
