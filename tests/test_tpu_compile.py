@@ -38,7 +38,7 @@ def _args(num_slices):
       rows=8, group=2, prompt_len=8, response_len=8, peer_cap=8, mesh="1,2,2",
       micro_batch_rows=0, attention=None, num_layers=0, remat_policy=None,
       dtype="bfloat16", param_dtype="float32", chunk_size=8, top_k=4,
-      topology="v5e:2x2", num_slices=num_slices)
+      topology="v5e:2x2", num_slices=num_slices, decode_layout="tensor")
 
 
 @pytest.fixture(scope="module", params=list(TOPOLOGIES))
