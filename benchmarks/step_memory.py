@@ -12,9 +12,10 @@ r"""Per-device memory of the fused MOPD step, compiled ahead of time from abstra
 No weight is materialised: parameters, optimizer state and teacher are ShapeDtypeStructs
 on their shardings, the fused step (sample -> verify -> peers -> teacher -> loss ->
 update) is lowered and compiled, and XLA's `compiled.memory_analysis()` gives the
-per-device temporary, argument and output bytes. `--devices=N` fakes N CPU devices
-(it must be given before JAX starts, so this module imports JAX only after parsing).
-Prints one JSON line.
+per-device temporary, argument and output bytes (and `decode_weights_bytes`, the
+sampler's copy of the weights in its decode layout, part of the temporary). `--devices=N`
+fakes N CPU devices (it must be given before JAX starts, so this module imports JAX only
+after parsing). Prints one JSON line.
 
 `--topology=NAME [--num-slices=N]` (NAME as JAX spells it: v5e:2x2, v5p:2x2x2, v6e:2x4,
 ...; needs libtpu) compiles for that TPU topology's devices instead, from this host: the

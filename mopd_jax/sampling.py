@@ -20,9 +20,10 @@ Decode layout. Under a context mesh (`sharding.axis_rules`) and with `decode_lay
 "tensor"`, the weights are cast to the compute dtype and then resharded once per call into
 `sharding.DECODE_RULES` (split over 'tensor' only, replicated over the batch axes that
 split the rows), and the whole sampler is traced under those rules: the prefill and the
-decode loop read local weights, and a decode step's collectives are the tensor-parallel
-activation reductions only. With "train" the weights stay in the training layout, and XLA
-gathers the fsdp-split weights inside the loop, at every generated token.
+decode loop read local weights, and a decode step communicates activations only (the
+tensor-parallel reductions, and the vocabulary-split logits of the rows the device holds,
+where 'tensor' has more than one device). With "train" the weights stay in the training
+layout, and XLA gathers the fsdp-split weights inside the loop, at every generated token.
 """
 
 from __future__ import annotations

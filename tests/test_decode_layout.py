@@ -1,12 +1,11 @@
 """The sampler's decode layout: weights resharded once per call to `DECODE_RULES`.
 
 Samples equal those of the training layout for the same key (float32, on one device and on
-8 fake CPU devices), the decode loop of the fused step compiled for a TPU topology holds no
-weight all-gather, and the HLO accounting and the memory plan count what they claim.
+8 fake CPU devices), and the HLO accounting and the memory plan count what they claim. The
+fused step compiled for a TPU topology is checked in `test_tpu_compile` (the tests that
+need libtpu live in that one module).
 """
 
-import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mopd_jax import memory_plan, settings, sharding, topology, train_step
+from mopd_jax import memory_plan, settings, sharding, topology
 from mopd_jax.models import transformer as T
 from mopd_jax.sampling import Sampler
 
@@ -122,47 +121,6 @@ def test_decode_layout_samples_as_the_training_layout_on_eight_devices():
   assert res["fsdp_tensor"]["decode_step"] == {}
   for name in ("mesh_tensor", "fsdp_tensor"):
     assert res[name]["reshard"]["all-gather"]["count"] > 0, name
-
-
-# --------------------------------------------------------- TPU: the compiled decode loop.
-
-
-@pytest.fixture(scope="module")
-def tpu_parts():
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-  pytest.importorskip("libtpu", reason="compiling for a TPU topology needs libtpu "
-                      "(pip install 'mopd_jax[tpu]')")
-  from benchmarks import step_memory  # pylint: disable=import-outside-toplevel
-  model = T.ModelConfig(vocab_size=256, num_layers=2, embed_dim=128, num_heads=4,
-                        num_kv_heads=4, head_dim=128, mlp_dim=256, attention="auto")
-  args = argparse.Namespace(
-      rows=8, group=2, prompt_len=8, response_len=8, peer_cap=8, mesh="1,4,1",
-      micro_batch_rows=0, attention=None, num_layers=0, remat_policy=None,
-      dtype="bfloat16", param_dtype="float32", chunk_size=8, top_k=4,
-      topology="v5e:2x2", num_slices=1, decode_layout="tensor")
-  return step_memory.build_step(model, args)
-
-
-def test_fused_step_for_tpu_decodes_without_gathering_weights(tpu_parts):
-  """FSDP over the 4 chips of v5e:2x2, Shardy (JAX's default partitioner)."""
-  parts = tpu_parts
-  assert jax.config.jax_use_shardy_partitioner
-  step = train_step.make_train_step(parts.cfg, parts.mesh, parts.host, parts.optimizer,
-                                    parts.pieces, parts.shardings)
-  text = step.lower(parts.abstract_state, parts.batch).compile().as_text()
-  assert "all-gather" not in topology.collectives(text)["decode_loop"]
-  assert topology.decode_step_collectives(text) == {}
-  # The weights are gathered once per step instead, in the compute dtype: (almost) every
-  # parameter is split over fsdp in training, and arrives as 2 bytes (not 4: float32).
-  weight_bytes = 2 * parts.cfg.model.num_params
-  reshard = topology.scoped_collectives(text, "decode_layout")
-  assert 0.9 * weight_bytes <= reshard["all-gather"]["bytes"] <= weight_bytes
-  # The control: the sampler in the training layout gathers weights at every token.
-  sampler = dataclasses.replace(parts.cfg.sampler, decode_layout="train")
-  jitted = sharding.UnderRules(jax.jit(sampler.__call__), parts.mesh)
-  text = jitted.lower(parts.abstract_state.params, parts.batch["prompt_tokens"],
-                      parts.batch["prompt_mask"], parts.abstract_state.rng).compile().as_text()
-  assert topology.decode_step_collectives(text)["all-gather"]["count"] > 0
 
 
 # ------------------------------------------------- HLO accounting and the memory plan.
