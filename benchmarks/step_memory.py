@@ -12,9 +12,10 @@ r"""Per-device memory of the fused MOPD step, compiled ahead of time from abstra
 No weight is materialised: parameters, optimizer state and teacher are ShapeDtypeStructs
 on their shardings, the fused step (sample -> verify -> peers -> teacher -> loss ->
 update) is lowered and compiled, and XLA's `compiled.memory_analysis()` gives the
-per-device temporary, argument and output bytes. `--devices=N` fakes N CPU devices
-(it must be given before JAX starts, so this module imports JAX only after parsing).
-Prints one JSON line.
+per-device temporary, argument and output bytes (and `decode_weights_bytes`, the
+sampler's copy of the weights in its decode layout, part of the temporary). `--devices=N`
+fakes N CPU devices (it must be given before JAX starts, so this module imports JAX only
+after parsing). Prints one JSON line.
 
 `--topology=NAME [--num-slices=N]` (NAME as JAX spells it: v5e:2x2, v5p:2x2x2, v6e:2x4,
 ...; needs libtpu) compiles for that TPU topology's devices instead, from this host: the
@@ -24,7 +25,14 @@ kind), `attention` (the kernel `--attention` resolved to there), `partitioner` (
 default, or GSPMD with JAX_USE_SHARDY_PARTITIONER=false), `flops` and `bytes_accessed`
 (cost analysis), `device_limit_bytes`, `fits`, and `collectives`: count and bytes of each
 collective kind in the optimized HLO, inside the sampler's decode loop, inside the training
-forward/backward, and the rest (`mopd_jax.topology.collectives`).
+forward/backward, and the rest (`mopd_jax.topology.collectives`). For the sampler it adds
+`decode_layout` (`--decode-layout`, see `config.sampling.decode_layout`),
+`decode_step_collectives` (what one iteration of the decode loop, i.e. one generated token
+of every row, communicates per device, each collective counted as often as the loops nested
+in the body run it: `topology.decode_step_collectives`), `decode_collective_bytes_per_token`
+(their total bytes), `weight_bytes_bf16` (2 bytes per parameter) and
+`decode_collective_fraction_of_weights` (the ratio of the two), and `decode_reshard_bytes`
+(the collectives that reshard the weights into the decode layout, once per step).
 
 `--rows` counts sequences (prompts x group); `--peer-cap` is the per-block cap of the
 peer context, so the teacher prompt is about prompt + 3 x cap + template tokens (2S1F).
@@ -58,6 +66,8 @@ def parse_args(argv=None):
   p.add_argument("--param-dtype", default="float32")
   p.add_argument("--chunk-size", type=int, default=32, help="loss chunk (positions)")
   p.add_argument("--top-k", type=int, default=100)
+  p.add_argument("--decode-layout", default="tensor", choices=("tensor", "train"),
+                 help="config.sampling.decode_layout")
   p.add_argument("--topology", default="",
                  help="compile for this TPU topology (e.g. v5e:2x2; needs libtpu)")
   p.add_argument("--num-slices", type=int, default=1, help="slices of --topology")
@@ -116,7 +126,8 @@ def build_step(model, args) -> StepParts:
   cfg = train_step.StepConfig(
       model=model,
       sampling=settings.SamplingSettings(num_samples=args.group,
-                                         max_response_len=args.response_len),
+                                         max_response_len=args.response_len,
+                                         decode_layout=args.decode_layout),
       peers=settings.PeerSettings(peer_cap=args.peer_cap),
       loss=settings.LossSettings(chunk_size=args.chunk_size, top_k=args.top_k),
       teacher=settings.TeacherSettings(),
@@ -185,7 +196,11 @@ def compile_model_step(model, args) -> dict:
   kv = memory_plan.kv_cache_bytes(model, prompts=prompts, rows=args.rows,
                                   prompt_len=args.prompt_len, response_len=args.response_len,
                                   batch_devices=sharding.batch_divisor(mesh))
-  plan = memory_plan.make_plan(compiled, state, shardings, kv, mesh.devices.flat[0])
+  layout = parts.cfg.sampling.decode_layout
+  plan = memory_plan.make_plan(
+      compiled, state, shardings, kv, mesh.devices.flat[0],
+      decode_weights=memory_plan.decode_weight_bytes(model, state.params, mesh, layout),
+      decode_layout=layout)
   out = {
       "preset": args.preset, "num_layers": model.num_layers, "rows": args.rows,
       "group": args.group, "prompt_len": args.prompt_len,
@@ -196,6 +211,7 @@ def compile_model_step(model, args) -> dict:
       "output_bytes": plan.output, "total_bytes_per_device": plan.total,
       "params_bytes": plan.params, "opt_state_bytes": plan.opt_state,
       "teacher_bytes": plan.teacher, "kv_cache_bytes": plan.kv_cache,
+      "decode_weights_bytes": plan.decode_weights,
       "compile_s": round(compile_s, 2), "device": plan.device_kind,
   }
   if not args.topology:
@@ -210,12 +226,23 @@ def compile_model_step(model, args) -> dict:
                                             model.matmul_precision))
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  text = compiled.as_text()
+  per_token = topology.decode_step_collectives(text)
+  per_token_bytes = sum(c["bytes"] for c in per_token.values())
+  weight_bytes = 2 * model.num_params
   out.update({
       "topology": args.topology, "num_slices": args.num_slices, "attention": kernel,
       "partitioner": "shardy" if jax.config.jax_use_shardy_partitioner else "gspmd",
       "device_limit_bytes": plan.device_limit, "fits": plan.fits(),
       "flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed"),
-      "collectives": topology.collectives(compiled.as_text()),
+      "collectives": topology.collectives(text),
+      "decode_layout": parts.cfg.sampling.decode_layout,
+      "decode_step_collectives": per_token,
+      "decode_collective_bytes_per_token": per_token_bytes,
+      "weight_bytes_bf16": weight_bytes,
+      "decode_collective_fraction_of_weights": per_token_bytes / weight_bytes,
+      "decode_reshard_bytes": sum(
+          c["bytes"] for c in topology.scoped_collectives(text, "decode_layout").values()),
   })
   return out
 

@@ -17,6 +17,9 @@ AGGREGATION_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
 TEACHER_MODES = ("ema", "frozen", "trust_region", "external")
 # sampling.decode_layers (`mopd_jax.sampling.Sampler`).
 DECODE_LAYERS = ("scan", "unrolled")
+# sampling.decode_layout (`mopd_jax.sampling.Sampler`): the sampler's weights resharded
+# to `sharding.DECODE_RULES` ("tensor") or left in the training layout ("train").
+DECODE_LAYOUTS = ("tensor", "train")
 # model.attention (`mopd_jax.models.attention`).
 ATTENTION_KINDS = ("auto", "naive", "blockwise", "cudnn", "splash", "splash_interpret")
 # model.matmul_precision: names of `jax.lax.Precision` values (None = backend default).

@@ -10,6 +10,11 @@ the teacher are allocated (and, in `benchmarks.step_memory`, without any weight 
     KV cache        layers x 2 (K, V) x kv_heads x head_dim x (B x Lp + N x Lr) x bytes
                     (prompt KV stored once per prompt, responses per rollout), split over
                     the data x fsdp devices; it lives inside the step's temporary memory
+    decode weights  the sampler's compute-dtype copy of the weights in its decode layout
+                    (`config.sampling.decode_layout`: 'tensor' = split over tensor only,
+                    `sharding.DECODE_RULES`; 'train' = the training layout, a copy only
+                    where the parameters are wider than the compute dtype); also inside
+                    the temporary memory
     temporary       compiled.memory_analysis().temp_size_in_bytes
 
 and compares the total with the device's memory limit where the backend reports one
@@ -26,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mopd_jax import topology
+from mopd_jax import sharding, topology
 from mopd_jax.models import transformer
 
 
@@ -55,6 +60,21 @@ def kv_cache_bytes(model: transformer.ModelConfig, *, prompts: int, rows: int,
   return per_token * tokens // max(batch_devices, 1)
 
 
+def decode_weight_bytes(model: transformer.ModelConfig, param_shapes, mesh,
+                        layout: str) -> int:
+  """Per-device bytes of the sampler's copy of the weights (see the module docstring)."""
+  compute = np.dtype(transformer.dtype_from_name(model.dtype))
+  narrow = lambda x: np.dtype(x.dtype).itemsize > compute.itemsize  # noqa: E731
+  if layout == "train" and not any(narrow(x) for x in jax.tree.leaves(param_shapes)):
+    return 0  # the sampler reads the parameters themselves
+  rules = sharding.DECODE_RULES if layout == "tensor" else sharding.DEFAULT_RULES
+  shardings = sharding.logical_to_shardings(transformer.param_logical_axes(model),
+                                            param_shapes, mesh, rules)
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, compute if narrow(x) else x.dtype), param_shapes)
+  return tree_bytes_per_device(shapes, shardings)
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
   params: int
@@ -66,6 +86,8 @@ class MemoryPlan:
   output: int
   device_limit: int | None
   device_kind: str
+  decode_weights: int = 0  # estimate; part of `temp`
+  decode_layout: str = "tensor"
 
   @property
   def total(self) -> int:
@@ -82,10 +104,12 @@ class MemoryPlan:
     gib = lambda b: f"{b / 2**30:8.2f} GiB"  # noqa: E731
     rows = [("parameters", self.params), ("optimizer state", self.opt_state),
             ("teacher", self.teacher), ("KV cache (in temporary)", self.kv_cache),
+            ("decode weights (in temporary)", self.decode_weights),
             ("step temporary", self.temp), ("step arguments", self.argument),
             ("total (arguments + temporary)", self.total)]
     lines = [f"Memory plan per device ({self.device_kind}):"]
     lines += [f"  {name:<30s}{gib(value)}" for name, value in rows]
+    lines.append(f"  {'decode layout':<30s}    {self.decode_layout}")
     lines.append("  device limit                  " + (
         gib(self.device_limit) if self.device_limit else "    unknown (not reported)"))
     return "\n".join(lines)
@@ -109,8 +133,10 @@ def device_memory_limit(device) -> int | None:
   return topology.hbm_bytes(device) if device.platform == "tpu" else None
 
 
-def make_plan(compiled, state_shapes, state_shardings, kv_bytes: int, device) -> MemoryPlan:
-  """The plan of a compiled step whose state has `state_shapes` on `state_shardings`."""
+def make_plan(compiled, state_shapes, state_shardings, kv_bytes: int, device, *,
+              decode_weights: int = 0, decode_layout: str = "tensor") -> MemoryPlan:
+  """The plan of a compiled step whose state has `state_shapes` on `state_shardings`;
+  `decode_weights` from `decode_weight_bytes` for the sampler's `decode_layout`."""
   stats = compiled.memory_analysis()
   per = lambda field: tree_bytes_per_device(  # noqa: E731
       getattr(state_shapes, field), getattr(state_shardings, field))
@@ -120,13 +146,15 @@ def make_plan(compiled, state_shapes, state_shardings, kv_bytes: int, device) ->
       temp=int(stats.temp_size_in_bytes) if stats is not None else 0,
       argument=int(stats.argument_size_in_bytes) if stats is not None else 0,
       output=int(stats.output_size_in_bytes) if stats is not None else 0,
-      device_limit=device_memory_limit(device), device_kind=device.device_kind)
+      device_limit=device_memory_limit(device), device_kind=device.device_kind,
+      decode_weights=decode_weights, decode_layout=decode_layout)
 
 
 SHRINKING_KNOBS = (
     "config.optim.micro_batch_rows (fewer rows live at once), config.mesh.shape (more "
     "fsdp devices split parameters and optimizer state), config.model.remat_policy "
-    "(save fewer activations), config.loss.chunk_size, and the lengths "
+    "(save fewer activations), config.loss.chunk_size, config.sampling.decode_layout = "
+    "'train' (no replicated copy of the weights while sampling), and the lengths "
     "config.data.max_prompt_len, config.sampling.max_response_len, config.peers.peer_cap.")
 
 

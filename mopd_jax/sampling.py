@@ -15,6 +15,15 @@ Outputs per row: `tokens` [B*G, Lr] (pad after the end-of-sequence token), `logp
 [B*G, Lr] = log p(token) under the temperature-scaled full distribution (before top-k
 / top-p filtering; 0 after the end), `lengths` [B*G] = tokens generated including the
 end-of-sequence token. The loop stops early once every row has finished.
+
+Decode layout. Under a context mesh (`sharding.axis_rules`) and with `decode_layout =
+"tensor"`, the weights are cast to the compute dtype and then resharded once per call into
+`sharding.DECODE_RULES` (split over 'tensor' only, replicated over the batch axes that
+split the rows), and the whole sampler is traced under those rules: the prefill and the
+decode loop read local weights, and a decode step communicates activations only (the
+tensor-parallel reductions, and the vocabulary-split logits of the rows the device holds,
+where 'tensor' has more than one device). With "train" the weights stay in the training
+layout, and XLA gathers the fsdp-split weights inside the loop, at every generated token.
 """
 
 from __future__ import annotations
@@ -25,9 +34,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from mopd_jax import sharding
+from mopd_jax.choices import DECODE_LAYERS, DECODE_LAYOUTS
 from mopd_jax.models import transformer
-
-from mopd_jax.choices import DECODE_LAYERS
 
 
 @flax.struct.dataclass
@@ -136,6 +145,9 @@ class Sampler:
   # or "unrolled" (weights split once per call, layers one after another; see
   # `transformer.unstack_layers`).
   decode_layers: str = "scan"
+  # Layout of the weights while sampling: "tensor" (`sharding.DECODE_RULES`, entered once
+  # per call) or "train" (as they arrive); see the module docstring.
+  decode_layout: str = "tensor"
 
   def __post_init__(self):
     if self.max_new_tokens <= 0:
@@ -151,6 +163,9 @@ class Sampler:
     if self.decode_layers not in DECODE_LAYERS:
       raise ValueError(f"decode_layers must be one of {DECODE_LAYERS}, got "
                        f"{self.decode_layers!r}.")
+    if self.decode_layout not in DECODE_LAYOUTS:
+      raise ValueError(f"decode_layout must be one of {DECODE_LAYOUTS}, got "
+                       f"{self.decode_layout!r}.")
     if not self.stop_ids:
       raise ValueError("stop_ids must name at least one end-of-sequence token.")
 
@@ -175,13 +190,25 @@ class Sampler:
 
     Row b * num_samples + g holds sample g of prompt b.
     """
+    if self.decode_layout == "train":
+      return self._sample(weights_for_decode(self.model, params), prompt_tokens,
+                          prompt_mask, key)
+    # Named, so that tools find the reshard in compiled programs; cast first, so that it
+    # moves compute-dtype bytes.
+    with sharding.decode_rules(), jax.named_scope("decode_layout"):
+      params = sharding.constrain_tree(weights_for_decode(self.model, params),
+                                       transformer.param_logical_axes(self.model))
+    with sharding.decode_rules():
+      return self._sample(params, prompt_tokens, prompt_mask, key)
+
+  def _sample(self, params, prompt_tokens, prompt_mask, key) -> SampleOutput:
+    """`__call__` on weights already cast (and in the layout to decode in)."""
     cfg = self.model
     b = prompt_tokens.shape[0]
     lr, g = self.max_new_tokens, self.num_samples
     n = b * g
     prompt_mask = prompt_mask.astype(bool)
 
-    params = weights_for_decode(cfg, params)
     # Prefill once per prompt; the G samples of a prompt share its prompt cache.
     hidden, prompt_cache = transformer.prefill(cfg, params, prompt_tokens, prompt_mask)
     last_logits = jnp.repeat(transformer.project(cfg, params, hidden[:, -1]), g, axis=0)

@@ -252,6 +252,14 @@ class SamplingSettings(_Section):
       "after another from weights split once per sampling call (one more copy of them "
       "while sampling; no per-step slice of each layer's weights). Faster depends on the "
       "backend: benchmarks.sampler_vs_hf --decode-layers=scan,unrolled compares them.")
+  decode_layout: str = knob(
+      "tensor", _one_of(choices.DECODE_LAYOUTS), f"one of {choices.DECODE_LAYOUTS}",
+      "Layout of the weights while sampling (training and evaluation). 'tensor': resharded "
+      "once per sampling call into a copy split over the mesh's 'tensor' axis only (in the "
+      "compute dtype), so a decode step reads local weights instead of gathering the "
+      "fsdp-split ones at every generated token; the copy costs parameters x compute "
+      "bytes / tensor size per device (the memory plan's 'decode weights'). 'train': decode "
+      "in the training layout, for a model whose copy does not fit.")
 
 
 @dataclasses.dataclass(frozen=True)

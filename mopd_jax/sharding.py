@@ -8,6 +8,12 @@ Activations and the KV cache carry their own logical names (`activation_*`, `cac
 `constrain` turns them into sharding constraints while a function is traced under a
 context mesh, which `axis_rules(mesh, rules)` sets; without one it returns its input.
 
+Two layouts per step: the training layout (`DEFAULT_RULES`: weights split over fsdp and
+tensor) and the sampler's decode layout (`DECODE_RULES`: weights split over tensor only,
+replicated over the batch axes, which split the rows). `decode_rules()` switches the rules
+while the sampler is traced and `constrain_tree` reshards its weights into that layout
+once per call, so the decode loop reads its weights where they are.
+
 The device order comes from `jax.experimental.mesh_utils` (topology-aware on TPU and GPU);
 with a DCN shape the mesh is a hybrid one: `shape` within each slice (or process), the
 DCN shape across them. On many processes each process holds a contiguous block of every
@@ -55,6 +61,13 @@ DEFAULT_RULES = (
     ("cache_heads", "tensor"),
     ("cache_kv", None),
 )
+
+# The sampler's decode layout: as DEFAULT_RULES, but no parameter dimension is split over
+# the batch axes. A decode step reads every weight once per generated token; with weights
+# split over fsdp each step would gather them all over the interconnect, with this layout
+# the step reads its local copy and only the tensor-parallel activations communicate.
+DECODE_RULES = tuple((name, None) if name == "embed" else (name, axes)
+                     for name, axes in DEFAULT_RULES)
 
 _ACTIVE_RULES = contextvars.ContextVar("mopd_jax_axis_rules", default=None)
 
@@ -166,6 +179,17 @@ def axis_rules(mesh: Mesh, rules=DEFAULT_RULES):
     _ACTIVE_RULES.reset(token)
 
 
+@contextlib.contextmanager
+def decode_rules():
+  """Within an `axis_rules` context: `DECODE_RULES` for what is traced inside (the
+  context mesh stays). Without a context mesh it changes nothing that `constrain` does."""
+  token = _ACTIVE_RULES.set(DECODE_RULES)
+  try:
+    yield
+  finally:
+    _ACTIVE_RULES.reset(token)
+
+
 class UnderRules:
   """A jitted function whose tracing happens under `axis_rules(mesh, rules)`.
 
@@ -211,6 +235,17 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint of `x` by `logical_spec`; `x` itself without a context mesh."""
   spec = logical_spec(x.shape, logical_axes)
   return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
+
+
+def constrain_tree(tree, logical_specs):
+  """`constrain` of every leaf of `tree` by the matching logical PartitionSpec of
+  `logical_specs` (e.g. `transformer.param_logical_axes`); `tree` without a context mesh.
+
+  Inside a jitted function this is where XLA reshards the leaves into the layout the
+  active rules give them (one collective per leaf, where their layout changes).
+  """
+  return jax.tree.map(lambda spec, x: constrain(x, tuple(spec)), logical_specs, tree,
+                      is_leaf=lambda x: isinstance(x, P))
 
 
 def process_rows(mesh: Mesh, num_rows: int) -> slice:

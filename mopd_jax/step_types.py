@@ -93,7 +93,8 @@ class StepConfig:
     return Sampler(model=self.model, max_new_tokens=sp.max_response_len,
                    stop_ids=self.stop_ids, pad_id=self.pad_id,
                    temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
-                   num_samples=sp.num_samples, decode_layers=sp.decode_layers)
+                   num_samples=sp.num_samples, decode_layers=sp.decode_layers,
+                   decode_layout=sp.decode_layout)
 
   @property
   def teacher_cfg(self) -> transformer.ModelConfig:

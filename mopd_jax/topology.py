@@ -209,3 +209,89 @@ def collectives(hlo_text: str, decode_marker: str = "decode") -> dict:
       entry["bytes"] += (_largest_array_bytes(m.group(2)) if op.endswith("-start")
                          else _result_bytes(m.group(2)))
   return {part: dict(kinds) for part, kinds in out.items()}
+
+
+_CONDITION = re.compile(r"\bcondition=%?([\w.\-]+)")
+_LT_CONSTANT = re.compile(r"compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT")
+_CONSTANT = re.compile(r"^\s*%?([\w.\-]+)\s*=\s*s32\[\][^ ]*\s+constant\((\d+)\)")
+
+
+def _trip_count(computations, condition: str) -> int:
+  """Iterations of a `while` whose condition is `counter < constant` (a scan, fori_loop
+  with static bounds); 1 where the bound is not a constant (e.g. the decode attention's
+  loop over the written cache blocks)."""
+  lines = computations.get(condition, [])
+  constants = dict(m.groups() for m in map(_CONSTANT.match, lines) if m)
+  for line in lines:
+    m = _LT_CONSTANT.search(line)
+    if m and m.group(1) in constants:
+      return int(constants[m.group(1)])
+  return 1
+
+
+def decode_step_collectives(hlo_text: str, decode_marker: str = "decode") -> dict:
+  """{kind: {"count", "bytes"}} that one iteration of the sampler's decode loop runs.
+
+  As `collectives`' "decode_loop" part, but a collective inside a loop nested in the decode
+  loop's body (the scan over the layers) counts once per iteration of that loop (its
+  trip count from the loop condition's constant bound, see `_trip_count`). One iteration
+  generates one token for every row.
+  """
+  computations = _parse(hlo_text)
+  roots = []
+  for lines in computations.values():
+    for line in lines:
+      m = _WHILE.search(line)
+      name = _OP_NAME.search(line)
+      if m and name and decode_marker in name.group(1):
+        roots.append(m.group(1))
+  out = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
+
+  def visit(comp, times, depth):
+    if comp not in computations or depth > 64:
+      return
+    for line in computations[comp]:
+      m = _INSTRUCTION.match(line)
+      if m:
+        op = m.group(3)
+        kind = op[:-len("-start")] if op.endswith("-start") else op
+        if kind in COLLECTIVE_KINDS:
+          out[kind]["count"] += times
+          out[kind]["bytes"] += times * (_largest_array_bytes(m.group(2))
+                                         if op.endswith("-start") else _result_bytes(m.group(2)))
+      loop = _WHILE.search(line)
+      condition = _CONDITION.search(line)
+      for single, branches in _CALLEES.findall(line):
+        for callee in ([single] if single else
+                       [b.strip().lstrip("%") for b in branches.split(",")]):
+          if loop and callee == loop.group(1):
+            visit(callee, times * _trip_count(computations, condition.group(1)), depth + 1)
+          elif not (condition and callee == condition.group(1)):
+            visit(callee, times, depth + 1)
+
+  # Only the outermost decode loops: a body nested in another decode body is visited
+  # from there.
+  nested = set().union(*[_reachable(computations, [r]) - {r} for r in roots]) if roots else set()
+  for root in roots:
+    if root not in nested:
+      visit(root, 1, 0)
+  return dict(out)
+
+
+def scoped_collectives(hlo_text: str, scope: str) -> dict:
+  """{kind: {"count", "bytes"}} of the collectives whose op_name (JAX name stack) holds
+  `scope`, e.g. the sampler's reshard into its decode layout ("decode_layout")."""
+  out = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
+  for lines in _parse(hlo_text).values():
+    for line in lines:
+      m = _INSTRUCTION.match(line)
+      name = _OP_NAME.search(line)
+      if not m or not name or scope not in name.group(1):
+        continue
+      op = m.group(3)
+      kind = op[:-len("-start")] if op.endswith("-start") else op
+      if kind in COLLECTIVE_KINDS:
+        out[kind]["count"] += 1
+        out[kind]["bytes"] += (_largest_array_bytes(m.group(2)) if op.endswith("-start")
+                               else _result_bytes(m.group(2)))
+  return dict(out)

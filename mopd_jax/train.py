@@ -100,7 +100,8 @@ class Evaluator:
                            stop_ids=tuple(tok.stop_ids), pad_id=tok.pad_id,
                            temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
                            num_samples=e.num_samples,
-                           decode_layers=st.sampling.decode_layers)
+                           decode_layers=st.sampling.decode_layers,
+                           decode_layout=st.sampling.decode_layout)
     local = batches.first(e.num_prompts, sharding.process_rows(mesh, e.num_prompts))
     self.local_ids = local["example_id"]
     self.sources = batches.split.source_table()
@@ -317,8 +318,12 @@ class Setup:
         prompt_len=st.data.max_prompt_len + extra,
         response_len=st.sampling.max_response_len,
         batch_devices=sharding.batch_divisor(self.mesh))
-    plan = memory_plan.make_plan(compiled, self.state_shapes, self.shardings, kv,
-                                 self.mesh.devices.flat[0])
+    layout = st.sampling.decode_layout
+    plan = memory_plan.make_plan(
+        compiled, self.state_shapes, self.shardings, kv, self.mesh.devices.flat[0],
+        decode_weights=memory_plan.decode_weight_bytes(
+            self.model_cfg, self.state_shapes.params, self.mesh, layout),
+        decode_layout=layout)
     return compiled, plan
 
 

@@ -38,7 +38,7 @@ def _args(num_slices):
       rows=8, group=2, prompt_len=8, response_len=8, peer_cap=8, mesh="1,2,2",
       micro_batch_rows=0, attention=None, num_layers=0, remat_policy=None,
       dtype="bfloat16", param_dtype="float32", chunk_size=8, top_k=4,
-      topology="v5e:2x2", num_slices=num_slices)
+      topology="v5e:2x2", num_slices=num_slices, decode_layout="tensor")
 
 
 @pytest.fixture(scope="module", params=list(TOPOLOGIES))
@@ -128,6 +128,39 @@ def test_split_step_and_evaluation_sampler_compile(parts):
     _check(sample.compile())
     _check(step.update.lower(parts.abstract_state, parts.batch, rollouts).compile())
     _check(jitted.lower(*args).compile())
+
+
+@pytest.fixture(scope="module")
+def fsdp_parts():
+  """The tiny model at 2 layers with FSDP over the 4 chips of v5e:2x2 (mesh 1, 4, 1)."""
+  return step_memory.build_step(dataclasses.replace(TINY, num_layers=2),
+                                argparse.Namespace(**{**vars(_args(1)), "mesh": "1,4,1"}))
+
+
+def test_fused_step_decodes_without_gathering_weights(fsdp_parts):
+  """Under Shardy (JAX's default partitioner) the sampler reshards the weights into its
+  decode layout once per step, and its decode loop holds no collective at all."""
+  parts = fsdp_parts
+  assert parts.cfg.sampler.decode_layout == "tensor"
+  step = train_step.make_train_step(parts.cfg, parts.mesh, parts.host, parts.optimizer,
+                                    parts.pieces, parts.shardings)
+  with _partitioner(True):
+    text = step.lower(parts.abstract_state, parts.batch).compile().as_text()
+  assert "all-gather" not in topology.collectives(text)["decode_loop"]
+  assert topology.decode_step_collectives(text) == {}
+  # The weights are gathered once per step instead, in the compute dtype: (almost) every
+  # parameter is split over fsdp in training, and arrives as 2 bytes (not 4: float32).
+  weight_bytes = 2 * parts.cfg.model.num_params
+  reshard = topology.scoped_collectives(text, "decode_layout")
+  assert 0.9 * weight_bytes <= reshard["all-gather"]["bytes"] <= weight_bytes
+  # The control: the sampler in the training layout gathers weights at every token.
+  sampler = dataclasses.replace(parts.cfg.sampler, decode_layout="train")
+  jitted = sharding.UnderRules(jax.jit(sampler.__call__), parts.mesh)
+  with _partitioner(True):
+    text = jitted.lower(parts.abstract_state.params, parts.batch["prompt_tokens"],
+                        parts.batch["prompt_mask"],
+                        parts.abstract_state.rng).compile().as_text()
+  assert topology.decode_step_collectives(text)["all-gather"]["bytes"] > weight_bytes / 2
 
 
 def test_compile_only_run_checks_the_plan_against_the_chips_hbm(monkeypatch):
