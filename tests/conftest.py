@@ -12,6 +12,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Compiling for a TPU topology works under JAX_PLATFORMS=cpu.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+# libtpu lets one process at a time describe a topology (a lock file); the TPU compile
+# tests compile ahead of time, on no device, and may run in both xdist workers at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # A persistent compilation cache, set before JAX is imported so that every test process
 # and every child process it starts (resume, multi-host, faults, the demo) shares it:
 # the same tiny steps are compiled once per suite run instead of once per process.
