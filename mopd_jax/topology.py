@@ -131,6 +131,18 @@ def _parse(hlo_text: str):
   return computations
 
 
+def _decode_bodies(computations: dict, decode_marker: str) -> list[str]:
+  """Names of the bodies of the `while` loops whose op_name contains `decode_marker`."""
+  bodies = []
+  for lines in computations.values():
+    for line in lines:
+      m = _WHILE.search(line)
+      name = _OP_NAME.search(line)
+      if m and name and decode_marker in name.group(1):
+        bodies.append(m.group(1))
+  return bodies
+
+
 def _reachable(computations, roots) -> set:
   seen, todo = set(), list(roots)
   while todo:
@@ -158,14 +170,7 @@ def collectives(hlo_text: str, decode_marker: str = "decode") -> dict:
   collective without metadata takes the op_name of its first operand (up the chain).
   """
   computations = _parse(hlo_text)
-  decode_bodies = set()
-  for lines in computations.values():
-    for line in lines:
-      m = _WHILE.search(line)
-      name = _OP_NAME.search(line)
-      if m and name and decode_marker in name.group(1):
-        decode_bodies.add(m.group(1))
-  in_decode = _reachable(computations, decode_bodies)
+  in_decode = _reachable(computations, set(_decode_bodies(computations, decode_marker)))
   # Instruction -> (its op_name or None, its first operand). Passes after partitioning
   # (e.g. the multi-slice decomposition) create collectives without metadata: such a
   # collective is named after the first operand up its chain that has an op_name.
@@ -238,13 +243,7 @@ def decode_step_collectives(hlo_text: str, decode_marker: str = "decode") -> dic
   generates one token for every row.
   """
   computations = _parse(hlo_text)
-  roots = []
-  for lines in computations.values():
-    for line in lines:
-      m = _WHILE.search(line)
-      name = _OP_NAME.search(line)
-      if m and name and decode_marker in name.group(1):
-        roots.append(m.group(1))
+  roots = _decode_bodies(computations, decode_marker)
   out = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
 
   def visit(comp, times, depth):
