@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mopd_jax import (memory_plan, peer_context, settings, sharding, teacher, topology,
-                      train, train_step)
+from mopd_jax import memory_plan, peer_context, settings, topology, train_setup, train_step
 from mopd_jax.models import presets, transformer
 
 # Template pieces stand in at about one token per 4 characters of their text.
@@ -68,21 +67,9 @@ def compile_for_topology(config) -> memory_plan.MemoryPlan:
   """The memory plan of the configured step compiled for `config.mesh.compile_for`."""
   st = _settings(config)
   devices = topology.devices(st.mesh.compile_for, math.prod(st.mesh.dcn_shape))
-  try:
-    mesh = sharding.make_mesh(st.mesh.shape, devices, dcn_shape=st.mesh.dcn_shape)
-  except ValueError as e:
-    raise settings.ConfigError(
-        f"config.mesh.shape = {st.mesh.shape} with config.mesh.dcn_shape = "
-        f"{st.mesh.dcn_shape} does not fit the {len(devices)} devices of "
-        f"{st.mesh.compile_for}: {e}") from e
-  # The training batch is split by prompts over data x fsdp (train.setup checks the same
-  # before a real run; the evaluation sampler is not compiled here).
-  divisor = sharding.batch_divisor(mesh)
-  if st.data.batch_size % divisor:
-    raise settings.ConfigError(
-        f"config.data.batch_size={st.data.batch_size} must be divisible by the data x fsdp "
-        f"mesh size {divisor} (mesh {dict(mesh.shape)} on {st.mesh.compile_for}); change "
-        "config.mesh.shape, e.g. more 'tensor'.")
+  # The run's own mesh and row-split checks (the evaluation sampler is not compiled here).
+  mesh = train_setup.make_mesh(st, devices, devices_of=st.mesh.compile_for,
+                               evaluation=False)
   model_cfg = presets.get(st.model.preset)
   model_cfg = dataclasses.replace(
       model_cfg, dtype=st.model.dtype, param_dtype=st.model.param_dtype,
@@ -93,17 +80,13 @@ def compile_for_topology(config) -> memory_plan.MemoryPlan:
   param_shapes = jax.eval_shape(lambda: jax.tree.map(
       lambda x: x.astype(param_dtype), transformer.init_params(model_cfg,
                                                                jax.random.PRNGKey(0))))
-  param_shardings = sharding.logical_to_shardings(
-      transformer.param_logical_axes(model_cfg), param_shapes, mesh)
-  state_shapes = jax.eval_shape(lambda p: train_step.TrainState(
-      step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
-      teacher_params=teacher.init_teacher(p), rng=jax.random.PRNGKey(0)), param_shapes)
-  shardings = train_step.state_shardings(state_shapes, param_shardings, mesh, optimizer)
+  state_shapes, shardings, _, _ = train_setup.state_layout(model_cfg, param_shapes,
+                                                           optimizer, mesh)
   tokenizer = types.SimpleNamespace(stop_ids=(1,), pad_id=0)
   pieces = peer_context.TemplatePieces(**{
       name: jnp.full((max(1, len(text) // _CHARS_PER_TOKEN),), 3, jnp.int32)
       for name, text in peer_context.TEMPLATE_TEXTS.items()})
-  setup = train.Setup(
+  setup = train_setup.Setup(
       settings=st, mesh=mesh, tokenizer=tokenizer, model_cfg=model_cfg,
       step_cfg=train_step.StepConfig.from_settings(st, model_cfg, tokenizer),
       optimizer=optimizer, schedule=schedule, base_params=None,

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from mopd_jax import train
+from mopd_jax import evaluation, train
 from mopd_jax.data import cache, source_splits, sources
 from mopd_jax.verifiers import callback, result
 from tests.conftest import tiny_config
@@ -32,7 +32,8 @@ def test_per_source_metrics_match_a_direct_computation():
   rewards[3] = 0.0  # and one never solved
   status = np.zeros(rewards.size, np.int32)
   status[[3, 17]] = callback.STATUS_CODES["error"]
-  got = train.eval_metrics(rewards.reshape(-1), status, labels, num_samples=n, threshold=1.0)
+  got = evaluation.eval_metrics(rewards.reshape(-1), status, labels, num_samples=n,
+                                threshold=1.0)
 
   ks = (1, 2, 4, 8)
   correct = (rewards >= 1.0).sum(1)
@@ -55,11 +56,12 @@ def test_per_source_metrics_match_a_direct_computation():
 
 
 def test_pass_at_k_sizes_are_powers_of_two_and_n():
-  assert train.pass_at_k_sizes(1) == (1,)
-  assert train.pass_at_k_sizes(8) == (1, 2, 4, 8)
-  assert train.pass_at_k_sizes(6) == (1, 2, 4, 6)
+  assert evaluation.pass_at_k_sizes(1) == (1,)
+  assert evaluation.pass_at_k_sizes(8) == (1, 2, 4, 8)
+  assert evaluation.pass_at_k_sizes(6) == (1, 2, 4, 6)
   with pytest.raises(ValueError, match="2 source names for 3 problems"):
-    train.eval_metrics(np.zeros(6), np.zeros(6), ["a", "b"], num_samples=2, threshold=1.0)
+    evaluation.eval_metrics(np.zeros(6), np.zeros(6), ["a", "b"], num_samples=2,
+                            threshold=1.0)
 
 
 def test_source_names_come_from_the_rows_or_the_kind():
@@ -102,8 +104,8 @@ def test_evaluator_reports_each_source(tiny_base_dir, tmp_path):
   s = train.setup(config, score_batch=_aime_only_rewards)
   names = s.eval_batches.split.source_table()
   assert sorted(set(names.values())) == ["aime_2024", "hmmt_feb_2025"]
-  evaluator = train.Evaluator(s.settings, s.model_cfg, s.tokenizer, s.eval_batches,
-                              s.host_verifier, s.mesh, s.state_shapes.params)
+  evaluator = evaluation.Evaluator(s.settings, s.model_cfg, s.tokenizer, s.eval_batches,
+                                   s.host_verifier, s.mesh, s.state_shapes.params)
   got = evaluator(s.init_state().params)
   assert got["eval/aime_2024/num_problems"] == 2 and got["eval/hmmt_feb_2025/num_problems"] == 1
   for k in (1, 2):

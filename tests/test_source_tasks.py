@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from mopd_jax import settings, tokenizers, train
+from mopd_jax import settings, tokenizers, train_setup
 from mopd_jax.data import cache, pipeline, source_splits, sources
 from mopd_jax.verifiers import choice, tooluse
 from tests.conftest import load_config
@@ -176,13 +176,13 @@ def test_data_settings_name_the_offending_key():
 
 def test_domain_score_batch_uses_the_domains_verifier():
   vs = settings.VerifierSettings(max_workers=1)
-  assert train.domain_score_batch("choice", vs) is choice.score_batch
-  assert train.domain_score_batch("tooluse", vs) is tooluse.score_batch
-  results = train.domain_score_batch("math", vs)([r"\boxed{2}", r"\boxed{3}"],
-                                                 [{"answer": "2"}, {"answer": "2"}])
+  assert train_setup.domain_score_batch("choice", vs) is choice.score_batch
+  assert train_setup.domain_score_batch("tooluse", vs) is tooluse.score_batch
+  results = train_setup.domain_score_batch("math", vs)([r"\boxed{2}", r"\boxed{3}"],
+                                                       [{"answer": "2"}, {"answer": "2"}])
   assert [r.reward for r in results] == [1.0, 0.0]
   ref = {"fn_name": "f", "inputs": [[1]], "outputs": [2]}
-  results = train.domain_score_batch("code", vs)(
+  results = train_setup.domain_score_batch("code", vs)(
       ["```python\ndef f(x):\n    return 2 * x\n```"], [ref])
   assert [r.reward for r in results] == [1.0]
 

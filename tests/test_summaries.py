@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mopd_jax import peer_context, settings, step_teacher, train, train_step
+from mopd_jax import evaluation, peer_context, settings, step_teacher, train, train_step
 from mopd_jax.peer_context import PeerSelection, TemplatePieces
 from mopd_jax.verifiers import callback
 from mopd_jax.verifiers.result import Result
@@ -273,8 +273,8 @@ def test_jitted_step_with_summaries(tiny_base_dir):
     assert SPEC_INSTRUCTION in s.tokenizer.decode(got.tolist())
   _check_summary_blocks(s, student)
   # Evaluation samples from the plain prompts: the instruction is for training rollouts.
-  evaluator = train.Evaluator(s.settings, s.model_cfg, s.tokenizer, s.eval_batches,
-                              s.host_verifier, s.mesh, s.state_shapes.params)
+  evaluator = evaluation.Evaluator(s.settings, s.model_cfg, s.tokenizer, s.eval_batches,
+                                   s.host_verifier, s.mesh, s.state_shapes.params)
   eval_batch = jax.device_get(evaluator.batch)
   plain = s.eval_batches.first(config.eval.num_prompts)
   for row in range(config.eval.num_prompts):

@@ -115,7 +115,7 @@ def test_split_step_and_evaluation_sampler_compile(parts):
       feedback=rows((n, cfg.peers.feedback_len), jnp.int32),
       feedback_lengths=rows((n,), jnp.int32))
   # The evaluation sampler: its own sampling settings, outputs split by rows (as in
-  # train.Evaluator).
+  # evaluation.Evaluator).
   evaluation = sampling.Sampler(model=cfg.model, max_new_tokens=lr, stop_ids=cfg.stop_ids,
                                 pad_id=cfg.pad_id, temperature=0.6, top_p=0.95,
                                 num_samples=4)

@@ -163,7 +163,7 @@ def score(cfg: train_step.StepConfig, pieces, teacher_params, batch: dict, rollo
 
 
 def sample_and_save(s, params, path: str, num_prompts: int, seed: int = 0) -> None:
-  """Samples `num_prompts` held-out prompts with `params` (a `train.Setup`'s sampler
+  """Samples `num_prompts` held-out prompts with `params` (a `train_setup.Setup`'s sampler
   settings), verifies the rollouts on the host and saves them to `path`."""
   cfg = s.step_cfg
   batch = s.eval_batches.first(num_prompts)
@@ -187,11 +187,11 @@ def analyse(config, rollouts_path: str, *, workdir: str | None = None,
   workdir: the run's directory; its latest checkpoint's teacher (and, for sampling, its
     student) is used. None: the initial model plays both.
   """
-  # Imported here: train imports the whole pipeline, which the scoring functions above
-  # do not need.
-  from mopd_jax import train  # pylint: disable=import-outside-toplevel
+  # Imported here: train_setup imports the whole pipeline, which the scoring functions
+  # above do not need.
+  from mopd_jax import train_setup  # pylint: disable=import-outside-toplevel
   from mopd_jax.analysis import teacher_signal  # pylint: disable=import-outside-toplevel
-  s = train.setup(config)
+  s = train_setup.setup(config)
   student, teacher_params, step = s.base_params, None, 0
   if workdir is not None:
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), every=0)
