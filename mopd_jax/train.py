@@ -1,8 +1,7 @@
 """The training loop: init or restore, steps, evaluation, checkpoints, logging, summary.
 
-What a run builds before its first step is in `mopd_jax.train_setup` (`setup` is
-re-exported here, where tests and benchmarks have always taken it from); held-out evaluation
-is in `mopd_jax.evaluation`.
+What a run builds before its first step is in `mopd_jax.train_setup`, held-out evaluation
+in `mopd_jax.evaluation`.
 
 On many processes (`mopd_jax.distributed`) every process runs this same loop: each builds
 and verifies only the rows its devices hold, all of them take part in checkpoints, and
@@ -25,6 +24,7 @@ import numpy as np
 from mopd_jax import (checkpointing, distributed, evaluation, memory_plan,
                       metrics as metrics_lib, settings, train_setup)
 
+# Tests and benchmarks build a run's parts without its loop as `train.setup(config)`.
 setup = train_setup.setup
 
 
