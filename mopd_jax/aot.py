@@ -12,7 +12,6 @@ template's length; they do not change the step's memory beyond a few tokens.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import types
 
@@ -83,11 +82,8 @@ def compile_for_topology(config) -> memory_plan.MemoryPlan:
         f"config.data.batch_size={st.data.batch_size} must be divisible by the data x fsdp "
         f"mesh size {divisor} (mesh {dict(mesh.shape)} on {st.mesh.compile_for}); change "
         "config.mesh.shape, e.g. more 'tensor'.")
-  model_cfg = presets.get(st.model.preset)
-  model_cfg = dataclasses.replace(
-      model_cfg, dtype=st.model.dtype, param_dtype=st.model.param_dtype,
-      remat_policy=st.model.remat_policy, attention=st.model.attention,
-      matmul_precision=st.model.matmul_precision)
+  model_cfg = st.model.model_config(presets.get(st.model.preset),
+                                    axis_rules=sharding.DEFAULT_RULES)
   optimizer, schedule = train_step.make_optimizer(st.optim)
   param_dtype = transformer.dtype_from_name(model_cfg.param_dtype)
   param_shapes = jax.eval_shape(lambda: jax.tree.map(

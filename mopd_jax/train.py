@@ -112,10 +112,11 @@ class Evaluator:
     key = jax.random.fold_in(jax.random.PRNGKey(st.run.seed), 1_000_003)
     self.key = jax.make_array_from_process_local_data(sharding.replicated(mesh),
                                                       np.asarray(key))
-    out_shapes = jax.eval_shape(self.sampler.__call__, param_shapes,
-                                self.batch["prompt_tokens"], self.batch["prompt_mask"],
-                                self.key)
-    self._sample = sharding.UnderRules(jax.jit(
+    with jax.set_mesh(mesh):  # the sampler's constraints need the mesh while traced
+      out_shapes = jax.eval_shape(self.sampler.__call__, param_shapes,
+                                  self.batch["prompt_tokens"], self.batch["prompt_mask"],
+                                  self.key)
+    self._sample = sharding.UnderMesh(jax.jit(
         self.sampler.__call__, out_shardings=jax.tree.map(
             lambda x: sharding.batch_sharding(mesh, x.ndim), out_shapes)), mesh)
 
@@ -372,7 +373,8 @@ def _load_external_teacher(st: settings.Settings, mesh, student_cfg):
         f"The external teacher's vocabulary ({teacher_cfg.vocab_size} tokens, "
         f"{st.teacher.checkpoint}) differs from the student's "
         f"({student_cfg.vocab_size} tokens): teacher and student must share a vocabulary.")
-  return st.model.model_config(teacher_cfg, external_teacher=True), params
+  return st.model.model_config(teacher_cfg, axis_rules=student_cfg.axis_rules,
+                               external_teacher=True), params
 
 
 def domain_score_batch(domain: str, vs: settings.VerifierSettings):
@@ -430,7 +432,7 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
 
   # ---------------------------------------------------------------- Models and tokenizer.
   base_cfg, base_params, tok, cache_dir, _ = _load_model(st, mesh)
-  model_cfg = st.model.model_config(base_cfg)
+  model_cfg = st.model.model_config(base_cfg, axis_rules=sharding.DEFAULT_RULES)
   teacher_cfg, teacher_params = _load_external_teacher(st, mesh, model_cfg)
 
   # ---------------------------------------------------------------- Data.
