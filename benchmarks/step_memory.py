@@ -113,7 +113,8 @@ def build_step(model, args) -> StepParts:
                         topology, train_step)
   from mopd_jax.models import transformer  # pylint: disable=import-outside-toplevel
 
-  model = dataclasses.replace(model, dtype=args.dtype, param_dtype=args.param_dtype)
+  model = dataclasses.replace(model, dtype=args.dtype, param_dtype=args.param_dtype,
+                              axis_rules=sharding.DEFAULT_RULES)
   overrides = {}
   if args.num_layers:
     overrides["num_layers"] = args.num_layers
@@ -217,13 +218,11 @@ def compile_model_step(model, args) -> dict:
   if not args.topology:
     return out
   # The kernel the model's attention resolves to on these devices, as the step saw it.
-  with sharding.axis_rules(mesh):
+  with jax.set_mesh(mesh):
     q = jax.ShapeDtypeStruct((1, 1, model.num_heads, model.head_dim),
                              transformer.dtype_from_name(model.dtype))
     k = jax.ShapeDtypeStruct((1, 1, model.num_kv_heads, model.head_dim), q.dtype)
-    kernel = attention_lib.resolve_kind(model.attention, q, k,
-                                        attention_lib.precision_from_name(
-                                            model.matmul_precision))
+    kernel = attention_lib.resolve_kind(model.attention, q, k, model.precision)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   text = compiled.as_text()

@@ -12,7 +12,6 @@ template's length; they do not change the step's memory beyond a few tokens.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import types
 
@@ -20,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mopd_jax import memory_plan, peer_context, settings, topology, train_setup, train_step
+from mopd_jax import (memory_plan, peer_context, settings, sharding, topology, train_setup,
+                      train_step)
 from mopd_jax.models import presets, transformer
 
 # Template pieces stand in at about one token per 4 characters of their text.
@@ -70,11 +70,8 @@ def compile_for_topology(config) -> memory_plan.MemoryPlan:
   # The run's own mesh and row-split checks (the evaluation sampler is not compiled here).
   mesh = train_setup.make_mesh(st, devices, devices_of=st.mesh.compile_for,
                                evaluation=False)
-  model_cfg = presets.get(st.model.preset)
-  model_cfg = dataclasses.replace(
-      model_cfg, dtype=st.model.dtype, param_dtype=st.model.param_dtype,
-      remat_policy=st.model.remat_policy, attention=st.model.attention,
-      matmul_precision=st.model.matmul_precision)
+  model_cfg = st.model.model_config(presets.get(st.model.preset),
+                                    axis_rules=sharding.DEFAULT_RULES)
   optimizer, schedule = train_step.make_optimizer(st.optim)
   param_dtype = transformer.dtype_from_name(model_cfg.param_dtype)
   param_shapes = jax.eval_shape(lambda: jax.tree.map(

@@ -100,10 +100,11 @@ class Evaluator:
     key = jax.random.fold_in(jax.random.PRNGKey(st.run.seed), 1_000_003)
     self.key = jax.make_array_from_process_local_data(sharding.replicated(mesh),
                                                       np.asarray(key))
-    out_shapes = jax.eval_shape(self.sampler.__call__, param_shapes,
-                                self.batch["prompt_tokens"], self.batch["prompt_mask"],
-                                self.key)
-    self._sample = sharding.UnderRules(jax.jit(
+    with jax.set_mesh(mesh):  # the sampler's constraints need the mesh while traced
+      out_shapes = jax.eval_shape(self.sampler.__call__, param_shapes,
+                                  self.batch["prompt_tokens"], self.batch["prompt_mask"],
+                                  self.key)
+    self._sample = sharding.UnderMesh(jax.jit(
         self.sampler.__call__, out_shardings=jax.tree.map(
             lambda x: sharding.batch_sharding(mesh, x.ndim), out_shapes)), mesh)
 

@@ -16,10 +16,11 @@ Outputs per row: `tokens` [B*G, Lr] (pad after the end-of-sequence token), `logp
 / top-p filtering; 0 after the end), `lengths` [B*G] = tokens generated including the
 end-of-sequence token. The loop stops early once every row has finished.
 
-Decode layout. Under a context mesh (`sharding.axis_rules`) and with `decode_layout =
-"tensor"`, the weights are cast to the compute dtype and then resharded once per call into
-`sharding.DECODE_RULES` (split over 'tensor' only, replicated over the batch axes that
-split the rows), and the whole sampler is traced under those rules: the prefill and the
+Decode layout. With axis rules in the model config (a run on a mesh) and with
+`decode_layout = "tensor"`, the weights are cast to the compute dtype and then resharded
+once per call into `sharding.DECODE_RULES` (split over 'tensor' only, replicated over the
+batch axes that split the rows), and the whole sampler is traced with a copy of the model
+config that holds those rules: the prefill and the
 decode loop read local weights, and a decode step communicates activations only (the
 tensor-parallel reductions, and the vocabulary-split logits of the rows the device holds,
 where 'tensor' has more than one device). With "train" the weights stay in the training
@@ -190,20 +191,19 @@ class Sampler:
 
     Row b * num_samples + g holds sample g of prompt b.
     """
-    if self.decode_layout == "train":
-      return self._sample(weights_for_decode(self.model, params), prompt_tokens,
-                          prompt_mask, key)
+    params = weights_for_decode(self.model, params)
+    if self.decode_layout == "train" or self.model.axis_rules is None:
+      return self._sample(self.model, params, prompt_tokens, prompt_mask, key)
+    cfg = dataclasses.replace(self.model, axis_rules=sharding.DECODE_RULES)
     # Named, so that tools find the reshard in compiled programs; cast first, so that it
     # moves compute-dtype bytes.
-    with sharding.decode_rules(), jax.named_scope("decode_layout"):
-      params = sharding.constrain_tree(weights_for_decode(self.model, params),
-                                       transformer.param_logical_axes(self.model))
-    with sharding.decode_rules():
-      return self._sample(params, prompt_tokens, prompt_mask, key)
+    with jax.named_scope("decode_layout"):
+      params = sharding.constrain_tree(params, transformer.param_logical_axes(cfg),
+                                       cfg.axis_rules)
+    return self._sample(cfg, params, prompt_tokens, prompt_mask, key)
 
-  def _sample(self, params, prompt_tokens, prompt_mask, key) -> SampleOutput:
-    """`__call__` on weights already cast (and in the layout to decode in)."""
-    cfg = self.model
+  def _sample(self, cfg, params, prompt_tokens, prompt_mask, key) -> SampleOutput:
+    """`__call__` on weights already cast (and in the layout of `cfg`'s rules)."""
     b = prompt_tokens.shape[0]
     lr, g = self.max_new_tokens, self.num_samples
     n = b * g

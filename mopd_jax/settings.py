@@ -157,12 +157,13 @@ class ModelSettings(_Section):
       f"one of {list(choices.MATMUL_PRECISIONS)}",
       "Precision of float32 matmuls ('highest' = no TF32 / bfloat16 passes on GPU / TPU).")
 
-  def model_config(self, loaded, *, external_teacher: bool = False):
+  def model_config(self, loaded, *, axis_rules, external_teacher: bool = False):
     """The `ModelConfig` a run computes with: `loaded`'s shapes with this section's
-    numerics. An external teacher keeps the parameter dtype it was loaded in
-    (config.teacher.param_dtype) and no remat: it is never differentiated."""
+    numerics and the mesh's logical axis rules (`sharding.DEFAULT_RULES`). An external
+    teacher keeps the parameter dtype it was loaded in (config.teacher.param_dtype) and no
+    remat: it is never differentiated."""
     return dataclasses.replace(
-        loaded, dtype=self.dtype, attention=self.attention,
+        loaded, dtype=self.dtype, attention=self.attention, axis_rules=axis_rules,
         matmul_precision=self.matmul_precision,
         param_dtype=loaded.param_dtype if external_teacher else self.param_dtype,
         remat_policy="none" if external_teacher else self.remat_policy)

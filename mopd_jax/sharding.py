@@ -5,14 +5,19 @@ one ordered rule list maps each name to a mesh axis (or to None = replicated). B
 are split over ('data', 'fsdp'). Teacher parameters use the student's rules.
 
 Activations and the KV cache carry their own logical names (`activation_*`, `cache_*`).
-`constrain` turns them into sharding constraints while a function is traced under a
-context mesh, which `axis_rules(mesh, rules)` sets; without one it returns its input.
+The rule list that maps them is part of the model's static config
+(`ModelConfig.axis_rules`), so it is in the cache key of every jit that closes over the
+config or takes it as a static argument; `constrain(x, axes, rules)` turns the names into
+a sharding constraint on the context mesh (`jax.set_mesh`, which `UnderMesh` enters around
+a jitted function). A config without rules (None) constrains nothing, on purpose (one
+device); a config with rules traced without a context mesh is an error, so constraints
+cannot silently vanish.
 
 Two layouts per step: the training layout (`DEFAULT_RULES`: weights split over fsdp and
 tensor) and the sampler's decode layout (`DECODE_RULES`: weights split over tensor only,
-replicated over the batch axes, which split the rows). `decode_rules()` switches the rules
-while the sampler is traced and `constrain_tree` reshards its weights into that layout
-once per call, so the decode loop reads its weights where they are.
+replicated over the batch axes, which split the rows). The sampler traces with a copy of
+the model config that holds `DECODE_RULES`, and `constrain_tree` reshards its weights into
+that layout once per call, so the decode loop reads its weights where they are.
 
 The device order comes from `jax.experimental.mesh_utils` (topology-aware on TPU and GPU);
 with a DCN shape the mesh is a hybrid one: `shape` within each slice (or process), the
@@ -23,10 +28,11 @@ global arrays with `jax.make_array_from_process_local_data`.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import collections
 import math
 from typing import Sequence
+
+from absl import logging
 
 import flax.linen as nn
 import jax
@@ -69,7 +75,32 @@ DEFAULT_RULES = (
 DECODE_RULES = tuple((name, None) if name == "embed" else (name, axes)
                      for name, axes in DEFAULT_RULES)
 
-_ACTIVE_RULES = contextvars.ContextVar("mopd_jax_axis_rules", default=None)
+# Logical axes that may stay replicated where their mesh axes do not divide them: key /
+# value heads (e.g. 2 of them over a tensor axis of 4) are read by every query head of
+# their group, and a copy per device is what grouped-query attention needs there. Any
+# other logical axis that does not divide is an error.
+REPLICABLE = frozenset({"activation_kv_heads", "cache_heads"})
+
+# (logical axis, dimension, mesh axes, mesh size) -> number of traces that replicated it.
+REPLICATED = collections.Counter()
+
+
+def check_rules(rules) -> tuple:
+  """`rules` as a hashable tuple of (logical name, mesh axes) pairs (lists, e.g. read back
+  from JSON, become tuples); an error names an entry that is not such a pair."""
+  checked = []
+  for entry in rules:
+    if (not isinstance(entry, (tuple, list)) or len(entry) != 2
+        or not isinstance(entry[0], str)):
+      raise ValueError(f"axis rule {entry!r} is not a (logical name, mesh axes) pair.")
+    name, axes = entry
+    if isinstance(axes, list):
+      axes = tuple(axes)
+    names = axes if isinstance(axes, tuple) else (axes,)
+    if any(a is not None and a not in MESH_AXES for a in names):
+      raise ValueError(f"axis rule {entry!r} names a mesh axis outside {MESH_AXES}.")
+    checked.append((name, axes))
+  return tuple(checked)
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -163,89 +194,103 @@ def batch_divisor(mesh: Mesh) -> int:
   return _axis_size(mesh, BATCH_AXES)
 
 
-@contextlib.contextmanager
-def axis_rules(mesh: Mesh, rules=DEFAULT_RULES):
-  """Sets `mesh` as JAX's context mesh (`jax.set_mesh`) and `rules` for `constrain`.
+class UnderMesh:
+  """A jitted function traced and lowered under `mesh` as JAX's context mesh.
 
-  Functions traced inside get their activation and KV-cache sharding constraints. The
-  context mesh is part of JAX's trace-cache key, so a function traced before outside the
-  context is traced again inside it (the rule list is not: use one rule list per mesh).
-  """
-  token = _ACTIVE_RULES.set(tuple(rules))
-  try:
-    with jax.set_mesh(mesh):
-      yield
-  finally:
-    _ACTIVE_RULES.reset(token)
-
-
-@contextlib.contextmanager
-def decode_rules():
-  """Within an `axis_rules` context: `DECODE_RULES` for what is traced inside (the
-  context mesh stays). Without a context mesh it changes nothing that `constrain` does."""
-  token = _ACTIVE_RULES.set(DECODE_RULES)
-  try:
-    yield
-  finally:
-    _ACTIVE_RULES.reset(token)
-
-
-class UnderRules:
-  """A jitted function whose tracing happens under `axis_rules(mesh, rules)`.
-
-  Calls and `lower` enter the context, so the model's activation and KV-cache
-  constraints act whenever the function is traced (compiled executables are unaffected).
+  The model's activation and KV-cache constraints need a context mesh while tracing
+  (their rules come from the model config); compiled executables are unaffected.
   """
 
-  def __init__(self, jitted, mesh: Mesh, rules=DEFAULT_RULES):
-    self._jitted, self._mesh, self._rules = jitted, mesh, rules
+  def __init__(self, jitted, mesh: Mesh):
+    self._jitted, self._mesh = jitted, mesh
 
   def __call__(self, *args, **kwargs):
-    with axis_rules(self._mesh, self._rules):
+    with jax.set_mesh(self._mesh):
       return self._jitted(*args, **kwargs)
 
   def lower(self, *args, **kwargs):
-    with axis_rules(self._mesh, self._rules):
+    with jax.set_mesh(self._mesh):
       return self._jitted.lower(*args, **kwargs)
 
+  def eval_shape(self, *args, **kwargs):
+    with jax.set_mesh(self._mesh):
+      return jax.eval_shape(self._jitted, *args, **kwargs)
 
-def logical_spec(shape: Sequence[int], logical_axes: Sequence[str | None]) -> P | None:
-  """PartitionSpec of an array of `shape` from logical axis names under the context mesh.
 
-  None without a context mesh (see `axis_rules`). Rules are those of `axis_rules`, else
-  `DEFAULT_RULES`. A dimension that its mesh axes do not divide (e.g. 2 key/value heads
-  over a tensor axis of 4) stays replicated rather than failing.
+def _one_device() -> bool:
+  return jax.device_count() == 1
+
+
+def logical_spec(shape: Sequence[int], logical_axes: Sequence[str | None], rules,
+                 what: str = "array") -> P | None:
+  """PartitionSpec of an array of `shape` (named `what` in errors) from logical axis
+  names under `rules` and the context mesh; None when `rules` is None (then the context
+  mesh, if any, must hold one device) or empty (no constraints, on purpose).
+
+  Errors: rules without a context mesh in a process that sees several devices (the
+  constraint would vanish; with one device there is nothing to shard), no rules on a mesh
+  of several devices (likewise), and a dimension
+  that its mesh axes do not divide, except for the `REPLICABLE` axes, which stay
+  replicated there (logged once and counted in `REPLICATED`).
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  if rules == ():  # no constraints, deliberately (e.g. the shapes-only parameter init)
     return None
-  rules = _ACTIVE_RULES.get() or DEFAULT_RULES
+  mesh = jax.sharding.get_abstract_mesh()
+  if rules is None:
+    if not mesh.empty and mesh.size > 1:
+      raise ValueError(
+          f"{what} {tuple(logical_axes)} is traced on a mesh of {mesh.size} devices "
+          f"({dict(mesh.shape)}) by a model config without axis rules, so it would get no "
+          "sharding constraint: give the config axis_rules=sharding.DEFAULT_RULES.")
+    return None
+  if mesh.empty:
+    if _one_device():  # nothing to shard, nothing lost
+      return None
+    raise ValueError(
+        f"{what} {tuple(logical_axes)} is traced with axis rules but without a context "
+        "mesh, so its sharding constraint would be dropped: trace it under "
+        "jax.set_mesh(mesh) (sharding.UnderMesh wraps a jitted function), or use a model "
+        "config with axis_rules=None.")
   spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
 
-  def usable(dim, axis):
+  def usable(dim, name, axis):
     axes = () if axis is None else axis if isinstance(axis, tuple) else (axis,)
-    if any(a not in mesh.axis_names for a in axes):
-      return None
-    return axis if dim % math.prod(mesh.shape[a] for a in axes) == 0 else None
+    axes = tuple(a for a in axes if a in mesh.axis_names)
+    size = math.prod(mesh.shape[a] for a in axes)
+    if dim % size == 0:
+      return axis if axes else None
+    if name not in REPLICABLE:
+      raise ValueError(
+          f"{what} of shape {tuple(shape)}: logical axis {name!r} (size {dim}) cannot be "
+          f"split over mesh axes {axes} of size {size} (mesh {dict(mesh.shape)}).")
+    key = (name, dim, axes, size)
+    if not REPLICATED[key]:
+      logging.warning("%s: logical axis %r (size %d) does not divide mesh axes %s of size "
+                      "%d; it stays replicated there.", what, name, dim, axes, size)
+    REPLICATED[key] += 1
+    return None
 
-  return P(*(usable(dim, axis) for dim, axis in zip(shape, tuple(spec))))
+  return P(*(usable(dim, name, axis)
+             for dim, name, axis in zip(shape, tuple(logical_axes), tuple(spec))))
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint of `x` by `logical_spec`; `x` itself without a context mesh."""
-  spec = logical_spec(x.shape, logical_axes)
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules,
+              what: str = "activation") -> jax.Array:
+  """Sharding constraint of `x` by `logical_spec`; `x` itself when `rules` is None."""
+  spec = logical_spec(x.shape, logical_axes, rules, what)
   return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
-def constrain_tree(tree, logical_specs):
+def constrain_tree(tree, logical_specs, rules):
   """`constrain` of every leaf of `tree` by the matching logical PartitionSpec of
-  `logical_specs` (e.g. `transformer.param_logical_axes`); `tree` without a context mesh.
+  `logical_specs` (e.g. `transformer.param_logical_axes`); `tree` when `rules` is None.
 
-  Inside a jitted function this is where XLA reshards the leaves into the layout the
-  active rules give them (one collective per leaf, where their layout changes).
+  Inside a jitted function this is where XLA reshards the leaves into the layout `rules`
+  give them (one collective per leaf, where their layout changes).
   """
-  return jax.tree.map(lambda spec, x: constrain(x, tuple(spec)), logical_specs, tree,
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree_util.tree_map_with_path(
+      lambda path, spec, x: constrain(x, tuple(spec), rules, jax.tree_util.keystr(path)),
+      logical_specs, tree, is_leaf=lambda x: isinstance(x, P))
 
 
 def process_rows(mesh: Mesh, num_rows: int) -> slice:

@@ -130,7 +130,7 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
 
   # ---------------------------------------------------------------- Models and tokenizer.
   base_cfg, base_params, tok, cache_dir, _ = _load_model(st, mesh)
-  model_cfg = st.model.model_config(base_cfg)
+  model_cfg = st.model.model_config(base_cfg, axis_rules=sharding.DEFAULT_RULES)
   teacher_cfg, teacher_params = _load_external_teacher(st, mesh, model_cfg)
 
   # ---------------------------------------------------------------- Data.
@@ -299,7 +299,8 @@ def _load_external_teacher(st: settings.Settings, mesh, student_cfg):
         f"The external teacher's vocabulary ({teacher_cfg.vocab_size} tokens, "
         f"{st.teacher.checkpoint}) differs from the student's "
         f"({student_cfg.vocab_size} tokens): teacher and student must share a vocabulary.")
-  return st.model.model_config(teacher_cfg, external_teacher=True), params
+  return st.model.model_config(teacher_cfg, axis_rules=student_cfg.axis_rules,
+                               external_teacher=True), params
 
 
 def domain_score_batch(domain: str, vs: settings.VerifierSettings):

@@ -247,7 +247,7 @@ def make_train_step(cfg: StepConfig, mesh, host_fn: Callable, optimizer, pieces,
     return update(cfg, optimizer, pieces, state, batch, rollouts, peer_key)
 
   # The template pieces are a few small constants: closed over, not arguments.
-  return sharding.UnderRules(
+  return sharding.UnderMesh(
       jax.jit(step, in_shardings=(shardings, batch_shardings(mesh)),
               out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,)),
       mesh)
@@ -272,14 +272,14 @@ def make_split_step(cfg: StepConfig, mesh, host_fn: Callable, optimizer, pieces,
         lambda x: jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, x.ndim)),
         out)
 
-  sample_fn = sharding.UnderRules(jax.jit(sample_fn), mesh)
+  sample_fn = sharding.UnderMesh(jax.jit(sample_fn), mesh)
 
   def update_fn(state, batch, rollouts):
     batch = step_teacher.student_prompts(cfg.peers, pieces, batch, cfg.pad_id)
     _, peer_key = step_keys(state)
     return update(cfg, optimizer, pieces, state, batch, rollouts, peer_key)
 
-  update_jit = sharding.UnderRules(
+  update_jit = sharding.UnderMesh(
       jax.jit(update_fn, in_shardings=(shardings, batch_shardings(mesh), None),
               out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,)),
       mesh)

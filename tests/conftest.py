@@ -82,8 +82,9 @@ def sampled_rollouts(s, state, batch):
   import numpy as np  # pylint: disable=import-outside-toplevel
   from mopd_jax import train_step  # pylint: disable=import-outside-toplevel
   sample_key, peer_key = train_step.step_keys(state)
-  out = jax.device_get(s.step_cfg.sampler(state.params, batch["prompt_tokens"],
-                                          batch["prompt_mask"], sample_key))
+  with jax.set_mesh(s.mesh):  # jitted: the sampler's loops are not run eagerly
+    out = jax.device_get(jax.jit(s.step_cfg.sampler.__call__)(
+        state.params, batch["prompt_tokens"], batch["prompt_mask"], sample_key))
   ids = np.repeat(batch["example_id"], s.step_cfg.num_samples)
   rewards, status, fb, fbl = s.host_verifier(ids, out.tokens, out.lengths)
   return train_step.Rollouts(tokens=out.tokens, logprobs=out.logprobs, lengths=out.lengths,

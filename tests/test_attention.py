@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax.sharding import PartitionSpec as P
+
 from mopd_jax import sharding
 from mopd_jax.models import attention as A
 from mopd_jax.models import transformer as T
@@ -224,8 +226,9 @@ def test_model_logits_with_splash_interpret_equal_naive(params):
   tokens = jax.random.randint(jax.random.PRNGKey(6), (B, T_LEN), 0, CFG.vocab_size)
   mask = _teacher_like_mask()
   ref = jax.jit(functools.partial(T.logits, CFG))(params, tokens, mask)
-  fn = jax.jit(functools.partial(T.logits, dataclasses.replace(CFG, attention="splash_interpret")))
-  with sharding.axis_rules(sharding.make_mesh((1, 1, -1), jax.devices()[:1])):
+  fn = jax.jit(functools.partial(T.logits, dataclasses.replace(
+      CFG, attention="splash_interpret", axis_rules=sharding.DEFAULT_RULES)))
+  with jax.set_mesh(sharding.make_mesh((1, 1, -1), jax.devices()[:1])):
     assert "shard_map" in str(jax.make_jaxpr(fn)(params, tokens, mask))
     got = fn(params, tokens, mask)
   np.testing.assert_allclose(np.asarray(got)[mask], np.asarray(ref)[mask], atol=1e-5)
@@ -283,16 +286,62 @@ def test_layers_are_scanned_so_the_program_does_not_grow_with_depth(params):
   assert tuple(axes["layers"]["mlp"]["up_proj"]["kernel"]) == ("layers", "embed", "mlp")
 
 
-def test_activation_constraints_act_only_under_axis_rules(params):
+def test_activation_constraints_follow_the_config_rules(params, monkeypatch):
   tokens, mask = jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), bool)
-  fn = lambda p: T.logits(CFG, p, tokens, mask)  # noqa: E731
-  count = lambda: str(jax.make_jaxpr(fn)(params)).count("sharding_constraint")  # noqa: E731
-  assert count() == 0
-  with sharding.axis_rules(sharding.make_mesh((1, 1, -1), jax.devices()[:1])):
+  ruled = dataclasses.replace(CFG, axis_rules=sharding.DEFAULT_RULES)
+
+  def count(cfg):
+    fn = jax.jit(lambda p: T.logits(cfg, p, tokens, mask))
+    return str(fn.trace(params).jaxpr).count("sharding_constraint")
+
+  assert count(CFG) == 0  # no rules: no constraints, with or without a mesh
+  with jax.set_mesh(sharding.make_mesh((1, 1, -1), jax.devices()[:1])):
+    assert count(CFG) == 0
     # Embedding, per layer (inside the scan, counted once): q, k, v, attention output, MLP
     # hidden, residual; logits.
-    assert count() == 8
-  assert count() == 0  # traced again outside: the context mesh is part of the cache key
+    assert count(ruled) == 8
+  # With one device nothing can be lost, and eager calls work without a mesh.
+  assert count(ruled) == 0
+  # Rules without a context mesh where there are several devices: an error, not
+  # constraints that silently vanish.
+  monkeypatch.setattr(sharding, "_one_device", lambda: False)
+  with pytest.raises(ValueError, match=r"embedded tokens .* without a context mesh"):
+    count(ruled)
+
+
+def test_constraints_are_in_the_jit_cache_key(params):
+  """One jitted function of the config: configs that differ only in their rules trace
+  separately, and each one's constraints follow its own rules."""
+  tokens, mask = jnp.ones((2, 4), jnp.int32), jnp.ones((2, 4), bool)
+  fn = jax.jit(T.logits, static_argnums=0)
+  other = tuple((n, None) if n == "activation_batch" else (n, a)
+                for n, a in sharding.DEFAULT_RULES)
+  with jax.set_mesh(sharding.make_mesh((1, 1, -1), jax.devices()[:1])):
+    texts = [fn.trace(dataclasses.replace(CFG, axis_rules=r), params, tokens,
+                      mask).jaxpr.pretty_print() for r in (sharding.DEFAULT_RULES, other)]
+  assert "('data', 'fsdp')" in texts[0] and "('data', 'fsdp')" not in texts[1]
+
+
+def test_kv_heads_that_do_not_divide_stay_replicated_and_are_counted():
+  rules = sharding.DEFAULT_RULES
+  mesh = jax.sharding.AbstractMesh((1, 1, 4), sharding.MESH_AXES)
+  with jax.sharding.use_abstract_mesh(mesh):
+    sharding.REPLICATED.clear()
+    spec = sharding.logical_spec((8, 5, 2, 16), T.ACT_KV_HEADS, rules, "attention keys")
+    assert spec == P(("data", "fsdp"), None, None, None)
+    assert sharding.REPLICATED[("activation_kv_heads", 2, ("tensor",), 4)] == 1
+    # Query heads are not meant to stay replicated: an error naming array, axis and sizes.
+    with pytest.raises(ValueError, match=r"attention queries of shape \(8, 5, 2, 16\): "
+                       r"logical axis 'activation_heads' \(size 2\) cannot be split over "
+                       r"mesh axes \('tensor',\) of size 4"):
+      sharding.logical_spec((8, 5, 2, 16), T.ACT_HEADS, rules, "attention queries")
+
+
+def test_a_mesh_of_several_devices_needs_rules():
+  mesh = jax.sharding.AbstractMesh((1, 2, 2), sharding.MESH_AXES)
+  with jax.sharding.use_abstract_mesh(mesh), pytest.raises(ValueError,
+                                                          match=r"without axis rules"):
+    sharding.logical_spec((4, 3), ("activation_batch", None), None, "logits")
 
 
 def test_kind_the_backend_lacks_stops_the_run_before_the_model_loads(monkeypatch, tmp_path):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mopd_jax import peer_context, train
+from mopd_jax import peer_context, sharding, train
 from mopd_jax.analysis import context_scores, teacher_signal
 from mopd_jax.models import transformer
 from mopd_jax.verifiers.result import Result
@@ -26,8 +26,9 @@ def saved(tiny_base_dir, tmp_path_factory):
                   score_batch=_hash_scorer)
   batch = s.train_batches.batch(0)
   cfg = s.step_cfg
-  out = jax.device_get(cfg.sampler(s.base_params, batch["prompt_tokens"],
-                                   batch["prompt_mask"], jax.random.PRNGKey(3)))
+  with jax.set_mesh(s.mesh):
+    out = jax.device_get(jax.jit(cfg.sampler.__call__)(
+        s.base_params, batch["prompt_tokens"], batch["prompt_mask"], jax.random.PRNGKey(3)))
   ids = np.repeat(batch["example_id"], cfg.num_samples)
   rewards, status, _, _ = s.host_verifier(ids, out.tokens, out.lengths)
   path = str(tmp_path_factory.mktemp("rollouts") / "rollouts.npz")
@@ -43,7 +44,10 @@ def _mean_logp_float64(s, teacher_tokens, teacher_mask, tokens, lengths):
   rmask = np.arange(lr)[None] < lengths[:, None]
   toks = np.concatenate([teacher_tokens, tokens], 1)
   mask = np.concatenate([teacher_mask, rmask], 1)
-  logits = np.asarray(transformer.logits(s.model_cfg, s.base_params, toks, mask), np.float64)
+  with jax.set_mesh(s.mesh):
+    logits = jax.jit(transformer.logits, static_argnums=0)(s.model_cfg, s.base_params, toks,
+                                                           mask)
+  logits = np.asarray(logits, np.float64)
   lp = teacher_tokens.shape[1]
   logits = logits[:, lp - 1:lp - 1 + lr]
   logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
@@ -68,7 +72,7 @@ def test_base_and_2s1f_scores_match_full_logit_reference(saved):
   batch, rollouts = context_scores.load_rollouts(path)
   cfg = s.step_cfg
   got = context_scores.score(cfg, s.pieces, s.base_params, batch, rollouts,
-                             ("base", "2S1F"), prompts_per_call=4, seed=5)
+                             ("base", "2S1F"), mesh=s.mesh, prompts_per_call=4, seed=5)
   g, n = cfg.num_samples, rollouts["tokens"].shape[0]
 
   # No context: the teacher reads the student's own prompt.
@@ -104,7 +108,7 @@ def test_every_variant_scores_every_rollout_and_feeds_alignment(saved):
   s, path = saved
   batch, rollouts = context_scores.load_rollouts(path)
   got = context_scores.score(s.step_cfg, s.pieces, s.base_params, batch, rollouts,
-                             prompts_per_call=8)
+                             mesh=s.mesh, prompts_per_call=8)
   assert set(got) == set(context_scores.VARIANTS)
   rewards = rollouts["rewards"].reshape(8, -1)
   for variant, result in got.items():
@@ -116,13 +120,27 @@ def test_every_variant_scores_every_rollout_and_feeds_alignment(saved):
   assert not np.array_equal(got["unrelated_prompt"]["scores"], got["2S1F"]["scores"])
 
 
+def test_the_teacher_forward_is_traced_under_the_mesh(saved, monkeypatch):
+  """The model config holds the run's axis rules: traced without a context mesh where
+  there are several devices, the teacher forward is an error rather than a forward whose
+  constraints silently vanish (this process has one device: it pretends otherwise)."""
+  s, path = saved
+  monkeypatch.setattr(sharding, "_one_device", lambda: False)
+  assert s.model_cfg.axis_rules is not None
+  batch, rollouts = context_scores.load_rollouts(path)
+  with pytest.raises(ValueError, match="without a context mesh"):
+    context_scores.score(s.step_cfg, s.pieces, s.base_params, batch, rollouts, ("base",),
+                         mesh=None)
+
+
 def test_wrong_group_size_is_an_error(saved):
   s, path = saved
   batch, rollouts = context_scores.load_rollouts(path)
   cfg = dataclasses.replace(
       s.step_cfg, sampling=dataclasses.replace(s.step_cfg.sampling, num_samples=2))
   with pytest.raises(ValueError, match="4 samples per prompt"):
-    context_scores.score(cfg, s.pieces, s.base_params, batch, rollouts, ("base",))
+    context_scores.score(cfg, s.pieces, s.base_params, batch, rollouts, ("base",),
+                         mesh=s.mesh)
 
 
 def test_analyse_samples_saves_and_scores_with_the_runs_config(tiny_base_dir, tmp_path):
@@ -134,7 +152,7 @@ def test_analyse_samples_saves_and_scores_with_the_runs_config(tiny_base_dir, tm
   assert batch["prompt_tokens"].shape[0] == 8 and report["prompts"] == 8
   s = train.setup(config)
   direct = context_scores.score(s.step_cfg, s.pieces, s.base_params, batch, rollouts,
-                                ("base", "1S"))
+                                ("base", "1S"), mesh=s.mesh)
   for variant in ("base", "1S"):
     np.testing.assert_allclose(report["variants"][variant]["scores"],
                                direct[variant]["scores"], rtol=1e-6)

@@ -22,12 +22,13 @@ from mopd_jax.sampling import Sampler
 
 CFG = T.ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4,
                     num_kv_heads=2, head_dim=8, mlp_dim=64, qk_norm=True,
-                    tie_embeddings=False, remat_policy="none")
+                    tie_embeddings=False, remat_policy="none",
+                    axis_rules=sharding.DEFAULT_RULES)
 
 # Samples of one sampler call, by layout and mesh; run in its own process, which fakes 8
 # CPU devices before JAX starts. Prints one JSON line.
 _SCRIPT = r"""
-import json, os, sys
+import dataclasses, json, os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.getcwd())
@@ -43,7 +44,8 @@ out = {}
 for name, layout, shape in (("one_device", "train", None), ("mesh_train", "train", (2, 2, 2)),
                             ("mesh_tensor", "tensor", (2, 2, 2)),
                             ("fsdp_tensor", "tensor", (1, 8, 1))):
-  sampler = Sampler(CFG, max_new_tokens=9, stop_ids=(1,), pad_id=0, temperature=1.0,
+  cfg = CFG if shape else dataclasses.replace(CFG, axis_rules=None)  # no mesh, no rules
+  sampler = Sampler(cfg, max_new_tokens=9, stop_ids=(1,), pad_id=0, temperature=1.0,
                     num_samples=2, decode_block=4, decode_layout=layout)
   if shape is None:
     result = jax.jit(sampler.__call__)(params, tokens, mask, key)
@@ -51,7 +53,7 @@ for name, layout, shape in (("one_device", "train", None), ("mesh_train", "train
   else:
     mesh = sharding.make_mesh(shape)
     p_sh = sharding.logical_to_shardings(T.param_logical_axes(CFG), params, mesh)
-    fn = sharding.UnderRules(jax.jit(sampler.__call__, in_shardings=(
+    fn = sharding.UnderMesh(jax.jit(sampler.__call__, in_shardings=(
         p_sh, sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 2),
         sharding.replicated(mesh))), mesh)
     args = (jax.device_put(params, p_sh), tokens, mask, key)
@@ -86,7 +88,7 @@ def test_decode_layout_samples_as_the_training_layout_on_one_device():
   for layout in ("train", "tensor"):
     sampler = Sampler(CFG, max_new_tokens=9, stop_ids=(1,), pad_id=0, temperature=1.0,
                       num_samples=2, decode_block=4, decode_layout=layout)
-    fn = sharding.UnderRules(jax.jit(sampler.__call__), mesh)
+    fn = sharding.UnderMesh(jax.jit(sampler.__call__), mesh)
     outs[layout] = jax.device_get(fn(params, tokens, mask, jax.random.PRNGKey(5)))
   np.testing.assert_array_equal(outs["tensor"].tokens, outs["train"].tokens)
   np.testing.assert_allclose(outs["tensor"].logprobs, outs["train"].logprobs, atol=1e-5)

@@ -75,7 +75,7 @@ def test_topology_devices_are_tpus_with_their_hbm(parts):
   assert {d.device_kind for d in devices} == {"TPU v5 lite"}
   assert memory_plan.device_memory_limit(devices[0]) == 16 * 2**30
   assert len({getattr(d, "slice_index", 0) for d in devices}) == parts.mesh.size // 4
-  with sharding.axis_rules(parts.mesh):
+  with jax.set_mesh(parts.mesh):
     q = jax.ShapeDtypeStruct((1, 1, 4, 128), jnp.bfloat16)
     assert attention_lib.target_platform() == "tpu"
     assert attention_lib.resolve_kind("auto", q, q) == "splash"
@@ -122,7 +122,7 @@ def test_split_step_and_evaluation_sampler_compile(parts):
   args = (parts.abstract_state.params, parts.batch["prompt_tokens"],
           parts.batch["prompt_mask"], parts.abstract_state.rng)
   shapes = jax.eval_shape(evaluation.__call__, *args)
-  jitted = sharding.UnderRules(jax.jit(evaluation.__call__, out_shardings=jax.tree.map(
+  jitted = sharding.UnderMesh(jax.jit(evaluation.__call__, out_shardings=jax.tree.map(
       lambda x: sharding.batch_sharding(mesh, x.ndim), shapes)), mesh)
   with _partitioner(shardy):
     _check(sample.compile())
@@ -155,7 +155,7 @@ def test_fused_step_decodes_without_gathering_weights(fsdp_parts):
   assert 0.9 * weight_bytes <= reshard["all-gather"]["bytes"] <= weight_bytes
   # The control: the sampler in the training layout gathers weights at every token.
   sampler = dataclasses.replace(parts.cfg.sampler, decode_layout="train")
-  jitted = sharding.UnderRules(jax.jit(sampler.__call__), parts.mesh)
+  jitted = sharding.UnderMesh(jax.jit(sampler.__call__), parts.mesh)
   with _partitioner(True):
     text = jitted.lower(parts.abstract_state.params, parts.batch["prompt_tokens"],
                         parts.batch["prompt_mask"],

@@ -113,7 +113,8 @@ def _score_group_batch(cfg: train_step.StepConfig, pieces, teacher_params, batch
 
 
 def score(cfg: train_step.StepConfig, pieces, teacher_params, batch: dict, rollouts: dict,
-          variants=tuple(VARIANTS), *, prompts_per_call: int = 16, seed: int = 0) -> dict:
+          variants=tuple(VARIANTS), *, mesh, prompts_per_call: int = 16,
+          seed: int = 0) -> dict:
   """Mean per-token teacher log-prob of every rollout under each context variant.
 
   Args:
@@ -125,6 +126,9 @@ def score(cfg: train_step.StepConfig, pieces, teacher_params, batch: dict, rollo
     variants: names from `VARIANTS`.
     prompts_per_call: prompts (with all their rollouts) per jitted call; peers and the
       controls' other prompts are drawn within a call.
+    mesh: the mesh the teacher's parameters live on (`train.Setup.mesh`); the forwards
+      are traced under it, so the model's sharding constraints act (its rows per call,
+      prompts_per_call x samples, must divide its batch axes).
     seed: key of the peer selection.
 
   Returns:
@@ -153,7 +157,8 @@ def score(cfg: train_step.StepConfig, pieces, teacher_params, batch: dict, rollo
           status=jnp.asarray(rollouts["status"][rows]),
           feedback=jnp.zeros((n, 1), jnp.int32), feedback_lengths=jnp.zeros((n,), jnp.int32))
       key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-      mean, length = _score_group_batch(vcfg, pieces, teacher_params, part, r, key)
+      with jax.set_mesh(mesh):
+        mean, length = _score_group_batch(vcfg, pieces, teacher_params, part, r, key)
       means.append(np.asarray(mean, np.float64))
       lengths.append(np.asarray(length))
     out[variant] = {"scores": np.concatenate(means).reshape(b, g),
@@ -170,8 +175,9 @@ def sample_and_save(s, params, path: str, num_prompts: int, seed: int = 0) -> No
   if len(batch["example_id"]) < num_prompts:
     raise ValueError(f"The held-out split has {len(batch['example_id'])} usable prompts; "
                      f"asked for {num_prompts}.")
-  out = jax.device_get(cfg.sampler(params, batch["prompt_tokens"], batch["prompt_mask"],
-                                   jax.random.PRNGKey(seed)))
+  with jax.set_mesh(s.mesh):
+    out = jax.device_get(jax.jit(cfg.sampler.__call__)(
+        params, batch["prompt_tokens"], batch["prompt_mask"], jax.random.PRNGKey(seed)))
   ids = np.repeat(batch["example_id"], cfg.num_samples)
   rewards, status, _, _ = s.host_verifier(ids, out.tokens, out.lengths)
   save_rollouts(path, batch, dict(tokens=out.tokens, lengths=out.lengths,
@@ -207,7 +213,8 @@ def analyse(config, rollouts_path: str, *, workdir: str | None = None,
   if sample_prompts:
     sample_and_save(s, student, rollouts_path, sample_prompts, seed=sample_seed)
   batch, rollouts = load_rollouts(rollouts_path)
-  scored = score(s.step_cfg, s.pieces, teacher_params, batch, rollouts, variants)
+  scored = score(s.step_cfg, s.pieces, teacher_params, batch, rollouts, variants,
+                 mesh=s.mesh)
   rewards = list(rollouts["rewards"].reshape(-1, s.step_cfg.num_samples))
   threshold = s.settings.verifier.success_threshold
   report = {"rollouts": rollouts_path, "checkpoint_step": int(step),

@@ -34,7 +34,7 @@ Kinds:
   a TPU or GPU run falls back.
 
 "This backend" is the platform the traced code is compiled for (`target_platform`): the
-devices of the context mesh (`jax.set_mesh`, which `sharding.axis_rules` sets), else the
+devices of the context mesh (`jax.set_mesh`, which `sharding.UnderMesh` sets), else the
 process's default backend. A CPU host compiling for TPU devices (ahead of time, for a named
 topology) therefore gets the TPU choices. A kind that cannot run on that platform or these
 inputs raises an error that names `config.model.attention`, the value and the kinds that
@@ -72,12 +72,6 @@ _KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "act
 def check_kind(kind: str) -> None:
   if kind not in KINDS:
     raise ValueError(f"Unknown attention kind {kind!r}; allowed: {list(KINDS)}.")
-
-
-def precision_from_name(name: str):
-  if name not in PRECISIONS:
-    raise ValueError(f"Unknown matmul precision {name!r}; allowed: {list(PRECISIONS)}.")
-  return PRECISIONS[name]
 
 
 def target_platform() -> str:
@@ -161,8 +155,12 @@ def resolve_kind(kind: str, q, k, precision=None) -> str:
 
 
 def attention(q, k, v, kv_mask, *, kind="auto", causal=True, q_offset=0,
-              block_q=DEFAULT_BLOCK, block_k=DEFAULT_BLOCK, precision=None):
-  """Grouped-query attention; returns [B, T, H, D] in q.dtype (see the module docstring)."""
+              block_q=DEFAULT_BLOCK, block_k=DEFAULT_BLOCK, precision=None, rules=None):
+  """Grouped-query attention; returns [B, T, H, D] in q.dtype (see the module docstring).
+
+  rules: the model's logical axis rules (`ModelConfig.axis_rules`); splash runs in a
+  `shard_map` by them on the context mesh.
+  """
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads "
                      f"({k.shape[2]}).")
@@ -170,7 +168,7 @@ def attention(q, k, v, kv_mask, *, kind="auto", causal=True, q_offset=0,
   kv_mask = kv_mask.astype(bool)
   if kind in ("splash", "splash_interpret"):
     return splash(q, k, v, kv_mask, q_offset, causal=causal, block_q=block_q,
-                  block_k=block_k, interpret=kind == "splash_interpret")
+                  block_k=block_k, interpret=kind == "splash_interpret", rules=rules)
   q_offset = jnp.asarray(q_offset, jnp.int32)
   if kind == "naive":
     return naive(q, k, v, dense_mask(kv_mask, q.shape[1], causal, q_offset),
@@ -414,7 +412,7 @@ def _lane_multiple(n):
 
 
 def splash(q, k, v, kv_mask, q_offset=0, *, causal=True, block_q=DEFAULT_BLOCK,
-           block_k=DEFAULT_BLOCK, interpret=False):
+           block_k=DEFAULT_BLOCK, interpret=False, rules=None):
   """Splash attention; same contract as `attention(kind='splash')`.
 
   Cost: the matmul FLOPs of `blockwise` over query and key lengths padded up to the
@@ -424,7 +422,7 @@ def splash(q, k, v, kv_mask, q_offset=0, *, causal=True, block_q=DEFAULT_BLOCK,
   Memory beyond inputs and outputs: the padded, transposed copies of q, k, v and the
   float32 log-sum-exp saved for the backward.
 
-  Under a context mesh (`sharding.axis_rules`) the kernels run in a `shard_map` over the
+  With axis rules (on the context mesh) the kernels run in a `shard_map` over the
   rows' mesh axes and, when query and key/value heads both divide, the heads' axis: XLA
   cannot split a Pallas call itself, and would otherwise gather every row on every device.
   """
@@ -435,10 +433,10 @@ def splash(q, k, v, kv_mask, q_offset=0, *, causal=True, block_q=DEFAULT_BLOCK,
                      f"static), got {q_offset!r}.") from e
   run = functools.partial(_splash_rows, q_offset=q_offset, causal=causal, block_q=block_q,
                           block_k=block_k, interpret=interpret)
-  q_spec = sharding.logical_spec(q.shape, _Q_AXES)
+  q_spec = sharding.logical_spec(q.shape, _Q_AXES, rules, "splash queries")
   if q_spec is None:
     return run(q, k, v, kv_mask)
-  kv_spec = sharding.logical_spec(k.shape, _KV_AXES)
+  kv_spec = sharding.logical_spec(k.shape, _KV_AXES, rules, "splash keys")
   heads = q_spec[2] if q_spec[2] == kv_spec[2] else None
   q_spec, kv_spec = P(q_spec[0], None, heads, None), P(kv_spec[0], None, heads, None)
   return jax.shard_map(run, in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[0], None)),

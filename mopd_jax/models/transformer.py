@@ -5,7 +5,8 @@ RMSNorm on queries and keys (Qwen3), q/k/v biases (Qwen2.5), Llama 3.x RoPE scal
 tied or untied embeddings. Every parameter carries logical axis names (`embed`, `heads`,
 `kv_heads`, `head_dim`, `mlp`, `vocab`, and `layers` for the stacked per-layer axis) that
 `mopd_jax.sharding` maps onto mesh axes; activations and the KV cache carry
-`activation_*` / `cache_*` names, constrained when traced under `sharding.axis_rules`.
+`activation_*` / `cache_*` names, constrained by the config's `axis_rules` on the context
+mesh (see `mopd_jax.sharding`).
 
 Layers are stacked: every per-layer parameter has a leading `layers` axis of size
 num_layers (params["layers"]["attn"]["q_proj"]["kernel"] is [L, D, H, Dh]), and the stack
@@ -115,6 +116,10 @@ class ModelConfig:
   attention: str = "auto"  # see models.attention.KINDS
   # Precision of float32 matmuls: "default" lets GPUs / TPUs use TF32 / bfloat16 passes.
   matmul_precision: str = "default"
+  # Logical axis rules of the activations and the KV cache (`sharding.DEFAULT_RULES` in a
+  # run; the sampler traces with `sharding.DECODE_RULES`). Static, so every jit of a model
+  # function has them in its cache key. None: no sharding constraints (one device).
+  axis_rules: tuple | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "embed_dim", "num_heads",
@@ -139,6 +144,8 @@ class ModelConfig:
     if self.matmul_precision not in attention_lib.PRECISIONS:
       raise ValueError(f"model.matmul_precision {self.matmul_precision!r} is unknown; "
                        f"allowed: {list(attention_lib.PRECISIONS)}.")
+    if self.axis_rules is not None:
+      object.__setattr__(self, "axis_rules", sharding.check_rules(self.axis_rules))
     if isinstance(self.rope_scaling, dict):  # as read back from `dataclasses.asdict` JSON
       object.__setattr__(self, "rope_scaling", Llama3RopeScaling(**self.rope_scaling))
     if self.rope_scaling is not None and not isinstance(self.rope_scaling, Llama3RopeScaling):
@@ -273,9 +280,10 @@ class Attention(nn.Module):
       k = RMSNorm(cfg.norm_eps, pdtype, "head_dim", name="k_norm")(k)
     q = _apply_rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
     k = _apply_rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
-    q = sharding.constrain(q, ACT_HEADS)
-    k = sharding.constrain(k, ACT_KV_HEADS)
-    v = sharding.constrain(v, ACT_KV_HEADS)
+    rules = cfg.axis_rules
+    q = sharding.constrain(q, ACT_HEADS, rules, "attention queries")
+    k = sharding.constrain(k, ACT_KV_HEADS, rules, "attention keys")
+    v = sharding.constrain(v, ACT_KV_HEADS, rules, "attention values")
 
     if self.mode == "decode":
       out = attention_lib.decode_attention(
@@ -292,9 +300,9 @@ class Attention(nn.Module):
         out = attention_lib.naive(q, k, v, mask, precision=cfg.precision)
       else:
         out = attention_lib.attention(q, k, v, mask, kind=cfg.attention, causal=True,
-                                      precision=cfg.precision)
+                                      precision=cfg.precision, rules=rules)
       new_kv = (k, v) if self.mode == "prefill" else None
-    out = sharding.constrain(out, ACT_HEADS)
+    out = sharding.constrain(out, ACT_HEADS, rules, "attention output")
     out = nn.DenseGeneral(
         cfg.embed_dim, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=pdtype,
         precision=cfg.precision, kernel_init=_init(("heads", "head_dim", "embed")),
@@ -314,7 +322,7 @@ class MLP(nn.Module):
         kernel_init=_init(axes), name=name)
     gate = dense(cfg.mlp_dim, ("embed", "mlp"), "gate_proj")(x)
     up = dense(cfg.mlp_dim, ("embed", "mlp"), "up_proj")(x)
-    hidden = sharding.constrain(nn.silu(gate) * up, ACT_MLP)
+    hidden = sharding.constrain(nn.silu(gate) * up, ACT_MLP, cfg.axis_rules, "MLP hidden")
     return dense(cfg.embed_dim, ("mlp", "embed"), "down_proj")(hidden)
 
 
@@ -334,7 +342,7 @@ class Block(nn.Module):
         RMSNorm(cfg.norm_eps, pdtype, name="input_norm")(x), **inputs._asdict(), layer=layer)
     x = x + h
     x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, pdtype, name="post_attn_norm")(x))
-    return sharding.constrain(x, ACT_EMBED), new_kv
+    return sharding.constrain(x, ACT_EMBED, cfg.axis_rules, "layer output"), new_kv
 
 
 class Decoder(nn.Module):
@@ -355,7 +363,8 @@ class Decoder(nn.Module):
     dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
     embedding = self.param("embedding", _init(("vocab", "embed"), cfg.embed_dim ** -0.5),
                            (cfg.vocab_size, cfg.embed_dim), pdtype)
-    x = sharding.constrain(jnp.take(embedding, tokens, axis=0).astype(dtype), ACT_EMBED)
+    x = sharding.constrain(jnp.take(embedding, tokens, axis=0).astype(dtype), ACT_EMBED,
+                           cfg.axis_rules, "embedded tokens")
     if not cfg.tie_embeddings:
       self.param("lm_head", _init(("embed", "vocab")), (cfg.embed_dim, cfg.vocab_size),
                  pdtype)
@@ -388,7 +397,8 @@ def _init_boxed(config, key):
   mask = jnp.ones((1, 2), bool)
   # The parameters do not depend on the attention kernel; a portable one lets a host
   # build the shapes of a model configured for another platform's kernel.
-  config = dataclasses.replace(config, attention="naive")
+  # Nor on the activations' layout: no constraints (), whatever the context mesh.
+  config = dataclasses.replace(config, attention="naive", axis_rules=())
   return Decoder(config).init(key, tokens, positions=positions_from_mask(mask),
                               token_mask=mask)["params"]
 
@@ -427,7 +437,7 @@ def project(config, params, hidden) -> jax.Array:
   out = jnp.einsum(equation, hidden, head.astype(hidden.dtype), precision=config.precision,
                    preferred_element_type=jnp.float32)
   if out.ndim == 3:
-    out = sharding.constrain(out, ACT_VOCAB)
+    out = sharding.constrain(out, ACT_VOCAB, config.axis_rules, "logits")
   return out
 
 
@@ -449,7 +459,8 @@ def prefill(config, params, tokens, token_mask):
   hidden, (k, v) = Decoder(config, "prefill").apply(
       {"params": params}, tokens, positions=positions_from_mask(token_mask),
       token_mask=token_mask)
-  k, v = (sharding.constrain(x.transpose(0, 1, 3, 2, 4), CACHE) for x in (k, v))
+  k, v = (sharding.constrain(x.transpose(0, 1, 3, 2, 4), CACHE, config.axis_rules,
+                             "prompt cache") for x in (k, v))
   return hidden, {"k": k, "v": v}
 
 
@@ -457,7 +468,8 @@ def init_response_cache(config: ModelConfig, rows: int, length: int, dtype=None)
   """Zero response cache {"k", "v"}: [L, rows, K, length, Dh] (compute dtype by default)."""
   dtype = dtype or dtype_from_name(config.dtype)
   shape = (config.num_layers, rows, config.num_kv_heads, length, config.head_dim)
-  zeros = sharding.constrain(jnp.zeros(shape, dtype), CACHE)
+  zeros = sharding.constrain(jnp.zeros(shape, dtype), CACHE, config.axis_rules,
+                             "response cache")
   return {"k": zeros, "v": zeros}
 
 
@@ -485,7 +497,7 @@ def _decode_unrolled(config, params, tokens, inputs: LayerInputs, block):
   returns (hidden [N, 1, D], (k, v) [L, N, K, Dh])."""
   dtype, pdtype = dtype_from_name(config.dtype), dtype_from_name(config.param_dtype)
   x = sharding.constrain(jnp.take(params["embedding"], tokens, axis=0).astype(dtype),
-                         ACT_EMBED)
+                         ACT_EMBED, config.axis_rules, "embedded tokens")
   layer_module = Block(config, "decode", block)
   new_k, new_v = [], []
   for index, layer_params in enumerate(params["layers"]):
