@@ -332,13 +332,16 @@ def _distill(cfg: DistillationConfig, s_hidden, s_head, t_hidden, t_head, tgt, w
 
 
 def _distill_fwd(cfg, s_hidden, s_head, t_hidden, t_head, tgt, weights, samp):
+  """The outputs, and as residuals the gradient itself, formed chunk by chunk while the
+  logits are live (so the backward pass runs no vocabulary matmul)."""
   outputs, (d_hidden, d_head) = _forward_with_grad(cfg, s_hidden, s_head, t_hidden, t_head,
                                                    tgt, weights, samp)
   return outputs, (d_hidden, d_head.astype(s_head.dtype))
 
 
 def _distill_bwd(cfg, residuals, cotangents):
-  # The per-token outputs leave under stop_gradient: only the loss' cotangent counts.
+  """The saved gradient scaled by the loss' cotangent; the per-token outputs leave under
+  stop_gradient, so theirs do not count, and nothing reaches the teacher or weights."""
   del cfg
   d_hidden, d_head = residuals
   g = cotangents[0]
