@@ -13,7 +13,7 @@ Shorter, e.g. for a smoke test:
       --config.total_steps=3 --config.eval_every=0 --config.eval.num_prompts=8
 
 Any key can be overridden on the command line (`--config.optim.lr=3e-4`); every key,
-its default and what it allows are defined once, in `mopd_jax/settings.py`.
+its default and what it allows are defined once, in `mopd_jax/settings/`.
 
 Paper-scale presets (MOPD spec section 5) need a Hugging Face checkpoint and a data
 cache directory, and fail at start-up without them:

@@ -132,25 +132,13 @@ def teacher_prompt_length(
       num_summaries: k summary slots; 0 reserves no room for summaries.
       summary_cap: most tokens of one summary shown.
   """
-  for name, value in (
-      ("prompt_len", prompt_len),
-      ("peer_cap", peer_cap),
-      ("feedback_cap", feedback_cap),
-      ("num_summaries", num_summaries),
-      ("summary_cap", summary_cap),
-  ):
+  for name, value in (("prompt_len", prompt_len), ("peer_cap", peer_cap),
+                      ("feedback_cap", feedback_cap), ("num_summaries", num_summaries),
+                      ("summary_cap", summary_cap)):
     if not isinstance(value, numbers.Integral) or value < 0:
       raise ValueError(f"{name} must be a non-negative int; got {value!r}.")
-  length = (
-      prompt_len
-      + len(pieces.solution_header)
-      + peer_cap
-      + len(pieces.another_header)
-      + peer_cap
-      + len(pieces.failure_header)
-      + peer_cap
-      + len(pieces.closing)
-  )
+  length = (prompt_len + len(pieces.solution_header) + len(pieces.another_header)
+            + len(pieces.failure_header) + 3 * peer_cap + len(pieces.closing))
   if feedback_cap > 0:
     length += len(pieces.feedback_header) + feedback_cap
   if num_summaries > 0:
@@ -166,42 +154,89 @@ def _check_shape(name: str, array: jax.Array, shape: tuple) -> None:
     raise ValueError(f"{name} must have shape {shape}; got {array.shape}.")
 
 
-def _check_feedback(num_rows: int, feedback_tokens: jax.Array | None,
-                    feedback_lengths: jax.Array | None, feedback_cap: int) -> None:
-  """Raises ValueError unless the feedback inputs of `assemble_teacher_prompts` agree."""
-  if feedback_tokens is not None:
-    if feedback_cap <= 0:
-      raise ValueError(f"feedback_tokens needs feedback_cap > 0; got feedback_cap={feedback_cap}.")
-    if feedback_lengths is None:
-      raise ValueError("feedback_tokens is given but feedback_lengths is None.")
-    if feedback_tokens.ndim != 2 or feedback_tokens.shape[0] != num_rows:
-      raise ValueError(
-          f"feedback_tokens must have shape ({num_rows}, Lf); " f"got {feedback_tokens.shape}."
-      )
-    _check_shape("feedback_lengths", feedback_lengths, (num_rows,))
-  elif feedback_lengths is not None:
-    raise ValueError("feedback_lengths is given but feedback_tokens is None.")
+class Feedback(NamedTuple):
+  """Each row's own verifier feedback; its block shows where `lengths` > 0, at most
+  `feedback_cap` tokens of it."""
+
+  tokens: jax.Array  # int32 [N, Lf], right-padded
+  lengths: jax.Array  # int32 [N]
 
 
-def _check_summaries(num_rows: int, summary_tokens: jax.Array | None,
-                     summary_lengths: jax.Array | None, summary_rows: jax.Array | None,
-                     summary_successful: jax.Array | None, summary_cap: int) -> int:
-  """Checks the summary inputs of `assemble_teacher_prompts`; returns k (0 without them)."""
-  if summary_tokens is None:
+class Summaries(NamedTuple):
+  """The responses' summaries and the k of them each row shows (summaries variant)."""
+
+  tokens: jax.Array  # int32 [R, Ls], right-padded summaries of the responses
+  lengths: jax.Array  # int32 [R]
+  rows: jax.Array  # int32 [N, k], flat rows of the members shown, in order (-1 = empty)
+  successful: jax.Array  # bool [N, k], picks each shown summary's label
+
+
+class PeerBlocks(NamedTuple):
+  """What the teacher prompts show besides the prompt: one pytree, None for absent parts.
+
+  `rows` is a PeerSelection whose `primary`, `another`, `failure` are int32 [N] flat row
+  indices into `responses` (-1 = absent; `mask` is not used). `block_lengths` caps the
+  primary, another and failure block of each row on top of `peer_cap` (the matched-budget
+  controls of `peer_controls` cut blocks to a token budget this way).
+  """
+
+  responses: jax.Array  # int32 [R, Lr], right-padded peer responses (usually R = N)
+  response_lengths: jax.Array  # int32 [R], response tokens without the end-of-sequence
+  rows: PeerSelection
+  block_lengths: Optional[jax.Array] = None  # int32 [N, 3]
+  feedback: Optional[Feedback] = None
+  summaries: Optional[Summaries] = None
+
+
+def _check_feedback(num_rows: int, feedback: Feedback | None, feedback_cap: int) -> None:
+  """Raises ValueError unless the feedback of `assemble_teacher_prompts` fits its room."""
+  if feedback is None:
+    return
+  if feedback_cap <= 0:
+    raise ValueError(f"blocks.feedback needs feedback_cap > 0; got feedback_cap={feedback_cap}.")
+  if feedback.tokens.ndim != 2 or feedback.tokens.shape[0] != num_rows:
+    raise ValueError(f"blocks.feedback.tokens must have shape ({num_rows}, Lf); "
+                     f"got {feedback.tokens.shape}.")
+  _check_shape("blocks.feedback.lengths", feedback.lengths, (num_rows,))
+
+
+def _check_summaries(num_rows: int, summaries: Summaries | None, summary_cap: int) -> int:
+  """Checks the summaries of `assemble_teacher_prompts`; returns k (0 without them)."""
+  if summaries is None:
     return 0
   if summary_cap <= 0:
-    raise ValueError(f"summary_tokens needs summary_cap > 0; got summary_cap={summary_cap}.")
-  if summary_lengths is None or summary_rows is None or summary_successful is None:
-    raise ValueError("summary_tokens needs summary_lengths, summary_rows and "
-                     "summary_successful.")
-  if summary_tokens.ndim != 2 or summary_rows.ndim != 2:
-    raise ValueError(f"summary_tokens must have shape [R, Ls] and summary_rows [N, k]; got "
-                     f"{summary_tokens.shape} and {summary_rows.shape}.")
-  _check_shape("summary_lengths", summary_lengths, (summary_tokens.shape[0],))
-  num_summaries = summary_rows.shape[1]
-  _check_shape("summary_rows", summary_rows, (num_rows, num_summaries))
-  _check_shape("summary_successful", summary_successful, (num_rows, num_summaries))
+    raise ValueError(f"blocks.summaries needs summary_cap > 0; got summary_cap={summary_cap}.")
+  if summaries.tokens.ndim != 2 or summaries.rows.ndim != 2:
+    raise ValueError("blocks.summaries.tokens must have shape [R, Ls] and .rows [N, k]; got "
+                     f"{summaries.tokens.shape} and {summaries.rows.shape}.")
+  _check_shape("blocks.summaries.lengths", summaries.lengths, (summaries.tokens.shape[0],))
+  num_summaries = summaries.rows.shape[1]
+  _check_shape("blocks.summaries.rows", summaries.rows, (num_rows, num_summaries))
+  _check_shape("blocks.summaries.successful", summaries.successful,
+               (num_rows, num_summaries))
   return num_summaries
+
+
+def _check_assembly(prompt_tokens: jax.Array, prompt_mask: jax.Array,
+                    insert_index: jax.Array, blocks: PeerBlocks, feedback_cap: int,
+                    summary_cap: int) -> int:
+  """Raises ValueError on inputs of `assemble_teacher_prompts` that do not fit together;
+  returns k, the number of summary slots (0 without summaries)."""
+  if prompt_tokens.ndim != 2:
+    raise ValueError(f"prompt_tokens must have shape [N, Lp]; got {prompt_tokens.shape}.")
+  if blocks.responses.ndim != 2:
+    raise ValueError(f"blocks.responses must have shape [R, Lr]; got {blocks.responses.shape}.")
+  num_rows = prompt_tokens.shape[0]
+  _check_shape("prompt_mask", prompt_mask, prompt_tokens.shape)
+  _check_shape("insert_index", insert_index, (num_rows,))
+  _check_shape("blocks.response_lengths", blocks.response_lengths,
+               (blocks.responses.shape[0],))
+  for field in ("primary", "another", "failure"):
+    _check_shape(f"blocks.rows.{field}", getattr(blocks.rows, field), (num_rows,))
+  if blocks.block_lengths is not None:
+    _check_shape("blocks.block_lengths", blocks.block_lengths, (num_rows, 3))
+  _check_feedback(num_rows, blocks.feedback, feedback_cap)
+  return _check_summaries(num_rows, blocks.summaries, summary_cap)
 
 
 def _gather_segments(source: jax.Array, segments: list[tuple[jax.Array, jax.Array]],
@@ -236,25 +271,118 @@ def _gather_segments(source: jax.Array, segments: list[tuple[jax.Array, jax.Arra
   return tokens.astype(jnp.int32), mask
 
 
+class _Shown(NamedTuple):
+  """One block's text as read into the source buffer, and how much of it shows."""
+
+  text: jax.Array  # int32 [N, W], W = the block's static width
+  length: jax.Array  # int32 [N], tokens shown (0 when absent)
+  on: jax.Array  # bool [N], the block is present (its header shows)
+
+
+def _shown_rows(tokens: jax.Array, lengths: jax.Array, row_index: jax.Array,
+                width: int) -> _Shown:
+  """tokens[row, :width] of each row index (-1 = absent), lengths clipped to width."""
+  present = row_index >= 0
+  safe = jnp.where(present, row_index, 0)
+  text = tokens[safe, :width].astype(jnp.int32)
+  length = jnp.where(present, jnp.clip(lengths[safe], 0, width), 0)
+  return _Shown(text, length, present)
+
+
+def _peer_blocks(blocks: PeerBlocks, peer_cap: int) -> list[_Shown]:
+  """The primary, another and failure blocks, each cut to peer_cap and block_lengths."""
+  width = min(blocks.responses.shape[1], peer_cap)
+  shown = []
+  for slot, field in enumerate(("primary", "another", "failure")):
+    part = _shown_rows(blocks.responses, blocks.response_lengths,
+                       getattr(blocks.rows, field), width)
+    if blocks.block_lengths is not None:
+      part = part._replace(length=jnp.clip(part.length, 0, blocks.block_lengths[:, slot]))
+    shown.append(part)
+  return shown
+
+
+def _feedback_block(feedback: Feedback | None, num_rows: int, feedback_cap: int) -> _Shown:
+  """Each row's own feedback cut to feedback_cap; an empty block without feedback."""
+  if feedback is None:
+    return _Shown(jnp.zeros((num_rows, 0), jnp.int32), jnp.zeros((num_rows,), jnp.int32),
+                  jnp.zeros((num_rows,), bool))
+  width = min(feedback.tokens.shape[1], feedback_cap)
+  on = feedback.lengths > 0
+  return _Shown(feedback.tokens[:, :width].astype(jnp.int32),
+                jnp.where(on, jnp.clip(feedback.lengths, 0, width), 0), on)
+
+
+def _summary_blocks(summaries: Summaries | None, summary_cap: int) -> list[_Shown]:
+  """The k summaries each row shows, one block per slot, each cut to summary_cap."""
+  if summaries is None:
+    return []
+  width = min(summaries.tokens.shape[1], summary_cap)
+  return [_shown_rows(summaries.tokens, summaries.lengths, summaries.rows[:, slot], width)
+          for slot in range(summaries.rows.shape[1])]
+
+
+def _source_buffer(prompt_tokens: jax.Array, template: dict[str, jax.Array],
+                   shown: dict[str, _Shown]) -> tuple[jax.Array, dict[str, int]]:
+  """The buffer [N, S] every segment is read from, and where each named part starts.
+
+  Layout: prompt | template pieces | primary | another | failure | feedback | summaries.
+  """
+  num_rows = prompt_tokens.shape[0]
+  parts = {"prompt": prompt_tokens.astype(jnp.int32)}
+  parts.update({name: jnp.broadcast_to(piece.astype(jnp.int32), (num_rows, piece.shape[0]))
+                for name, piece in template.items()})
+  parts.update({name: part.text for name, part in shown.items()})
+  starts, start = {}, 0
+  for name, part in parts.items():
+    starts[name] = start
+    start += part.shape[1]
+  return jnp.concatenate(list(parts.values()), axis=1), starts
+
+
+def _segments(template: dict[str, jax.Array], starts: dict[str, int],
+              shown: dict[str, _Shown], summaries: Summaries | None, real_start: jax.Array,
+              real_len: jax.Array, ins: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+  """(source start [N], length [N]) of every segment of the teacher prompts, in order."""
+  num_rows = ins.shape[0]
+
+  def fixed(value):
+    return jnp.full((num_rows,), value, jnp.int32)
+
+  def header(name, on):
+    return fixed(starts[name]), jnp.where(on, template[name].shape[0], 0)
+
+  def text(name):
+    return fixed(starts[name]), shown[name].length
+
+  segments = [(real_start, ins), header("solution_header", shown["primary"].on),
+              text("primary")]
+  if summaries is not None:
+    segments.append(header("summaries_header", (summaries.rows >= 0).any(axis=1)))
+    for slot in range(summaries.rows.shape[1]):
+      name, good = f"summary_{slot}", summaries.successful[:, slot]
+      label_start = jnp.where(good, starts["summary_success"], starts["summary_failure"])
+      label_len = jnp.where(good, template["summary_success"].shape[0],
+                            template["summary_failure"].shape[0])
+      segments += [(label_start.astype(jnp.int32), jnp.where(shown[name].on, label_len, 0)),
+                   text(name)]
+  for block, head in (("another", "another_header"), ("failure", "failure_header"),
+                      ("feedback", "feedback_header")):
+    segments += [header(head, shown[block].on), text(block)]
+  return segments + [(fixed(starts["closing"]), fixed(template["closing"].shape[0])),
+                     (real_start + ins, real_len - ins)]
+
+
 def assemble_teacher_prompts(
     prompt_tokens: jax.Array,
     prompt_mask: jax.Array,
     insert_index: jax.Array,
-    responses: jax.Array,
-    response_lengths: jax.Array,
-    rows: PeerSelection,
+    blocks: PeerBlocks,
     pieces: TemplatePieces,
     *,
     peer_cap: int,
     pad_id: int,
-    feedback_tokens: Optional[jax.Array] = None,
-    feedback_lengths: Optional[jax.Array] = None,
     feedback_cap: int = 0,
-    block_lengths: Optional[jax.Array] = None,
-    summary_tokens: Optional[jax.Array] = None,
-    summary_lengths: Optional[jax.Array] = None,
-    summary_rows: Optional[jax.Array] = None,
-    summary_successful: Optional[jax.Array] = None,
     summary_cap: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
   """Builds left-padded teacher prompts by index arithmetic and gathers.
@@ -271,154 +399,43 @@ def assemble_teacher_prompts(
       prompt_mask: bool [N, Lp], True on real tokens (contiguous at the right end).
       insert_index: int32 [N], where the peer context goes, counted within the real prompt
           tokens; clipped to [0, number of real tokens].
-      responses: int32 [R, Lr], right-padded peer responses (usually R = N).
-      response_lengths: int32 [R], response tokens without the end-of-sequence token.
-      rows: PeerSelection whose `primary`, `another`, `failure` are int32 [N] flat row
-          indices into `responses` (-1 = absent); `mask` is not used.
+      blocks: the peers' responses, which rows each prompt shows, and the optional block
+          lengths, feedback and summaries (`PeerBlocks`).
       pieces: tokenized template pieces.
       peer_cap: static; a peer block shows responses[row, :min(length, peer_cap)].
       pad_id: static padding token id.
-      feedback_tokens: optional int32 [N, Lf], right-padded own verifier feedback.
-      feedback_lengths: int32 [N], required with `feedback_tokens`; the feedback block is
-          present where it is > 0 and shows at most `feedback_cap` tokens.
       feedback_cap: static; room reserved for feedback (see `teacher_prompt_length`); must
-          be > 0 when `feedback_tokens` is given.
-      block_lengths: optional int32 [N, 3], most tokens shown of the primary, another and
-          failure block of each row, on top of `peer_cap` (the matched-budget controls of
-          `peer_controls` cut blocks to a token budget this way).
-      summary_tokens: optional int32 [R, Ls], right-padded summaries of the responses.
-      summary_lengths: int32 [R], required with `summary_tokens`.
-      summary_rows: int32 [N, k], required with `summary_tokens`; flat rows of the members
-          whose summaries row n shows, in order (-1 = empty slot).
-      summary_successful: bool [N, k], required with `summary_tokens`; picks the label.
+          be > 0 when `blocks.feedback` is given.
       summary_cap: static; a summary shows at most this many tokens; must be > 0 when
-          `summary_tokens` is given.
+          `blocks.summaries` is given.
 
   Returns:
       tokens: int32 [N, Ltp], left-padded with `pad_id`, where Ltp =
           teacher_prompt_length(Lp, pieces, peer_cap, feedback_cap, k, summary_cap).
       mask: bool [N, Ltp], True on real tokens.
   """
-  if prompt_tokens.ndim != 2:
-    raise ValueError(f"prompt_tokens must have shape [N, Lp]; got {prompt_tokens.shape}.")
-  if responses.ndim != 2:
-    raise ValueError(f"responses must have shape [R, Lr]; got {responses.shape}.")
+  num_summaries = _check_assembly(prompt_tokens, prompt_mask, insert_index, blocks,
+                                  feedback_cap, summary_cap)
   num_rows, prompt_len = prompt_tokens.shape
-  _check_shape("prompt_mask", prompt_mask, prompt_tokens.shape)
-  _check_shape("insert_index", insert_index, (num_rows,))
-  _check_shape("response_lengths", response_lengths, (responses.shape[0],))
-  for field in ("primary", "another", "failure"):
-    _check_shape(f"rows.{field}", getattr(rows, field), (num_rows,))
-  if block_lengths is not None:
-    _check_shape("block_lengths", block_lengths, (num_rows, 3))
-  with_feedback = feedback_tokens is not None
-  _check_feedback(num_rows, feedback_tokens, feedback_lengths, feedback_cap)
-  with_summaries = summary_tokens is not None
-  num_summaries = _check_summaries(num_rows, summary_tokens, summary_lengths, summary_rows,
-                                   summary_successful, summary_cap)
   out_len = teacher_prompt_length(prompt_len, pieces, peer_cap, feedback_cap, num_summaries,
                                   summary_cap)
-
-  # Source buffer [N, S]: prompt | template pieces | primary | another | failure | feedback.
-  piece_list = [
-      pieces.solution_header,
-      pieces.another_header,
-      pieces.failure_header,
-      pieces.feedback_header,
-      pieces.closing,
-  ]
-  piece_starts, start = [], prompt_len
-  for piece in piece_list:
-    piece_starts.append(start)
-    start += piece.shape[0]
-  sh_start, ah_start, fh_start, fbh_start, cl_start = piece_starts
-  if with_summaries:
-    _, sum_header, sum_success, sum_failure = pieces.summary_pieces()
-    piece_list += [sum_header, sum_success, sum_failure]
-    sum_header_start = start
-    sum_success_start = sum_header_start + sum_header.shape[0]
-    sum_failure_start = sum_success_start + sum_success.shape[0]
-    start = sum_failure_start + sum_failure.shape[0]
-  peer_start = start
-  peer_width = min(responses.shape[1], peer_cap)
-  feedback_start = peer_start + 3 * peer_width
-
-  def gather_peer(row_index, slot):
-    present = row_index >= 0
-    safe = jnp.where(present, row_index, 0)
-    text = responses[safe, :peer_width].astype(jnp.int32)  # [N, W]
-    length = jnp.clip(response_lengths[safe], 0, peer_width)
-    if block_lengths is not None:
-      length = jnp.clip(length, 0, block_lengths[:, slot])
-    return text, jnp.where(present, length, 0), present
-
-  primary_text, primary_len, primary_on = gather_peer(rows.primary, 0)
-  another_text, another_len, another_on = gather_peer(rows.another, 1)
-  failure_text, failure_len, failure_on = gather_peer(rows.failure, 2)
-  constant = jnp.concatenate([piece.astype(jnp.int32) for piece in piece_list])
-  sources = [
-      prompt_tokens.astype(jnp.int32),
-      jnp.broadcast_to(constant, (num_rows, constant.shape[0])),
-      primary_text,
-      another_text,
-      failure_text,
-  ]
-  if with_feedback:
-    feedback_width = min(feedback_tokens.shape[1], feedback_cap)
-    sources.append(feedback_tokens[:, :feedback_width].astype(jnp.int32))
-    feedback_on = feedback_lengths > 0
-    feedback_len = jnp.where(feedback_on, jnp.clip(feedback_lengths, 0, feedback_width), 0)
-  else:
-    feedback_on = jnp.zeros((num_rows,), bool)
-    feedback_len = jnp.zeros((num_rows,), jnp.int32)
-  if with_summaries:
-    summary_start = feedback_start + (feedback_width if with_feedback else 0)
-    summary_width = min(summary_tokens.shape[1], summary_cap)
-    summary_on = summary_rows >= 0  # [N, k]
-    safe_rows = jnp.where(summary_on, summary_rows, 0)
-    summary_text = summary_tokens[safe_rows, :summary_width].astype(jnp.int32)  # [N, k, W]
-    sources.append(summary_text.reshape(num_rows, num_summaries * summary_width))
-    summary_len = jnp.where(
-        summary_on, jnp.clip(summary_lengths[safe_rows], 0, summary_width), 0)
-  source = jnp.concatenate(sources, axis=1)  # [N, S]
+  names = ["solution_header", "another_header", "failure_header", "feedback_header",
+           "closing"]
+  if blocks.summaries is not None:
+    pieces.summary_pieces()  # raises unless the summary pieces are tokenized
+    names += ["summaries_header", "summary_success", "summary_failure"]
+  template = {name: getattr(pieces, name) for name in names}
+  shown = dict(zip(("primary", "another", "failure"), _peer_blocks(blocks, peer_cap)))
+  shown["feedback"] = _feedback_block(blocks.feedback, num_rows, feedback_cap)
+  summaries = _summary_blocks(blocks.summaries, summary_cap)
+  shown.update({f"summary_{slot}": part for slot, part in enumerate(summaries)})
+  source, starts = _source_buffer(prompt_tokens, template, shown)
 
   real_len = prompt_mask.sum(axis=1).astype(jnp.int32)
-  real_start = prompt_len - real_len
   ins = jnp.clip(insert_index.astype(jnp.int32), 0, real_len)
-
-  def fixed(value):
-    return jnp.full((num_rows,), value, jnp.int32)
-
-  def piece_len(piece, on):
-    return jnp.where(on, piece.shape[0], 0)
-
-  # Segments in output order, each (source start [N], length [N]).
-  segments = [
-      (real_start, ins),
-      (fixed(sh_start), piece_len(pieces.solution_header, primary_on)),
-      (fixed(peer_start), primary_len),
-  ]
-  if with_summaries:
-    segments.append((fixed(sum_header_start), piece_len(sum_header, summary_on.any(axis=1))))
-    for slot in range(num_summaries):
-      good, on = summary_successful[:, slot], summary_on[:, slot]
-      label_start = jnp.where(good, sum_success_start, sum_failure_start)
-      label_len = jnp.where(good, sum_success.shape[0], sum_failure.shape[0])
-      segments.append((label_start.astype(jnp.int32), jnp.where(on, label_len, 0)))
-      segments.append((fixed(summary_start + slot * summary_width), summary_len[:, slot]))
-  segments += [
-      (fixed(ah_start), piece_len(pieces.another_header, another_on)),
-      (fixed(peer_start + peer_width), another_len),
-      (fixed(fh_start), piece_len(pieces.failure_header, failure_on)),
-      (fixed(peer_start + 2 * peer_width), failure_len),
-      (fixed(fbh_start), piece_len(pieces.feedback_header, feedback_on)),
-      (fixed(feedback_start), feedback_len),
-      (fixed(cl_start), fixed(pieces.closing.shape[0])),
-      (real_start + ins, real_len - ins),
-  ]
+  segments = _segments(template, starts, shown, blocks.summaries, prompt_len - real_len,
+                       real_len, ins)
   return _gather_segments(source, segments, out_len, pad_id)
-
-
 
 
 # Template text of the teacher prompt (MOPD spec, section 2); each piece is tokenized once.
@@ -441,9 +458,5 @@ TEMPLATE_TEXTS = {
 
 def tokenize_pieces(tokenizer) -> TemplatePieces:
   """TemplatePieces from a tokenizer with `encode(text) -> list[int]`."""
-  return TemplatePieces(
-      **{
-          name: jnp.asarray(tokenizer.encode(text), jnp.int32)
-          for name, text in TEMPLATE_TEXTS.items()
-      }
-  )
+  return TemplatePieces(**{name: jnp.asarray(tokenizer.encode(text), jnp.int32)
+                            for name, text in TEMPLATE_TEXTS.items()})

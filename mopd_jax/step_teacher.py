@@ -51,6 +51,55 @@ def response_hidden(model_cfg, params, prompt_tokens, prompt_mask, responses,
   return hidden[:, lp - 1:lp - 1 + lr]
 
 
+def _peer_rows(pc: settings.PeerSettings, success, text_lengths, peer_key):
+  """Each rollout's peers as flat rows of the batch ([N] fields), and the most tokens
+  shown of each of its three blocks (int32 [N, 3], or None): the matched-budget
+  control's with `peers.control`, else `select_peers`'."""
+  b, g = success.shape
+  flat = lambda x: x.reshape(b * g)  # noqa: E731
+  if pc.control:
+    control = peer_controls.matched_control(
+        success, text_lengths.reshape(b, g), peer_key, control=pc.control,
+        peer_cap=pc.peer_cap, budget=pc.control_budget,
+        exclude_self_success=pc.exclude_self_success)
+    return jax.tree.map(flat, control.rows), control.block_lengths.reshape(b * g, 3)
+  selection = peer_selection.select_peers(
+      success, peer_key, include_primary=pc.include_primary,
+      include_another=pc.include_another, include_failure=pc.include_failure,
+      failure_condition=pc.failure_condition,
+      exclude_self_success=pc.exclude_self_success)
+  return jax.tree.map(flat, peer_selection.to_row_indices(selection)), None
+
+
+def _summaries(pc: settings.PeerSettings, rollouts: Rollouts, rows, success,
+               peer_key) -> peer_context.Summaries:
+  """The summaries each rollout's teacher reads: up to `peers.num_summaries` other
+  members of its group, drawn at random, itself and its shown primary excluded."""
+  if rollouts.summaries is None:
+    raise ValueError("config.peers.summaries = True but the rollouts carry no summaries "
+                     "(HostVerifier.summarize was not run on them).")
+  b, g = success.shape
+  n, k = b * g, min(pc.num_summaries, g - 1)
+  # Flat rows -> within-group indices, and back.
+  primary = jnp.where(rows.primary >= 0, rows.primary % g, -1).reshape(b, g)
+  members, successful = peer_selection.select_summary_members(
+      success, primary, k, jax.random.fold_in(peer_key, 1))
+  offset = (jnp.arange(b, dtype=jnp.int32) * g)[:, None, None]
+  summary_rows = jnp.where(members >= 0, members + offset, -1).reshape(n, k)
+  return peer_context.Summaries(rollouts.summaries, rollouts.summary_lengths, summary_rows,
+                                successful.reshape(n, k))
+
+
+def _feedback(pc: settings.PeerSettings, rollouts: Rollouts, rows) -> peer_context.Feedback:
+  """The rollout's own verifier feedback; with `peers.feedback_only_without_solution`
+  only where no primary solution is shown (elsewhere its length is 0)."""
+  use = rollouts.feedback_lengths > 0
+  if pc.feedback_only_without_solution:
+    use &= rows.primary < 0
+  return peer_context.Feedback(rollouts.feedback,
+                               jnp.where(use, rollouts.feedback_lengths, 0))
+
+
 def build_teacher_inputs(cfg: StepConfig, pieces, batch, rollouts: Rollouts,
                          peer_key) -> TeacherInputs:
   """Stage 1: select peers per group and assemble every rollout's teacher prompt.
@@ -79,56 +128,22 @@ def build_teacher_inputs(cfg: StepConfig, pieces, batch, rollouts: Rollouts,
                          else plain_mask,
                          advantages=advantages, success=success)
   text_lengths = rollouts.lengths - rollouts.finished.astype(jnp.int32)  # drop EOS
-  control_kwargs = {}
-  if pc.control:
-    control = peer_controls.matched_control(
-        success, text_lengths.reshape(b, g), peer_key, control=pc.control,
-        peer_cap=pc.peer_cap, budget=pc.control_budget,
-        exclude_self_success=pc.exclude_self_success)
-    rows = jax.tree.map(lambda x: x.reshape(n), control.rows)
-    control_kwargs = dict(block_lengths=control.block_lengths.reshape(n, 3))
-    if pc.control == "success_only_matched":  # its failure slot shows a success
-      pieces = pieces._replace(failure_header=pieces.another_header)
-  else:
-    selection = peer_selection.select_peers(
-        success, peer_key, include_primary=pc.include_primary,
-        include_another=pc.include_another, include_failure=pc.include_failure,
-        failure_condition=pc.failure_condition,
-        exclude_self_success=pc.exclude_self_success)
-    rows = jax.tree.map(lambda x: x.reshape(n), peer_selection.to_row_indices(selection))
-  rollout_mask = rows.mask
-  summary_kwargs = {}
-  if pc.summaries:
-    if rollouts.summaries is None:
-      raise ValueError("config.peers.summaries = True but the rollouts carry no summaries "
-                       "(HostVerifier.summarize was not run on them).")
-    k = min(pc.num_summaries, g - 1)
-    # Self and the shown primary are excluded; flat rows -> within-group indices.
-    primary = jnp.where(rows.primary >= 0, rows.primary % g, -1).reshape(b, g)
-    members, successful = peer_selection.select_summary_members(
-        success, primary, k, jax.random.fold_in(peer_key, 1))
-    offset = (jnp.arange(b, dtype=jnp.int32) * g)[:, None, None]
-    summary_rows = jnp.where(members >= 0, members + offset, -1).reshape(n, k)
-    rollout_mask |= (summary_rows >= 0).any(axis=1)
-    summary_kwargs = dict(summary_tokens=rollouts.summaries,
-                          summary_lengths=rollouts.summary_lengths, summary_rows=summary_rows,
-                          summary_successful=successful.reshape(n, k),
-                          summary_cap=pc.summary_len)
-  feedback_kwargs = {}
-  if pc.include_feedback:
-    # The rollout's own verifier feedback, only without a (shown) primary solution
-    # when feedback_only_without_solution; it counts as a block for the loss mask.
-    use = rollouts.feedback_lengths > 0
-    if pc.feedback_only_without_solution:
-      use &= rows.primary < 0
-    rollout_mask |= use
-    feedback_kwargs = dict(feedback_tokens=rollouts.feedback,
-                           feedback_lengths=jnp.where(use, rollouts.feedback_lengths, 0),
-                           feedback_cap=pc.feedback_len)
+  rows, block_lengths = _peer_rows(pc, success, text_lengths, peer_key)
+  if pc.control == "success_only_matched":  # its failure slot shows a success
+    pieces = pieces._replace(failure_header=pieces.another_header)
+  rollout_mask, summaries, feedback = rows.mask, None, None
+  if pc.summaries:  # a shown summary counts as a block for the loss mask
+    summaries = _summaries(pc, rollouts, rows, success, peer_key)
+    rollout_mask |= (summaries.rows >= 0).any(axis=1)
+  if pc.include_feedback:  # and so does the rollout's own feedback
+    feedback = _feedback(pc, rollouts, rows)
+    rollout_mask |= feedback.lengths > 0
+  blocks = peer_context.PeerBlocks(rollouts.tokens, text_lengths, rows, block_lengths,
+                                   feedback, summaries)
   teacher_tokens, teacher_mask = peer_context.assemble_teacher_prompts(
-      prompt_tokens, prompt_mask, rep(batch["insert_index"]), rollouts.tokens,
-      text_lengths, rows, pieces, peer_cap=pc.peer_cap, pad_id=cfg.pad_id,
-      **feedback_kwargs, **control_kwargs, **summary_kwargs)
+      prompt_tokens, prompt_mask, rep(batch["insert_index"]), blocks, pieces,
+      peer_cap=pc.peer_cap, pad_id=cfg.pad_id, feedback_cap=pc.feedback_room,
+      summary_cap=pc.summary_len if pc.summaries else 0)
   return TeacherInputs(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask,
                        teacher_tokens=teacher_tokens, teacher_mask=teacher_mask,
                        response_mask=response_mask, rollout_mask=rollout_mask,

@@ -91,9 +91,9 @@ def test_base_and_2s1f_scores_match_full_logit_reference(saved):
     idx = jax.tree.map(lambda x: x.reshape(4 * g), peer_context.to_row_indices(sel))
     tokens, lengths = rollouts["tokens"][rows], rollouts["lengths"][rows]
     t_tokens, t_mask = peer_context.assemble_teacher_prompts(
-        prompt[rows], pmask[rows], np.repeat(batch["insert_index"][lo:lo + 4], g), tokens,
-        lengths - rollouts["finished"][rows], idx, s.pieces, peer_cap=cfg.peers.peer_cap,
-        pad_id=0)
+        prompt[rows], pmask[rows], np.repeat(batch["insert_index"][lo:lo + 4], g),
+        peer_context.PeerBlocks(tokens, lengths - rollouts["finished"][rows], idx), s.pieces,
+        peer_cap=cfg.peers.peer_cap, pad_id=0)
     expected.append(_mean_logp_float64(s, np.asarray(t_tokens), np.asarray(t_mask), tokens,
                                        lengths))
   np.testing.assert_allclose(got["2S1F"]["scores"].reshape(n), np.concatenate(expected),

@@ -578,6 +578,21 @@ def test_chunked_bad_arguments():
                                 chunk_size=0)
 
 
+def test_distillation_config_is_normalised_hashable_and_checked_once():
+  """Equal settings give one static config; bad ones fail when it is built."""
+  a = losses.DistillationConfig(alpha=1, top_k=4, temperature=2, teacher_weights=[1, 0.5])
+  b = losses.DistillationConfig(alpha=1.0, top_k=4, temperature=2.0, sampler_temperature=2.0,
+                                teacher_weights=(1.0, 0.5))
+  assert a == b and hash(a) == hash(b)
+  assert a.sampler_temperature == 2.0 and a.teacher_weights == (1.0, 0.5)
+  with pytest.raises(ValueError, match="sampler_temperature.*-2.0"):
+    losses.DistillationConfig(alpha=1.0, top_k=None, sampler_temperature=-2.0)
+  with pytest.raises(ValueError, match="teacher_weights.*'x'"):
+    losses.DistillationConfig(alpha=1.0, top_k=None, teacher_weights=(1.0, "x"))
+  with pytest.raises(ValueError, match="top_k.*0"):
+    losses.DistillationConfig(alpha=1.0, top_k=0)
+
+
 def test_chunked_gradient_memory():
   n, length, d, vocab = 4, 256, 16, 4096
 

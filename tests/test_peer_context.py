@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from mopd_jax.peer_context import (
+    Feedback,
+    PeerBlocks,
     TemplatePieces,
     assemble_teacher_prompts,
     teacher_prompt_length,
@@ -337,12 +339,9 @@ def test_assemble_matches_reference(response_len, peer_cap, feedback_len, feedba
       feedback_cap=feedback_cap,
   )
   rows = PeerSelection(*(jnp.asarray(r) for r in data["rows"]), mask=jnp.ones((num_rows,), bool))
-  feedback_kwargs = {}
+  feedback = None
   if data["feedback"] is not None:
-    feedback_kwargs = dict(
-        feedback_tokens=jnp.asarray(data["feedback"][0]),
-        feedback_lengths=jnp.asarray(data["feedback"][1]),
-    )
+    feedback = Feedback(jnp.asarray(data["feedback"][0]), jnp.asarray(data["feedback"][1]))
   assemble = jax.jit(
       functools.partial(
           assemble_teacher_prompts, peer_cap=peer_cap, pad_id=PAD, feedback_cap=feedback_cap
@@ -352,11 +351,9 @@ def test_assemble_matches_reference(response_len, peer_cap, feedback_len, feedba
       jnp.asarray(data["prompt_tokens"]),
       jnp.asarray(data["prompt_mask"]),
       jnp.asarray(data["insert_index"]),
-      jnp.asarray(data["responses"]),
-      jnp.asarray(data["response_lengths"]),
-      rows,
+      PeerBlocks(jnp.asarray(data["responses"]), jnp.asarray(data["response_lengths"]), rows,
+                 feedback=feedback),
       PIECES,
-      **feedback_kwargs,
   )
   out_len = teacher_prompt_length(prompt_len, PIECES, peer_cap, feedback_cap)
   assert tokens.shape == (num_rows, out_len) and tokens.dtype == jnp.int32
@@ -420,11 +417,9 @@ def test_assemble_cuts_blocks_to_block_lengths():
       jnp.asarray(data["prompt_tokens"]),
       jnp.asarray(data["prompt_mask"]),
       jnp.asarray(data["insert_index"]),
-      jnp.asarray(data["responses"]),
-      jnp.asarray(data["response_lengths"]),
-      rows,
+      PeerBlocks(jnp.asarray(data["responses"]), jnp.asarray(data["response_lengths"]), rows,
+                 block_lengths=jnp.asarray(block_lengths)),
       PIECES,
-      block_lengths=jnp.asarray(block_lengths),
   )
   out_len = teacher_prompt_length(prompt_len, PIECES, peer_cap)
   for n in range(num_rows):
@@ -479,21 +474,22 @@ def test_assembled_text_is_the_spec_template():
   real = tok.encode(prompt + suffix)
   selection = PeerSelection(primary=jnp.asarray([0]), another=jnp.asarray([1]),
                             failure=jnp.asarray([2]), mask=jnp.ones((1,), bool))
+  lengths = jnp.asarray([len(t) for t in responses], jnp.int32)
+  feedback_part = Feedback(jnp.asarray([tok.encode(feedback)], jnp.int32),
+                           jnp.asarray([len(feedback)], jnp.int32))
   tokens, mask = assemble_teacher_prompts(
       jnp.asarray([real], jnp.int32), jnp.ones((1, len(real)), bool),
-      jnp.asarray([len(prompt)], jnp.int32), jnp.asarray(response_tokens),
-      jnp.asarray([len(t) for t in responses], jnp.int32), selection,
-      tokenize_pieces(tok), peer_cap=width, pad_id=PAD,
-      feedback_tokens=jnp.asarray([tok.encode(feedback)], jnp.int32),
-      feedback_lengths=jnp.asarray([len(feedback)], jnp.int32), feedback_cap=len(feedback))
+      jnp.asarray([len(prompt)], jnp.int32),
+      PeerBlocks(jnp.asarray(response_tokens), lengths, selection, feedback=feedback_part),
+      tokenize_pieces(tok), peer_cap=width, pad_id=PAD, feedback_cap=len(feedback))
   text = "".join(map(chr, np.asarray(tokens[0])[np.asarray(mask[0])]))
   assert text == SPEC_2S1F_WITH_FEEDBACK
   # 1S alone: the solution block runs straight into the closing instruction.
   selection = selection._replace(another=jnp.asarray([-1]), failure=jnp.asarray([-1]))
   tokens, mask = assemble_teacher_prompts(
       jnp.asarray([real], jnp.int32), jnp.ones((1, len(real)), bool),
-      jnp.asarray([len(prompt)], jnp.int32), jnp.asarray(response_tokens),
-      jnp.asarray([len(t) for t in responses], jnp.int32), selection,
+      jnp.asarray([len(prompt)], jnp.int32),
+      PeerBlocks(jnp.asarray(response_tokens), lengths, selection),
       tokenize_pieces(tok), peer_cap=width, pad_id=PAD)
   text = "".join(map(chr, np.asarray(tokens[0])[np.asarray(mask[0])]))
   assert text == ("<user>Add two numbers.\nCorrect solution:\n\ndef f(a, b): return a + b"
@@ -504,22 +500,22 @@ def test_assemble_rejects_feedback_without_room():
   n, lp = 2, 4
   minus_one = jnp.full((n,), -1, jnp.int32)
   rows = PeerSelection(minus_one, minus_one, minus_one, jnp.zeros((n,), bool))
+  blocks = PeerBlocks(jnp.zeros((n, 3), jnp.int32), jnp.zeros((n,), jnp.int32), rows)
   args = (
       jnp.zeros((n, lp), jnp.int32),
       jnp.ones((n, lp), bool),
       jnp.zeros((n,), jnp.int32),
-      jnp.zeros((n, 3), jnp.int32),
-      jnp.zeros((n,), jnp.int32),
-      rows,
+      blocks,
       PIECES,
   )
   with pytest.raises(ValueError, match="feedback_cap=0"):
     assemble_teacher_prompts(
-        *args,
+        *args[:3],
+        blocks._replace(feedback=Feedback(jnp.zeros((n, 3), jnp.int32),
+                                          jnp.zeros((n,), jnp.int32))),
+        PIECES,
         peer_cap=2,
         pad_id=PAD,
-        feedback_tokens=jnp.zeros((n, 3), jnp.int32),
-        feedback_lengths=jnp.zeros((n,), jnp.int32),
     )
   with pytest.raises(ValueError, match="insert_index"):
     assemble_teacher_prompts(

@@ -170,13 +170,11 @@ def test_token_control_feeds_the_assembly():
       jnp.full((num_rows, 2), 50, jnp.int32),
       jnp.ones((num_rows, 2), bool),
       jnp.full((num_rows,), 1, jnp.int32),
-      jnp.asarray(responses),
-      jnp.asarray(lengths.reshape(-1)),
-      rows,
+      peer_context.PeerBlocks(jnp.asarray(responses), jnp.asarray(lengths.reshape(-1)), rows,
+                              block_lengths=out.block_lengths.reshape(num_rows, 3)),
       pieces,
       peer_cap=PEER_CAP,
       pad_id=0,
-      block_lengths=out.block_lengths.reshape(num_rows, 3),
   )
   peer_tokens = (np.asarray(tokens) >= 100).sum(axis=1)
   np.testing.assert_array_equal(peer_tokens, np.asarray(out.block_lengths).sum(-1).reshape(-1))

@@ -163,11 +163,12 @@ def test_teacher_prompt_with_summaries_token_by_token():
   summary_rows = jnp.asarray([[1, 3], [0, 3], [-1, -1], [0, 1]], jnp.int32)
   successful = jnp.asarray([[False, True], [True, True], [False, False], [True, False]])
   peer_cap, summary_cap = 3, 2
+  blocks = peer_context.PeerBlocks(
+      responses, response_lengths, rows,
+      summaries=peer_context.Summaries(summaries, summary_lengths, summary_rows, successful))
   tokens, mask = peer_context.assemble_teacher_prompts(
-      prompt_tokens, prompt_mask, jnp.full((4,), ins, jnp.int32), responses, response_lengths,
-      rows, PIECES, peer_cap=peer_cap, pad_id=0, summary_tokens=summaries,
-      summary_lengths=summary_lengths, summary_rows=summary_rows,
-      summary_successful=successful, summary_cap=summary_cap)
+      prompt_tokens, prompt_mask, jnp.full((4,), ins, jnp.int32), blocks, PIECES,
+      peer_cap=peer_cap, pad_id=0, summary_cap=summary_cap)
   out_len = peer_context.teacher_prompt_length(lp, PIECES, peer_cap, 0, 2, summary_cap)
   # prompt + solution block + summaries block + another + failure + closing.
   assert out_len == 4 + (2 + 3) + (2 + 2 * (2 + 2)) + (1 + 3) + (2 + 3) + 2

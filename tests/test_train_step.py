@@ -159,8 +159,9 @@ def test_step_loss_equals_unchunked_reference(setup):
   prompt = np.repeat(batch["prompt_tokens"], g, 0)
   pmask = np.repeat(batch["prompt_mask"], g, 0)
   t_tokens, t_mask = peer_context.assemble_teacher_prompts(
-      prompt, pmask, np.repeat(batch["insert_index"], g), out.tokens,
-      out.lengths - out.finished, rows, s.pieces, peer_cap=cfg.peers.peer_cap, pad_id=0)
+      prompt, pmask, np.repeat(batch["insert_index"], g),
+      peer_context.PeerBlocks(out.tokens, out.lengths - out.finished, rows), s.pieces,
+      peer_cap=cfg.peers.peer_cap, pad_id=0)
   rmask = np.arange(lr)[None] < out.lengths[:, None]
 
   def response_logits(params, p_tokens, p_mask):

@@ -12,7 +12,8 @@
 from mopd_jax.losses.baselines import (GroupPairs, chunked_token_logp, dpo_loss,
                                        group_pairs, grpo_advantages, grpo_per_token,
                                        simpo_loss, verified_sft_per_token)
-from mopd_jax.losses.distillation import (Distillation, chunked_distillation)
+from mopd_jax.losses.distillation import (Distillation, DistillationConfig,
+                                          chunked_distillation, distill)
 from mopd_jax.losses.divergence import (AGGREGATION_MODES, aggregate, aggregation_weights,
                                         importance_clip_weights, per_token_divergence,
                                         rollout_correction_weights)
