@@ -163,6 +163,15 @@ def batch_divisor(mesh: Mesh) -> int:
   return _axis_size(mesh, BATCH_AXES)
 
 
+def context_batch_shards() -> int:
+  """The data x fsdp size of the context mesh (`axis_rules`), 1 without one: how many
+  blocks of rows a traced batch is split into."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
+
+
 @contextlib.contextmanager
 def axis_rules(mesh: Mesh, rules=DEFAULT_RULES):
   """Sets `mesh` as JAX's context mesh (`jax.set_mesh`) and `rules` for `constrain`.
