@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mopd_jax import (checkpointing, demo_base, distributed, memory_plan,
-                      metrics as metrics_lib, peer_context, settings, sharding, teacher,
-                      tokenizers, train_step)
+                      metrics as metrics_lib, packing, peer_context, settings, sharding,
+                      teacher, tokenizers, train_step)
 from mopd_jax.data import pipeline
 from mopd_jax.models import attention as attention_lib, presets, transformer
 from mopd_jax.sampling import Sampler
@@ -186,6 +186,19 @@ class _StopFlag:
     return None
 
 
+def check_packed_budget(st: settings.Settings, metrics: dict, step: int) -> None:
+  """Stops the run when a step's batch did not fit its packed budgets (its update was
+  skipped on device): a ConfigError with the budgets that batch needed."""
+  if not metrics.get("train/packed_overflow_rows", 0):
+    return
+  needed = {packing.KNOB: int(metrics["train/packed_tokens_needed"])}
+  budgets = {packing.KNOB: st.optim.packed_tokens}
+  if st.optim.packed_teacher_tokens:
+    needed[packing.TEACHER_KNOB] = int(metrics["train/packed_teacher_tokens_needed"])
+    budgets[packing.TEACHER_KNOB] = st.optim.packed_teacher_tokens
+  raise settings.ConfigError(packing.overflow_message(needed, budgets, step))
+
+
 class _LateMetrics:
   """Training metrics read one step late, so the host never waits for the step it has
   just launched: `push` of step k reads and writes step k-1, while step k runs.
@@ -227,6 +240,7 @@ class _LateMetrics:
                         " the update was skipped.", step, m["train/loss"],
                         m["train/grad_norm"])
       pending[1], pending[3] = m, True
+      check_packed_budget(self.st, m, step)
     return pending[1]
 
   def flush(self):

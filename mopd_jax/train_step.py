@@ -154,8 +154,9 @@ def packed_loss_and_grads(cfg: StepConfig, state: TrainState, inputs: TeacherInp
   packed = packing.pack(
       _to_micro_batches(sequences, num), prompt_len=inputs.prompt_tokens.shape[1],
       teacher_prompt_len=inputs.teacher_tokens.shape[1],
-      packed_tokens=cfg.optim.packed_tokens, shards=sharding.context_batch_shards(),
-      pad_id=cfg.pad_id)
+      packed_tokens=cfg.optim.packed_tokens,
+      packed_teacher_tokens=cfg.optim.packed_teacher_tokens,
+      shards=sharding.context_batch_shards(), pad_id=cfg.pad_id)
 
   def one(params, rows):
     signal = method.packed_teacher_signal(cfg, state.teacher_params, params, rows)
@@ -184,12 +185,19 @@ def packed_loss_and_grads(cfg: StepConfig, state: TrainState, inputs: TeacherInp
   return loss, grads, student_logp, teacher_logp, packed
 
 
-def packing_metrics(inputs: TeacherInputs, rollouts: Rollouts, packed: packing.PackedStep):
-  """How full the packed rows were, whether the batch fit the budget, and the smallest
-  `optim.packed_tokens` it would have fit."""
-  row = inputs.prompt_tokens.shape[1] + rollouts.tokens.shape[1]
+def packing_metrics(cfg: StepConfig, inputs: TeacherInputs, rollouts: Rollouts,
+                    packed: packing.PackedStep):
+  """How full the packed rows were, whether the batch fit its budgets, and the smallest
+  `optim.packed_tokens` and `optim.packed_teacher_tokens` it would have fit (without a
+  teacher budget the teacher's rows count towards packed_tokens, whose rows it shares)."""
+  lr = rollouts.tokens.shape[1]
+  rows = packed.rows_needed
+  if not cfg.optim.packed_teacher_tokens:
+    rows = jnp.maximum(rows, packed.teacher_rows_needed)
   return {"train/packed_overflow_rows": packed.overflow_rows,
-          "train/packed_tokens_needed": packed.rows_needed * row,
+          "train/packed_tokens_needed": rows * (inputs.prompt_tokens.shape[1] + lr),
+          "train/packed_teacher_tokens_needed":
+              packed.teacher_rows_needed * (inputs.teacher_tokens.shape[1] + lr),
           **{f"train/packed_fill_{k}": v for k, v in packed.fill.items()}}
 
 
@@ -257,7 +265,7 @@ def update(cfg: StepConfig, optimizer, pieces, state: TrainState, batch,
         cfg, state, inputs, rollouts)
     new_state, grad_norm, finite = apply_update(cfg, optimizer, state, loss, grads,
                                                 ok=packed.overflow_rows == 0)
-    extra = packing_metrics(inputs, rollouts, packed)
+    extra = packing_metrics(cfg, inputs, rollouts, packed)
   else:
     loss, grads, student_logp, teacher_logp = loss_and_grads(cfg, state, inputs, rollouts)
     new_state, grad_norm, finite = apply_update(cfg, optimizer, state, loss, grads)
