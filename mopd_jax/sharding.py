@@ -217,6 +217,11 @@ class UnderRules:
     with axis_rules(self._mesh, self._rules):
       return self._jitted.lower(*args, **kwargs)
 
+  def trace(self, *args, **kwargs):
+    """The traced function (its jaxpr), under the rules: e.g. to count its FLOPs."""
+    with axis_rules(self._mesh, self._rules):
+      return self._jitted.trace(*args, **kwargs)
+
 
 def logical_spec(shape: Sequence[int], logical_axes: Sequence[str | None]) -> P | None:
   """PartitionSpec of an array of `shape` from logical axis names under the context mesh.
