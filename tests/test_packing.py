@@ -242,3 +242,19 @@ def test_a_batch_over_budget_skips_the_update(step_case):
   for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(a, b)
   assert new_state.step == state.step + 1
+
+
+def test_matmul_flops_count_every_loop_iteration():
+  """The FLOPs the packing study reports: a scan's body counts `length` times (XLA's cost
+  analysis counts it once), a cond its larger branch."""
+  from benchmarks import flops  # pylint: disable=import-outside-toplevel
+
+  def fn(x, w):
+    y = jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=10)[0]
+    return jax.lax.cond(y.sum() > 0, lambda a: a @ w @ w, lambda a: a, y)
+
+  x, w = jnp.ones((4, 8)), jnp.ones((8, 8))
+  assert flops.matmul_flops(jax.make_jaxpr(fn)(x, w)) == 12 * 2 * 4 * 8 * 8
+  compiled = jax.jit(fn).lower(x, w).compile().cost_analysis()
+  compiled = compiled[0] if isinstance(compiled, (list, tuple)) else compiled
+  assert compiled["flops"] < 4 * 2 * 4 * 8 * 8  # the body once, not ten times

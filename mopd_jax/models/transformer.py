@@ -16,9 +16,9 @@ Entry points:
 - `hidden_states(cfg, params, tokens, positions, token_mask)`: full-sequence causal
   forward (training, teacher scoring); `token_mask` [B, L] is True on real tokens, rows
   may be left- and right-padded, and `positions` (from `positions_from_mask`) make RoPE
-  independent of the padding. Packed rows (`mopd_jax.packing`) add `segment_ids` [B, L]:
-  attention stays within a segment and positions restart at 0 in each. A dense bool mask [B, T, S] (`causal_mask`) is accepted for
-  arbitrary masks, but only the `naive` kind can use it.
+  independent of the padding. A dense bool mask [B, T, S] (`causal_mask`) is accepted for
+  arbitrary masks, but only the `naive` kind can use it. Packed rows (`mopd_jax.packing`)
+  add `segment_ids` [B, L]: attention stays within a segment, positions restart at 0.
 - `prefill` / `decode_step`: the sampler's cached forward (see `mopd_jax.sampling`).
 """
 
