@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -157,6 +158,10 @@ def study(name, lengths, shape, micro_batch_rows, model):
 
 
 def main(argv=None):
+  # A host-side study (shapes, a tiny model's sampling): the CPU, even where libtpu is
+  # installed (it would otherwise look for TPU hardware first).
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--save-demo-lengths", default="",
                  help="write the demo's sampled lengths to this .npz")
