@@ -36,6 +36,14 @@ in the body run it: `topology.decode_step_collectives`), `decode_collective_byte
 
 `--rows` counts sequences (prompts x group); `--peer-cap` is the per-block cap of the
 peer context, so the teacher prompt is about prompt + 3 x cap + template tokens (2S1F).
+
+`--packed-tokens=N` (and `--packed-teacher-tokens=M`) compile the padding-free update
+(`config.optim.packed_tokens`, `mopd_jax.packing`; 0 = padded rows). Every line reports
+`flops` (XLA's cost analysis of the compiled step, which counts each loop body once) and
+`update_flops`: the matmul FLOPs of the update alone (teacher, student forward and
+backward, loss; no sampling), counted from its jaxpr with every scan's trip count
+(`benchmarks.flops`), with `student_row` / `teacher_row` (padded row lengths, the units of
+the budgets). `--flops-only` counts `update_flops` without compiling anything.
 """
 
 from __future__ import annotations
@@ -71,6 +79,15 @@ def parse_args(argv=None):
   p.add_argument("--topology", default="",
                  help="compile for this TPU topology (e.g. v5e:2x2; needs libtpu)")
   p.add_argument("--num-slices", type=int, default=1, help="slices of --topology")
+  p.add_argument("--packed-tokens", type=int, default=0,
+                 help="config.optim.packed_tokens: token budget of a micro-batch's student "
+                      "rows (0 = padded rows)")
+  p.add_argument("--packed-teacher-tokens", type=int, default=0,
+                 help="config.optim.packed_teacher_tokens (0 = as many rows as the student)")
+  p.add_argument("--feedback-len", type=int, default=-1,
+                 help="config.peers.feedback_len (-1 = its default; 0 = no feedback block)")
+  p.add_argument("--flops-only", action="store_true",
+                 help="only count the update's FLOPs from its jaxpr (no compile)")
   args = p.parse_args(argv)
   if args.topology and args.devices:
     p.error("--devices fakes CPU devices; it cannot be combined with --topology.")
@@ -129,10 +146,14 @@ def build_step(model, args) -> StepParts:
       sampling=settings.SamplingSettings(num_samples=args.group,
                                          max_response_len=args.response_len,
                                          decode_layout=args.decode_layout),
-      peers=settings.PeerSettings(peer_cap=args.peer_cap),
+      peers=settings.PeerSettings(
+          peer_cap=args.peer_cap, include_feedback=args.feedback_len != 0,
+          **({"feedback_len": args.feedback_len} if args.feedback_len > 0 else {})),
       loss=settings.LossSettings(chunk_size=args.chunk_size, top_k=args.top_k),
       teacher=settings.TeacherSettings(),
-      optim=settings.OptimSettings(micro_batch_rows=args.micro_batch_rows),
+      optim=settings.OptimSettings(micro_batch_rows=args.micro_batch_rows,
+                                   packed_tokens=args.packed_tokens,
+                                   packed_teacher_tokens=args.packed_teacher_tokens),
       stop_ids=(1,), pad_id=0)
   mesh_shape = tuple(int(x) for x in args.mesh.split(","))
   if args.topology:
@@ -178,6 +199,51 @@ def build_step(model, args) -> StepParts:
                    batch=batch)
 
 
+def abstract_rollouts(parts: StepParts, args):
+  """The verified rollouts the update reads, as ShapeDtypeStructs on the batch sharding."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from mopd_jax import sharding, train_step  # pylint: disable=import-outside-toplevel
+
+  n, lr = args.rows, args.response_len
+  lf = max(parts.cfg.peers.feedback_room, 1)
+
+  def spec(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype,
+                                sharding=sharding.batch_sharding(parts.mesh, len(shape)))
+
+  return train_step.Rollouts(
+      tokens=spec((n, lr), jnp.int32), logprobs=spec((n, lr), jnp.float32),
+      lengths=spec((n,), jnp.int32), finished=spec((n,), jnp.bool_),
+      rewards=spec((n,), jnp.float32), status=spec((n,), jnp.int32),
+      feedback=spec((n, lf), jnp.int32), feedback_lengths=spec((n,), jnp.int32))
+
+
+def update_flops(parts: StepParts, args) -> dict:
+  """Matmul FLOPs of the update (the split step's second half) from its jaxpr, and the
+  padded row lengths of the student and the teacher."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from benchmarks import flops  # pylint: disable=import-outside-toplevel
+  from mopd_jax import step_teacher, train_step  # pylint: disable=import-outside-toplevel
+
+  step = train_step.make_split_step(parts.cfg, parts.mesh, parts.host, parts.optimizer,
+                                    parts.pieces, parts.shardings)
+  rollouts = abstract_rollouts(parts, args)
+  traced = step.update.trace(parts.abstract_state, parts.batch, rollouts)
+  with jax.set_mesh(parts.mesh):
+    inputs = jax.eval_shape(
+        lambda b, r: step_teacher.build_teacher_inputs(
+            parts.cfg, parts.pieces, step_teacher.student_prompts(
+                parts.cfg.peers, parts.pieces, b, parts.cfg.pad_id), r,
+            jax.random.PRNGKey(0)), parts.batch, rollouts)
+  lr = args.response_len
+  return {"update_flops": flops.matmul_flops(traced),
+          "student_row": inputs.prompt_tokens.shape[1] + lr,
+          "teacher_row": inputs.teacher_tokens.shape[1] + lr}
+
+
 def compile_model_step(model, args) -> dict:
   """`compile_step` for a given ModelConfig (see `build_step`)."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -189,6 +255,14 @@ def compile_model_step(model, args) -> dict:
   parts = build_step(model, args)
   model, mesh, state, shardings = parts.cfg.model, parts.mesh, parts.state, parts.shardings
   prompts = args.rows // args.group
+  counted = update_flops(parts, args)
+  head = {"preset": args.preset, "num_layers": model.num_layers, "rows": args.rows,
+          "group": args.group, "prompt_len": args.prompt_len,
+          "response_len": args.response_len, "peer_cap": args.peer_cap,
+          "micro_batch_rows": args.micro_batch_rows, "packed_tokens": args.packed_tokens,
+          "packed_teacher_tokens": args.packed_teacher_tokens, **counted}
+  if args.flops_only:
+    return head
   step = train_step.make_train_step(parts.cfg, mesh, parts.host, parts.optimizer,
                                     parts.pieces, shardings)
   start = time.time()
@@ -202,12 +276,11 @@ def compile_model_step(model, args) -> dict:
       compiled, state, shardings, kv, mesh.devices.flat[0],
       decode_weights=memory_plan.decode_weight_bytes(model, state.params, mesh, layout),
       decode_layout=layout)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   out = {
-      "preset": args.preset, "num_layers": model.num_layers, "rows": args.rows,
-      "group": args.group, "prompt_len": args.prompt_len,
-      "response_len": args.response_len, "peer_cap": args.peer_cap,
-      "mesh": dict(mesh.shape), "micro_batch_rows": args.micro_batch_rows,
-      "attention": getattr(model, "attention", "naive"),
+      **head, "mesh": dict(mesh.shape), "attention": getattr(model, "attention", "naive"),
+      "flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed"),
       "temp_bytes": plan.temp, "argument_bytes": plan.argument,
       "output_bytes": plan.output, "total_bytes_per_device": plan.total,
       "params_bytes": plan.params, "opt_state_bytes": plan.opt_state,
@@ -223,8 +296,6 @@ def compile_model_step(model, args) -> dict:
                              transformer.dtype_from_name(model.dtype))
     k = jax.ShapeDtypeStruct((1, 1, model.num_kv_heads, model.head_dim), q.dtype)
     kernel = attention_lib.resolve_kind(model.attention, q, k, model.precision)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   text = compiled.as_text()
   per_token = topology.decode_step_collectives(text)
   per_token_bytes = sum(c["bytes"] for c in per_token.values())
@@ -233,7 +304,6 @@ def compile_model_step(model, args) -> dict:
       "topology": args.topology, "num_slices": args.num_slices, "attention": kernel,
       "partitioner": "shardy" if jax.config.jax_use_shardy_partitioner else "gspmd",
       "device_limit_bytes": plan.device_limit, "fits": plan.fits(),
-      "flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed"),
       "collectives": topology.collectives(text),
       "decode_layout": parts.cfg.sampling.decode_layout,
       "decode_step_collectives": per_token,

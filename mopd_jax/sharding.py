@@ -194,6 +194,15 @@ def batch_divisor(mesh: Mesh) -> int:
   return _axis_size(mesh, BATCH_AXES)
 
 
+def context_batch_shards() -> int:
+  """The data x fsdp size of the context mesh, 1 without one: how many blocks of rows a
+  traced batch is split into."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
+
+
 class UnderMesh:
   """A jitted function traced and lowered under `mesh` as JAX's context mesh.
 
@@ -215,6 +224,11 @@ class UnderMesh:
   def eval_shape(self, *args, **kwargs):
     with jax.set_mesh(self._mesh):
       return jax.eval_shape(self._jitted, *args, **kwargs)
+
+  def trace(self, *args, **kwargs):
+    """The traced function (its jaxpr), under the mesh: e.g. to count its FLOPs."""
+    with jax.set_mesh(self._mesh):
+      return self._jitted.trace(*args, **kwargs)
 
 
 def _one_device() -> bool:

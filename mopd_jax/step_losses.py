@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mopd_jax import losses, step_teacher
+from mopd_jax import losses, packing, step_teacher
 from mopd_jax.models import transformer
 from mopd_jax.step_types import Rollouts, StepConfig, TeacherInputs, TeacherTerms
 
@@ -25,19 +25,39 @@ def distillation_loss(cfg: StepConfig, params, inputs: TeacherInputs, rollouts: 
   row micro-batches is the batch's loss.
   Returns (loss, (student log-prob of each response token, teacher's)), both [N, Lr].
   """
-  lc = cfg.loss
   student_hidden = step_teacher.response_hidden(cfg.model, params, inputs.prompt_tokens,
                                                 inputs.prompt_mask, rollouts.tokens,
                                                 inputs.response_mask)
+  return _divergence(cfg, params, student_hidden, terms, rollouts.tokens, weights,
+                     rollouts.logprobs)
+
+
+def packed_distillation_loss(cfg: StepConfig, params, rows: packing.PackedRows,
+                             terms: TeacherTerms):
+  """`distillation_loss` on one micro-batch of packed rows (`mopd_jax.packing`): the
+  student's forward over its packed layout, the divergence over the loss layout [P, Lr]
+  with each token's whole-batch weight. Returns (loss, (student, teacher log-probs))
+  in the loss layout."""
+  student_hidden = step_teacher.packed_hidden(
+      cfg.model, params, rows.student_tokens, rows.student_segments, rows.student_positions,
+      rows.student_index, rows.shards)
+  return _divergence(cfg, params, student_hidden, terms, rows.targets, rows.weights,
+                     rows.sampler_logp)
+
+
+def _divergence(cfg: StepConfig, params, student_hidden, terms: TeacherTerms, targets,
+                weights, sampler_logp):
+  """The chunked divergence of the loss section from the student's hidden states."""
+  lc = cfg.loss
   # The sampler's log-probs are at the sampling temperature (1 for greedy decoding).
-  correction = (dict(sampler_logp=rollouts.logprobs,
+  correction = (dict(sampler_logp=sampler_logp,
                      correction_clip=lc.rollout_correction_clip,
                      sampler_temperature=cfg.sampling.temperature or 1.0)
                 if lc.rollout_correction_clip > 0 else {})
   # Positions of weight 0 (masked, maybe garbage) do not enter the loss or its gradient.
   loss, _, student_logp, teacher_logp = losses.chunked_distillation(
       student_hidden, terms.hidden, transformer.lm_head(cfg.model, params),
-      terms.head, rollouts.tokens, token_weights=weights,
+      terms.head, targets, token_weights=weights,
       teacher_weights=terms.weights, alpha=lc.alpha, top_k=lc.top_k,
       add_tail=lc.add_tail, temperature=lc.temperature, chunk_size=lc.chunk_size,
       full_logit=lc.full_logit, **correction)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mopd_jax import peer_context, peer_controls, peer_selection, settings, teacher
+from mopd_jax import packing, peer_context, peer_controls, peer_selection, settings, teacher
 from mopd_jax.models import transformer
 from mopd_jax.step_types import Rollouts, StepConfig, TeacherInputs, TeacherTerms
 
@@ -162,6 +162,14 @@ def score_with_teacher(cfg: StepConfig, teacher_params, inputs: TeacherInputs,
   return hidden, transformer.lm_head(model_cfg, teacher_params)
 
 
+def packed_hidden(model_cfg, params, tokens, segments, positions, index, shards: int):
+  """Hidden states [P, Lr, D] at the loss layout's slots from packed rows [P, L] (one
+  layout of `packing.PackedRows`): each segment attends only itself, from position 0."""
+  hidden, _ = transformer.hidden_states(model_cfg, params, tokens, positions, segments != 0,
+                                        segment_ids=segments)
+  return packing.gather_hidden(hidden, index, shards)
+
+
 def teacher_terms(cfg: StepConfig, teacher_params, student_params, inputs: TeacherInputs,
                   rollouts: Rollouts) -> TeacherTerms:
   """Stage 2 as `TeacherTerms`: the teacher slot's model, or for teacher.mode
@@ -169,14 +177,32 @@ def teacher_terms(cfg: StepConfig, teacher_params, student_params, inputs: Teach
   student (`student_params`) with weight rate, both reading the teacher prompt under
   stop-gradient: the student's extra forward has no backward.
   """
+  return _terms(cfg, teacher_params, student_params,
+                lambda params, model_cfg: score_with_teacher(cfg, params, inputs, rollouts,
+                                                             model_cfg=model_cfg))
+
+
+def packed_teacher_terms(cfg: StepConfig, teacher_params, student_params,
+                         rows: packing.PackedRows) -> TeacherTerms:
+  """`teacher_terms` on one micro-batch of packed rows: hidden states [P, Lr, D] of the
+  loss layout, from the teacher layout's packed rows."""
+
+  def score(params, model_cfg):
+    params = jax.lax.stop_gradient(params)
+    hidden = packed_hidden(model_cfg, params, rows.teacher_tokens, rows.teacher_segments,
+                           rows.teacher_positions, rows.teacher_index, rows.shards)
+    return hidden, transformer.lm_head(model_cfg, params)
+
+  return _terms(cfg, teacher_params, student_params, score)
+
+
+def _terms(cfg: StepConfig, teacher_params, student_params, score) -> TeacherTerms:
+  """The teacher's terms, each scored by `score(params, model_cfg) -> (hidden, head)`."""
   terms = (("reference", 1.0),)
   if cfg.teacher.trust_region is not None:
     terms = teacher.trust_region_terms(cfg.teacher.trust_region)
   sources = {"reference": (teacher_params, cfg.teacher_cfg),
              "student": (student_params, cfg.model)}
-  scored = []
-  for source, _ in terms:
-    params, model_cfg = sources[source]
-    scored.append(score_with_teacher(cfg, params, inputs, rollouts, model_cfg=model_cfg))
+  scored = [score(*sources[source]) for source, _ in terms]
   return TeacherTerms(hidden=tuple(h for h, _ in scored), head=tuple(w for _, w in scored),
                       weights=tuple(weight for _, weight in terms))

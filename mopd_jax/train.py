@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from mopd_jax import (checkpointing, distributed, evaluation, memory_plan,
-                      metrics as metrics_lib, settings, train_setup)
+                      metrics as metrics_lib, packing, settings, train_setup)
 
 # Tests and benchmarks build a run's parts without its loop as `train.setup(config)`.
 setup = train_setup.setup
@@ -78,6 +78,19 @@ class _StopFlag:
     return None
 
 
+def check_packed_budget(st: settings.Settings, metrics: dict, step: int) -> None:
+  """Stops the run when a step's batch did not fit its packed budgets (its update was
+  skipped on device): a ConfigError with the budgets that batch needed."""
+  if not metrics.get("train/packed_overflow_rows", 0):
+    return
+  needed = {packing.KNOB: int(metrics["train/packed_tokens_needed"])}
+  budgets = {packing.KNOB: st.optim.packed_tokens}
+  if st.optim.packed_teacher_tokens:
+    needed[packing.TEACHER_KNOB] = int(metrics["train/packed_teacher_tokens_needed"])
+    budgets[packing.TEACHER_KNOB] = st.optim.packed_teacher_tokens
+  raise settings.ConfigError(packing.overflow_message(needed, budgets, step))
+
+
 class _LateMetrics:
   """Training metrics read one step late, so the host never waits for the step it has
   just launched: `push` of step k reads and writes step k-1, while step k runs.
@@ -119,6 +132,7 @@ class _LateMetrics:
                         " the update was skipped.", step, m["train/loss"],
                         m["train/grad_norm"])
       pending[1], pending[3] = m, True
+      check_packed_budget(self.st, m, step)
     return pending[1]
 
   def flush(self):

@@ -25,13 +25,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mopd_jax import settings, sharding, step_teacher, teacher
+from mopd_jax import packing, settings, sharding, step_teacher, teacher
 from mopd_jax.sampling import SampleOutput
 from mopd_jax.step_types import Rollouts, StepConfig, TeacherInputs, TrainState
 from mopd_jax.verifiers import callback
 
 __all__ = ["Rollouts", "StepConfig", "TrainState", "apply_update", "loss_and_grads",
-           "make_optimizer", "make_split_step", "make_train_step", "update"]
+           "make_optimizer", "make_split_step", "make_train_step", "packed_loss_and_grads",
+           "update"]
 
 
 def make_optimizer(optim: settings.OptimSettings):
@@ -123,23 +124,102 @@ def loss_and_grads(cfg: StepConfig, state: TrainState, inputs: TeacherInputs,
   return loss, grads, student_logp, teacher_logp
 
 
-def apply_update(cfg: StepConfig, optimizer, state: TrainState, loss, grads):
+def _micro_batch_count(cfg: StepConfig, num_rows: int) -> int:
+  rows = cfg.optim.micro_batch_rows
+  return num_rows // rows if 0 < rows < num_rows else 1
+
+
+def packed_loss_and_grads(cfg: StepConfig, state: TrainState, inputs: TeacherInputs,
+                          rollouts: Rollouts):
+  """`loss_and_grads` on packed rows (`config.optim.packed_tokens`, `mopd_jax.packing`).
+
+  The same row micro-batches, each packed on device into the budget's rows of the
+  student, teacher and loss layouts (each batch shard its own rows); the algorithm's
+  `packed_teacher_signal` and `packed_loss` run on them with every token's whole-batch
+  weight, so loss and gradient equal the padded path's. Returns (loss, grads,
+  student_logp [N, Lr], teacher_logp [N, Lr], the `packing.PackedStep`), the log-probs
+  read back into row order (0 off the responses).
+  """
+  method = cfg.method
+  weights = method.loss_weights(cfg, inputs)
+  response_mask = inputs.response_mask
+  sequences = {
+      "student_tokens": jnp.concatenate([inputs.prompt_tokens, rollouts.tokens], axis=1),
+      "student_mask": jnp.concatenate([inputs.prompt_mask, response_mask], axis=1),
+      "teacher_tokens": jnp.concatenate([inputs.teacher_tokens, rollouts.tokens], axis=1),
+      "teacher_mask": jnp.concatenate([inputs.teacher_mask, response_mask], axis=1),
+      "responses": rollouts.tokens, "response_mask": response_mask, "weights": weights,
+      "sampler_logp": rollouts.logprobs}
+  num = _micro_batch_count(cfg, rollouts.tokens.shape[0])
+  packed = packing.pack(
+      _to_micro_batches(sequences, num), prompt_len=inputs.prompt_tokens.shape[1],
+      teacher_prompt_len=inputs.teacher_tokens.shape[1],
+      packed_tokens=cfg.optim.packed_tokens,
+      packed_teacher_tokens=cfg.optim.packed_teacher_tokens,
+      shards=sharding.context_batch_shards(), pad_id=cfg.pad_id)
+
+  def one(params, rows):
+    signal = method.packed_teacher_signal(cfg, state.teacher_params, params, rows)
+    loss_fn = functools.partial(method.packed_loss, cfg)
+    (loss, (s_logp, t_logp)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, rows, signal)
+    return loss, grads, s_logp, t_logp
+
+  if num == 1:
+    loss, grads, s_logp, t_logp = one(state.params, jax.tree.map(lambda x: x[0],
+                                                                 packed.rows))
+    logps = (s_logp[None], t_logp[None])
+  else:
+    def body(carry, rows):
+      loss_sum, grad_sum = carry
+      loss, grads, s_logp, t_logp = one(state.params, rows)
+      grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+      return (loss_sum + loss, grad_sum), (s_logp, t_logp)
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    (loss, grads), logps = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                        packed.rows)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+  student_logp, teacher_logp = (_from_micro_batches(packing.unpack(x, packed))
+                                for x in logps)
+  return loss, grads, student_logp, teacher_logp, packed
+
+
+def packing_metrics(cfg: StepConfig, inputs: TeacherInputs, rollouts: Rollouts,
+                    packed: packing.PackedStep):
+  """How full the packed rows were, whether the batch fit its budgets, and the smallest
+  `optim.packed_tokens` and `optim.packed_teacher_tokens` it would have fit (without a
+  teacher budget the teacher's rows count towards packed_tokens, whose rows it shares)."""
+  lr = rollouts.tokens.shape[1]
+  rows = packed.rows_needed
+  if not cfg.optim.packed_teacher_tokens:
+    rows = jnp.maximum(rows, packed.teacher_rows_needed)
+  return {"train/packed_overflow_rows": packed.overflow_rows,
+          "train/packed_tokens_needed": rows * (inputs.prompt_tokens.shape[1] + lr),
+          "train/packed_teacher_tokens_needed":
+              packed.teacher_rows_needed * (inputs.teacher_tokens.shape[1] + lr),
+          **{f"train/packed_fill_{k}": v for k, v in packed.fill.items()}}
+
+
+def apply_update(cfg: StepConfig, optimizer, state: TrainState, loss, grads, ok=True):
   """Stage 4: optimizer step, then the EMA teacher, both skipped on a non-finite loss or
-  gradient norm. The teacher mixes in the student *after* this update (MOPD spec §4, as
+  gradient norm, or where `ok` (bool scalar) is False (a batch that did not fit its
+  packed budget). The teacher mixes in the student *after* this update (MOPD spec §4, as
   the authors do). Returns (new state, grad norm, finite)."""
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  apply = finite & ok
   updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   keep = lambda new, old: jax.tree.map(  # noqa: E731
-      lambda a, o: jnp.where(finite, a, o), new, old)
+      lambda a, o: jnp.where(apply, a, o), new, old)
   new_params = keep(new_params, state.params)
   new_state = state.replace(
       step=state.step + 1,
       params=new_params,
       opt_state=keep(new_opt_state, state.opt_state),
       teacher_params=teacher.ema_update(state.teacher_params, new_params, cfg.teacher.ema,
-                                        finite),
+                                        apply),
   )
   return new_state, grad_norm, finite
 
@@ -179,10 +259,19 @@ def update(cfg: StepConfig, optimizer, pieces, state: TrainState, batch,
   """Everything after verification, in the order it runs: peers and teacher prompts ->
   teacher scoring -> loss and gradient -> optimizer and EMA update -> metrics."""
   inputs = step_teacher.build_teacher_inputs(cfg, pieces, batch, rollouts, peer_key)
-  loss, grads, student_logp, teacher_logp = loss_and_grads(cfg, state, inputs, rollouts)
-  new_state, grad_norm, finite = apply_update(cfg, optimizer, state, loss, grads)
+  extra = {}
+  if cfg.optim.packed_tokens:
+    loss, grads, student_logp, teacher_logp, packed = packed_loss_and_grads(
+        cfg, state, inputs, rollouts)
+    new_state, grad_norm, finite = apply_update(cfg, optimizer, state, loss, grads,
+                                                ok=packed.overflow_rows == 0)
+    extra = packing_metrics(cfg, inputs, rollouts, packed)
+  else:
+    loss, grads, student_logp, teacher_logp = loss_and_grads(cfg, state, inputs, rollouts)
+    new_state, grad_norm, finite = apply_update(cfg, optimizer, state, loss, grads)
   metrics = step_metrics(inputs, rollouts, loss, grad_norm, finite, student_logp,
                          teacher_logp)
+  metrics.update(extra)
   if rollouts.summary_missing is not None:
     metrics["train/summary_missing_fraction"] = rollouts.summary_missing.mean(
         dtype=jnp.float32)

@@ -187,6 +187,88 @@ def test_splash_interpret_matches_naive_and_float64(case):
     np.testing.assert_allclose(a, b, atol=2e-5, err_msg=name)
 
 
+# ------------------------------------------------------------------------- Packed rows.
+
+# Three packed rows of 21 slots: several sequences each (ids rise along the row), padding
+# (0) at the end; row 2 holds one sequence only.
+_SEGMENT_LENGTHS = ([5, 9, 4], [1, 12, 3, 2], [21])
+
+
+def _segment_ids(lengths=_SEGMENT_LENGTHS, t=T_LEN):
+  seg = np.zeros((len(lengths), t), np.int32)
+  for row, runs in enumerate(lengths):
+    start = 0
+    for index, n in enumerate(runs):
+      seg[row, start:start + n] = index + 1
+      start += n
+  return jnp.asarray(seg)
+
+
+def _numpy_segments_reference(q, k, v, lengths=_SEGMENT_LENGTHS):
+  """Each segment attended as a sequence of its own (causal, float64); padding zeros."""
+  out = np.zeros(q.shape)
+  for row, runs in enumerate(lengths):
+    start = 0
+    for n in runs:
+      part = slice(start, start + n)
+      causal = np.tril(np.ones((n, n), bool))[None]
+      out[row:row + 1, part] = _numpy_reference(q[row:row + 1, part], k[row:row + 1, part],
+                                                v[row:row + 1, part], causal)
+      start += n
+  return out
+
+
+def _segment_loss_and_grads(kind, q, k, v, segment_ids, **kw):
+  real = (segment_ids != 0)[:, :, None, None]
+
+  def loss(q, k, v):
+    out = A.attention(q, k, v, None, kind=kind, segment_ids=segment_ids, **kw)
+    return jnp.sum(jnp.sin(out) * real), out
+
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return out, grads
+
+
+@pytest.mark.parametrize("kind, kw", [("blockwise", {"block_q": 4, "block_k": 8}),
+                                      ("blockwise", {"block_q": 8, "block_k": 3}),
+                                      ("splash_interpret", {})])
+def test_segments_attend_only_their_own_sequence(kind, kw):
+  """A packed row equals its sequences attended one by one (float64 numpy, by segment);
+  blockwise and splash give the naive kind's values and gradients."""
+  q, k, v = _inputs(6)
+  seg = _segment_ids()
+  ref, ref_grads = _segment_loss_and_grads("naive", q, k, v, seg)
+  np.testing.assert_allclose(ref, _numpy_segments_reference(q, k, v), atol=2e-6)
+  assert not np.asarray(ref)[1, 18:].any()  # padding sees no key: zeros
+  got, grads = _segment_loss_and_grads(kind, q, k, v, seg, **kw)
+  np.testing.assert_allclose(got, ref, atol=1e-5)
+  for name, a, b in zip("qkv", grads, ref_grads):
+    assert np.abs(np.asarray(b)).max() > 1e-2, name
+    np.testing.assert_allclose(a, b, atol=2e-5, err_msg=name)
+
+
+def test_segment_block_skipping_counts_segments_not_rows():
+  """Blocks whose segment ranges do not meet are skipped: 4 segments of 8 in a row of 32
+  with blocks of 8 need 4 (diagonal) block pairs, not the causal triangle's 10."""
+  seg = jnp.asarray(np.repeat(np.arange(1, 5), 8)[None], jnp.int32)
+  q_range, kv_range = A._segment_ranges(seg, 8), A._segment_ranges(seg, 8)
+  needed = [bool(A._block_needed(True, 0, i, j, 8, 8, q_range, kv_range))
+            for i in range(4) for j in range(4)]
+  assert sum(needed) == 4
+  ones = jnp.ones((1, 32), jnp.int32)
+  q_range = kv_range = A._segment_ranges(ones, 8)
+  assert sum(bool(A._block_needed(True, 0, i, j, 8, 8, q_range, kv_range))
+             for i in range(4) for j in range(4)) == 10
+
+
+def test_segment_ids_errors_name_the_problem():
+  q, k, v = _inputs(0)
+  with pytest.raises(ValueError, match=r"segment_ids must be \[B, T\] = \(3, 21\).*\(3, 20\)"):
+    A.attention(q, k, v, None, kind="naive", segment_ids=jnp.ones((3, 20), jnp.int32))
+  with pytest.raises(ValueError, match=r"need q_offset = 0, got 2"):
+    A.attention(q, k, v, None, kind="naive", segment_ids=_segment_ids(), q_offset=2)
+
+
 # ------------------------------------------------------------------------- In the model.
 
 CFG = T.ModelConfig(vocab_size=53, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,

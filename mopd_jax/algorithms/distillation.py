@@ -16,6 +16,8 @@ class Distillation(registry.Algorithm):
 
   # MOPD spec §3: the distillation methods' effective aggregation.
   default_aggregation = "seq-mean-token-mean-all"
+  # A per-token divergence: packed rows carry each token's weight (mopd_jax.packing).
+  supports_packing = True
 
   def teacher_signal(self, cfg, teacher_params, student_params, inputs, rollouts):
     return step_teacher.teacher_terms(cfg, teacher_params, student_params, inputs, rollouts)
@@ -25,3 +27,9 @@ class Distillation(registry.Algorithm):
 
   def loss_weights(self, cfg, inputs):
     return step_losses.aggregation_weights(cfg, inputs)
+
+  def packed_teacher_signal(self, cfg, teacher_params, student_params, rows):
+    return step_teacher.packed_teacher_terms(cfg, teacher_params, student_params, rows)
+
+  def packed_loss(self, cfg, params, rows, signal):
+    return step_losses.packed_distillation_loss(cfg, params, rows, signal)

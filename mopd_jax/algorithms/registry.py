@@ -23,7 +23,9 @@ What an algorithm decides, in the order a step runs:
   sum, so it splits over row micro-batches);
 - `metrics`: what its loss could use, reported per step;
 - `default_aggregation` (when `config.loss.aggregation` is None) and `check`: its
-  cross-section rules on the whole `Settings`.
+  cross-section rules on the whole `Settings`;
+- `supports_packing`: whether it runs on packed rows (`config.optim.packed_tokens`,
+  `mopd_jax.packing`), through `packed_teacher_signal` and `packed_loss`.
 """
 
 from __future__ import annotations
@@ -49,9 +51,18 @@ class Algorithm(abc.ABC):
   # Whether it reads the summaries variant of the peer context (config.peers.summaries).
   reads_summaries: ClassVar[bool] = False
   default_aggregation: ClassVar[str] = "token-mean"
+  # Whether its loss runs on packed rows (a per-token loss whose weights carry the rows').
+  supports_packing: ClassVar[bool] = False
 
   def check(self, st) -> None:
     """Raises `ConfigError` for settings `st` this algorithm cannot run."""
+    if st.optim.packed_tokens and not self.supports_packing:
+      raise ConfigError(
+          f"Invalid config.optim.packed_tokens = {st.optim.packed_tokens} with "
+          f"config.algorithm.name = {self.name!r}: its loss reads whole rows (sequence "
+          "log-probs, per-row advantages or rewards), which packed rows do not keep; "
+          "packing runs with the distillation algorithms (mopd, sdpo, opd). Set "
+          "config.optim.packed_tokens to 0.")
     if st.peers.summaries and not self.reads_summaries:
       raise ConfigError(
           f"Invalid config.peers.summaries = True with config.algorithm.name = "
@@ -78,6 +89,15 @@ class Algorithm(abc.ABC):
   @abc.abstractmethod
   def loss_weights(self, cfg, inputs):
     """float32 [N, Lr] weights of the whole batch."""
+
+  def packed_teacher_signal(self, cfg, teacher_params, student_params, rows) -> Any:
+    """Stage 2 on one micro-batch of `packing.PackedRows` (supports_packing only)."""
+    raise NotImplementedError(f"algorithm {self.name!r} does not run on packed rows")
+
+  def packed_loss(self, cfg, params, rows, signal):
+    """Stage 3 on `packing.PackedRows`: (loss, (student log-prob [P, Lr], teacher's
+    [P, Lr])) in the loss layout, weighted by `rows.weights` (supports_packing only)."""
+    raise NotImplementedError(f"algorithm {self.name!r} does not run on packed rows")
 
   def metrics(self, cfg, inputs, rollouts) -> dict:
     """Scalar metrics of what the loss could use (none by default)."""

@@ -6,8 +6,13 @@ without a dense [B, T, S] array:
 - `kv_mask` bool [B, S]: True on real keys (False on padding, left or right);
 - `q_offset`: query t sits at key slot `q_offset + t`; with `causal=True` it attends to
   key slots <= its own. A full forward has q_offset = 0 and T = S.
+- `segment_ids` int32 [B, T] (packed rows, T == S, q_offset 0): several sequences share a
+  row, each a run of one positive id; a query attends only keys of its own segment (and,
+  with `causal`, at slots <= its own), id 0 is padding. It replaces `kv_mask` (whose
+  value must then be `segment_ids != 0`). Positions (RoPE) restart per segment in the
+  caller (`mopd_jax.packing`).
 Each kind builds its own mask from these per block. Query rows that see no key at all (a
-left-padded row's padding) return zeros.
+left-padded row's padding, a packed row's tail) return zeros.
 
 Kinds:
 - `naive`: materialises float32 scores [B, H, T, S] (2*B*H*T*S*D FLOPs per matmul,
@@ -16,15 +21,21 @@ Kinds:
   `lax.scan`, query blocks in an outer scan, and a custom VJP that recomputes each block's
   probabilities from the saved log-sum-exp, so neither pass holds more than one
   [B, H, block_q, block_k] score block. Blocks wholly above the causal diagonal or wholly
-  padding are skipped with `lax.cond`. The portable default.
+  padding are skipped with `lax.cond`; with segment ids, so are blocks whose query and key
+  segment ranges do not meet, so a packed row costs about the sum of its segments'
+  squares, not its length's. The portable default.
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` on GPU, for bfloat16 /
   float16 inputs with head_dim <= 128 and a multiple of 8. Each row is shifted so that its
   real tokens start at slot 0 (cuDNN takes right-padded lengths), which needs every row's
-  real tokens to be one contiguous run and T == S.
+  real tokens to be one contiguous run and T == S. With segment ids (packed rows) no shift
+  is needed; they go to cuDNN as the public API's dense boolean `mask` [B, 1, T, T] (one
+  per call: O(B T^2) bytes, so for long packed rows `blockwise` may use less memory), and
+  `auto` then picks `blockwise` rather than build it. Not run on a GPU yet.
 - `splash`: the Pallas splash-attention kernels of `jax.experimental.pallas.ops.tpu` on TPU,
   fused in both passes (a forward kernel, and dq / dk+dv kernels in its own custom VJP).
   Padding is expressed as segment ids (real keys segment 1, padding keys 0, every query 1),
-  the causal mask is static, so q_offset must be a Python int. GQA is native: query head h
+  and packed rows pass theirs straight to the kernels' `SegmentIds`; the causal mask is
+  static, so q_offset must be a Python int. GQA is native: query head h
   reads key/value head h // (H / K), nothing is repeated in memory. Lengths are padded up to
   the blocks, which are multiples of 128 (TPU lanes). The kernels take no matmul precision,
   so float32 inputs with a matmul precision other than the default are refused.
@@ -125,8 +136,12 @@ def check_backend(kind: str, platform: str) -> None:
         f"{platform!r}. Kinds that run there: {_kinds_that_run(platform)}.")
 
 
-def resolve_kind(kind: str, q, k, precision=None) -> str:
-  """The implementation that `kind` means for these inputs on this backend."""
+def resolve_kind(kind: str, q, k, precision=None, *, segments=False) -> str:
+  """The implementation that `kind` means for these inputs on this backend.
+
+  segments: the inputs are packed rows with segment ids; `auto` then avoids cuDNN, which
+  would need a dense [B, 1, T, T] mask.
+  """
   check_kind(kind)
   reason = None
   if kind == "cudnn":
@@ -147,6 +162,8 @@ def resolve_kind(kind: str, q, k, precision=None) -> str:
     logging.info("attention='auto' uses blockwise instead of splash: %s.", reason)
     return "blockwise"
   reason = _cudnn_unsupported_reason(q, k)
+  if reason is None and segments:
+    reason = "packed rows would need a dense [B, 1, T, T] mask"
   if reason is None:
     return "cudnn"
   if target_platform() == "gpu":
@@ -155,28 +172,56 @@ def resolve_kind(kind: str, q, k, precision=None) -> str:
 
 
 def attention(q, k, v, kv_mask, *, kind="auto", causal=True, q_offset=0,
-              block_q=DEFAULT_BLOCK, block_k=DEFAULT_BLOCK, precision=None, rules=None):
+              block_q=DEFAULT_BLOCK, block_k=DEFAULT_BLOCK, precision=None,
+              segment_ids=None, rules=None):
   """Grouped-query attention; returns [B, T, H, D] in q.dtype (see the module docstring).
 
+  segment_ids: None, or int32 [B, T] of packed rows (then kv_mask may be None).
   rules: the model's logical axis rules (`ModelConfig.axis_rules`); splash runs in a
   `shard_map` by them on the context mesh.
   """
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads "
                      f"({k.shape[2]}).")
-  kind = resolve_kind(kind, q, k, precision)
+  if segment_ids is not None:
+    _check_segments(q, k, segment_ids, q_offset)
+    kv_mask = segment_ids != 0
+  kind = resolve_kind(kind, q, k, precision, segments=segment_ids is not None)
   kv_mask = kv_mask.astype(bool)
   if kind in ("splash", "splash_interpret"):
     return splash(q, k, v, kv_mask, q_offset, causal=causal, block_q=block_q,
-                  block_k=block_k, interpret=kind == "splash_interpret", rules=rules)
+                  block_k=block_k, interpret=kind == "splash_interpret",
+                  segment_ids=segment_ids, rules=rules)
   q_offset = jnp.asarray(q_offset, jnp.int32)
   if kind == "naive":
-    return naive(q, k, v, dense_mask(kv_mask, q.shape[1], causal, q_offset),
-                 precision=precision)
+    mask = (dense_mask(kv_mask, q.shape[1], causal, q_offset) if segment_ids is None
+            else segment_mask(segment_ids, causal))
+    return naive(q, k, v, mask, precision=precision)
   if kind == "blockwise":
     return blockwise(q, k, v, kv_mask, q_offset, causal=causal, block_q=block_q,
-                     block_k=block_k, precision=precision)
-  return _cudnn(q, k, v, kv_mask, causal=causal)
+                     block_k=block_k, precision=precision, segment_ids=segment_ids)
+  return _cudnn(q, k, v, kv_mask, causal=causal, segment_ids=segment_ids)
+
+
+def _check_segments(q, k, segment_ids, q_offset):
+  """Packed rows: queries and keys are the same T slots of each row."""
+  b, t = q.shape[:2]
+  if tuple(segment_ids.shape) != (b, t) or k.shape[1] != t:
+    raise ValueError(f"segment_ids must be [B, T] = {(b, t)} with as many keys as queries, "
+                     f"got segment_ids {tuple(segment_ids.shape)} and {k.shape[1]} keys.")
+  if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+    raise ValueError(f"segment_ids must be integers, got dtype {segment_ids.dtype}.")
+  if not isinstance(q_offset, int) or q_offset:
+    raise ValueError(f"segment_ids (packed rows) need q_offset = 0, got {q_offset!r}.")
+
+
+def segment_mask(segment_ids, causal):
+  """bool [B, T, T]: query t attends key s of its own (non-zero) segment (`naive` only)."""
+  seg = segment_ids
+  mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+  if causal:
+    mask = mask & jnp.tril(jnp.ones(mask.shape[1:], bool))[None]
+  return mask
 
 
 def dense_mask(kv_mask, num_queries, causal, q_offset=0):
@@ -221,13 +266,17 @@ def _pad_to(x, axis, multiple, value=0):
 
 
 def blockwise(q, k, v, kv_mask, q_offset=0, *, causal=True, block_q=DEFAULT_BLOCK,
-              block_k=DEFAULT_BLOCK, precision=None):
+              block_k=DEFAULT_BLOCK, precision=None, segment_ids=None):
   """Flash-style attention; same contract as `attention(kind='blockwise')`.
 
   Cost: the forward does the 4*B*H*T*S*D FLOPs of the two matmuls (less the skipped
   blocks) and the backward recomputes the scores once (10*B*H*T*S*D in all). Memory beyond
   inputs and outputs: one [B, H, block_q, block_k] float32 block, plus the float32
   log-sum-exp [B, H, T] saved for the backward.
+
+  Masks are built from segment ids on both sides: query t attends key s iff
+  q_seg[t] == kv_seg[s] != 0 (and s <= q_offset + t when causal). Without `segment_ids`
+  every query is in segment 1 and a key in 1 if real, 0 if padding, which is the kv_mask.
   """
   b, t, h, d = q.shape
   s, kh = k.shape[1], k.shape[2]
@@ -236,23 +285,47 @@ def blockwise(q, k, v, kv_mask, q_offset=0, *, causal=True, block_q=DEFAULT_BLOC
       d ** -0.5, q.dtype)
   qg = _pad_to(qg, 3, bq)
   k, v = _pad_to(k, 1, bk), _pad_to(v, 1, bk)
-  kv_mask = _pad_to(kv_mask.astype(bool), 1, bk, False)
-  out = _flash(causal, bq, bk, precision, qg, k, v, kv_mask,
+  if segment_ids is None:
+    q_seg = jnp.ones((b, t), jnp.int32)
+    kv_seg = kv_mask.astype(jnp.int32)
+  else:
+    q_seg = kv_seg = segment_ids.astype(jnp.int32)
+  # Padded query slots get -1 (they match no key, not even padding keys in segment 0).
+  q_seg = _pad_to(q_seg, 1, bq, -1)
+  kv_seg = _pad_to(kv_seg, 1, bk, 0)
+  out = _flash(causal, bq, bk, precision, qg, k, v, q_seg, kv_seg,
                jnp.asarray(q_offset, jnp.int32))
   return out[:, :, :, :t].transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def _block_needed(causal, q_offset, i, j, bq, bk, kvm_j):
-  """Whether key block j can be seen by any query of query block i."""
-  any_key = jnp.any(kvm_j)
+_NO_SEGMENT = jnp.iinfo(jnp.int32).max
+
+
+def _segment_ranges(seg, block):
+  """Per row and block of `seg` [B, L]: (lowest, highest) positive segment id, int32
+  [B, L / block] each; a block without one gets (int32 max, 0), an empty range."""
+  blocks = seg.reshape(seg.shape[0], -1, block)
+  real = blocks > 0
+  lo = jnp.min(jnp.where(real, blocks, _NO_SEGMENT), axis=-1)
+  hi = jnp.max(jnp.where(real, blocks, 0), axis=-1)
+  return lo, hi
+
+
+def _block_needed(causal, q_offset, i, j, bq, bk, q_range, kv_range):
+  """Whether key block j can be seen by any query of query block i: in some row, the
+  blocks' segment ranges meet (a key of a query's segment may lie there), and with
+  `causal` the key block does not lie wholly above the diagonal."""
+  (q_lo, q_hi), (kv_lo, kv_hi) = q_range, kv_range
+  meet = jnp.any((kv_lo[:, j] <= q_hi[:, i]) & (q_lo[:, i] <= kv_hi[:, j]))
   if not causal:
-    return any_key
-  return any_key & (j * bk <= q_offset + i * bq + bq - 1)
+    return meet
+  return meet & (j * bk <= q_offset + i * bq + bq - 1)
 
 
-def _block_mask(causal, q_offset, i, j, bq, bk, kvm_j):
+def _block_mask(causal, q_offset, i, j, bq, bk, q_seg_i, kv_seg_j):
   """bool [B, 1, 1, bq, bk] mask of one (query block, key block) pair."""
-  mask = kvm_j[:, None, None, None, :]
+  mask = ((q_seg_i[:, :, None] == kv_seg_j[:, None, :])
+          & (kv_seg_j[:, None, :] != 0))[:, None, None]
   if causal:
     q_slot = q_offset + i * bq + jnp.arange(bq)[:, None]
     k_slot = j * bk + jnp.arange(bk)[None, :]
@@ -278,24 +351,26 @@ def _slice(x, axis, index, size):
   return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis)
 
 
-def _flash_forward(causal, bq, bk, precision, q, k, v, kv_mask, q_offset):
+def _flash_forward(causal, bq, bk, precision, q, k, v, q_seg, kv_seg, q_offset):
   """(out [B, K, G, Tp, D] in q.dtype, lse float32 [B, K, G, Tp])."""
   b, kh, g, tp, d = q.shape
   nq, nk = tp // bq, k.shape[1] // bk
+  q_range, kv_range = _segment_ranges(q_seg, bq), _segment_ranges(kv_seg, bk)
 
   def q_block(i):
-    q_i = _slice(q, 3, i, bq)
+    q_i, q_seg_i = _slice(q, 3, i, bq), _slice(q_seg, 1, i, bq)
 
     def k_step(carry, j):
       m, l, acc = carry
-      k_j, v_j, kvm_j = _slice(k, 1, j, bk), _slice(v, 1, j, bk), _slice(kv_mask, 1, j, bk)
+      k_j, v_j, kv_seg_j = (_slice(k, 1, j, bk), _slice(v, 1, j, bk),
+                            _slice(kv_seg, 1, j, bk))
 
       def update(carry):
         m, l, acc = carry
         scores = jnp.einsum("bkgqd,bskd->bkgqs", q_i, k_j, precision=precision,
                             preferred_element_type=jnp.float32)
-        scores = jnp.where(_block_mask(causal, q_offset, i, j, bq, bk, kvm_j), scores,
-                           -jnp.inf)
+        scores = jnp.where(_block_mask(causal, q_offset, i, j, bq, bk, q_seg_i, kv_seg_j),
+                           scores, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(scores - m_safe[..., None])
@@ -306,7 +381,7 @@ def _flash_forward(causal, bq, bk, precision, q, k, v, kv_mask, q_offset):
             preferred_element_type=jnp.float32)
         return m_new, l, acc
 
-      needed = _block_needed(causal, q_offset, i, j, bq, bk, kvm_j)
+      needed = _block_needed(causal, q_offset, i, j, bq, bk, q_range, kv_range)
       return _opaque(lambda c: jax.lax.cond(needed, update, lambda c: c, c))(carry), None
 
     init = (jnp.full((b, kh, g, bq), -jnp.inf, jnp.float32),
@@ -325,24 +400,25 @@ def _flash_forward(causal, bq, bk, precision, q, k, v, kv_mask, q_offset):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _flash(causal, bq, bk, precision, q, k, v, kv_mask, q_offset):
-  return _flash_forward(causal, bq, bk, precision, q, k, v, kv_mask, q_offset)[0]
+def _flash(causal, bq, bk, precision, q, k, v, q_seg, kv_seg, q_offset):
+  return _flash_forward(causal, bq, bk, precision, q, k, v, q_seg, kv_seg, q_offset)[0]
 
 
-def _flash_fwd(causal, bq, bk, precision, q, k, v, kv_mask, q_offset):
-  out, lse = _flash_forward(causal, bq, bk, precision, q, k, v, kv_mask, q_offset)
-  return out, (q, k, v, kv_mask, q_offset, out, lse)
+def _flash_fwd(causal, bq, bk, precision, q, k, v, q_seg, kv_seg, q_offset):
+  out, lse = _flash_forward(causal, bq, bk, precision, q, k, v, q_seg, kv_seg, q_offset)
+  return out, (q, k, v, q_seg, kv_seg, q_offset, out, lse)
 
 
 def _flash_bwd(causal, bq, bk, precision, residuals, d_out):
-  q, k, v, kv_mask, q_offset, out, lse = residuals
+  q, k, v, q_seg, kv_seg, q_offset, out, lse = residuals
   b, kh, g, tp, d = q.shape
   nq, nk = tp // bq, k.shape[1] // bk
+  q_range, kv_range = _segment_ranges(q_seg, bq), _segment_ranges(kv_seg, bk)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   mm = functools.partial(jnp.einsum, precision=precision, preferred_element_type=jnp.float32)
 
   def k_block(dq, j):
-    k_j, v_j, kvm_j = _slice(k, 1, j, bk), _slice(v, 1, j, bk), _slice(kv_mask, 1, j, bk)
+    k_j, v_j, kv_seg_j = _slice(k, 1, j, bk), _slice(v, 1, j, bk), _slice(kv_seg, 1, j, bk)
 
     def q_step(carry, i):
       def grads(carry):
@@ -350,7 +426,7 @@ def _flash_bwd(causal, bq, bk, precision, residuals, d_out):
         q_i, do_i = _slice(q, 3, i, bq), _slice(d_out, 3, i, bq)
         lse_i, delta_i = _slice(lse, 3, i, bq), _slice(delta, 3, i, bq)
         scores = mm("bkgqd,bskd->bkgqs", q_i, k_j)
-        mask = _block_mask(causal, q_offset, i, j, bq, bk, kvm_j)
+        mask = _block_mask(causal, q_offset, i, j, bq, bk, _slice(q_seg, 1, i, bq), kv_seg_j)
         p = jnp.where(mask, jnp.exp(scores - lse_i[..., None]), 0.0)
         dv = dv + mm("bkgqs,bkgqd->bskd", p.astype(do_i.dtype), do_i)
         dp = mm("bkgqd,bskd->bkgqs", do_i, v_j)
@@ -361,7 +437,7 @@ def _flash_bwd(causal, bq, bk, precision, residuals, d_out):
       def skip(carry):
         return carry, jnp.zeros((b, kh, g, bq, d), jnp.float32)
 
-      needed = _block_needed(causal, q_offset, i, j, bq, bk, kvm_j)
+      needed = _block_needed(causal, q_offset, i, j, bq, bk, q_range, kv_range)
       return _opaque(lambda c: jax.lax.cond(needed, grads, skip, c))(carry)
 
     init = (jnp.zeros((b, bk, kh, d), jnp.float32), jnp.zeros((b, bk, kh, d), jnp.float32))
@@ -372,7 +448,7 @@ def _flash_bwd(causal, bq, bk, precision, residuals, d_out):
   dq, (dk, dv) = jax.lax.scan(k_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))
   dk = jnp.moveaxis(dk, 0, 1).reshape(k.shape)
   dv = jnp.moveaxis(dv, 0, 1).reshape(v.shape)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -390,8 +466,21 @@ def _shift_rows(x, shift):
   return jnp.take_along_axis(x, index, axis=1)
 
 
-def _cudnn(q, k, v, kv_mask, *, causal):
-  """cuDNN flash attention; rows' real tokens are moved to the front (right padding)."""
+def _cudnn(q, k, v, kv_mask, *, causal, segment_ids=None):
+  """cuDNN flash attention; rows' real tokens are moved to the front (right padding).
+
+  Packed rows (segment_ids) go as they are, with the public API's dense boolean mask
+  [B, 1, T, T]: a query sees the keys of its own segment, and a padding slot only itself
+  (a fully masked query would leave cuDNN's softmax undefined); padding is zeroed after.
+  """
+  real = kv_mask[:, :, None, None]
+  if segment_ids is not None:
+    seg = segment_ids
+    eye = jnp.eye(seg.shape[1], dtype=bool)[None]
+    mask = (seg[:, :, None] == seg[:, None, :]) & ((seg[:, None, :] != 0) | eye)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=causal,
+                                       implementation="cudnn")
+    return jnp.where(real, out, 0).astype(q.dtype)
   first = jnp.argmax(kv_mask, axis=1).astype(jnp.int32)
   lengths = jnp.sum(kv_mask, axis=1, dtype=jnp.int32)
   q, k, v = (_shift_rows(x, first) for x in (q, k, v))
@@ -399,7 +488,6 @@ def _cudnn(q, k, v, kv_mask, *, causal):
       q, k, v, is_causal=causal, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
       implementation="cudnn")
   out = _shift_rows(out, -first)
-  real = kv_mask[:, :, None, None]
   return jnp.where(real, out, 0).astype(q.dtype)
 
 
@@ -412,7 +500,7 @@ def _lane_multiple(n):
 
 
 def splash(q, k, v, kv_mask, q_offset=0, *, causal=True, block_q=DEFAULT_BLOCK,
-           block_k=DEFAULT_BLOCK, interpret=False, rules=None):
+           block_k=DEFAULT_BLOCK, interpret=False, segment_ids=None, rules=None):
   """Splash attention; same contract as `attention(kind='splash')`.
 
   Cost: the matmul FLOPs of `blockwise` over query and key lengths padded up to the
@@ -433,18 +521,24 @@ def splash(q, k, v, kv_mask, q_offset=0, *, causal=True, block_q=DEFAULT_BLOCK,
                      f"static), got {q_offset!r}.") from e
   run = functools.partial(_splash_rows, q_offset=q_offset, causal=causal, block_q=block_q,
                           block_k=block_k, interpret=interpret)
+  # Without packed rows: every query in segment 1, real keys in 1, padding keys in 0.
+  q_seg = (jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None
+           else segment_ids.astype(jnp.int32))
+  kv_seg = kv_mask.astype(jnp.int32) if segment_ids is None else q_seg
   q_spec = sharding.logical_spec(q.shape, _Q_AXES, rules, "splash queries")
   if q_spec is None:
-    return run(q, k, v, kv_mask)
+    return run(q, k, v, q_seg, kv_seg)
   kv_spec = sharding.logical_spec(k.shape, _KV_AXES, rules, "splash keys")
   heads = q_spec[2] if q_spec[2] == kv_spec[2] else None
   q_spec, kv_spec = P(q_spec[0], None, heads, None), P(kv_spec[0], None, heads, None)
-  return jax.shard_map(run, in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[0], None)),
-                       out_specs=q_spec, check_vma=False)(q, k, v, kv_mask)
+  rows = P(q_spec[0], None)
+  return jax.shard_map(run, in_specs=(q_spec, kv_spec, kv_spec, rows, rows),
+                       out_specs=q_spec, check_vma=False)(q, k, v, q_seg, kv_seg)
 
 
-def _splash_rows(q, k, v, kv_mask, *, q_offset, causal, block_q, block_k, interpret):
-  """`splash` on the rows and heads at hand."""
+def _splash_rows(q, k, v, q_seg, kv_seg, *, q_offset, causal, block_q, block_k,
+                 interpret):
+  """`splash` on the rows and heads at hand; q_seg [B, T], kv_seg [B, S] segment ids."""
   # Imported on first use: pallas' import costs most of a second, and only splash needs it.
   from jax.experimental.pallas.ops.tpu import (  # pylint: disable=import-outside-toplevel
       splash_attention as sa)
@@ -462,15 +556,14 @@ def _splash_rows(q, k, v, kv_mask, *, q_offset, causal, block_q, block_k, interp
                          block_kv_dq=bk)
   kernel = sa.make_splash_mha(sa.MultiHeadMask([mask] * h), block_sizes=blocks,
                               head_shards=1, q_seq_shards=1, interpret=interpret)
-  # A query attends to keys of its own segment: every query is in segment 1, real keys
-  # too, padding keys (the row's and the block padding) in segment 0.
-  segments = sa.SegmentIds(q=jnp.ones((b, tp), jnp.int32),
-                           kv=_pad_to(kv_mask, 1, bk, False).astype(jnp.int32))
+  # A query attends to keys of its own segment; block padding is segment 0 on both sides.
+  segments = sa.SegmentIds(q=_pad_to(q_seg, 1, bq, 0), kv=_pad_to(kv_seg, 1, bk, 0))
   out = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=seg))(q, k, v, segments)
   out = out[:, :, :t].transpose(0, 2, 1, 3)
   # A query that sees no key gets a finite average of masked values from the kernel; it
   # returns zeros as in the other kinds (and so passes no gradient into the kernel).
-  seen = jnp.any(kv_mask, axis=1)[:, None]
+  kv_mask = kv_seg != 0
+  seen = jnp.any(kv_mask, axis=1)[:, None] & (q_seg != 0)
   if causal:
     first_key = jnp.argmax(kv_mask, axis=1)[:, None]
     seen = seen & (first_key <= q_offset + jnp.arange(t)[None, :])

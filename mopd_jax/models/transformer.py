@@ -18,7 +18,8 @@ Entry points:
   forward (training, teacher scoring); `token_mask` [B, L] is True on real tokens, rows
   may be left- and right-padded, and `positions` (from `positions_from_mask`) make RoPE
   independent of the padding. A dense bool mask [B, T, S] (`causal_mask`) is accepted for
-  arbitrary masks, but only the `naive` kind can use it.
+  arbitrary masks, but only the `naive` kind can use it. Packed rows (`mopd_jax.packing`)
+  add `segment_ids` [B, L]: attention stays within a segment, positions restart at 0.
 - `prefill` / `decode_step`: the sampler's cached forward (see `mopd_jax.sampling`).
 """
 
@@ -233,7 +234,8 @@ class LayerInputs(NamedTuple):
   """What every layer reads besides the residual stream (None where the mode has none).
 
   mode "full" / "prefill": positions [B, T] and token_mask, the token mask [B, T]
-  (causal attention over real tokens) or a dense bool mask [B, T, T].
+  (causal attention over real tokens) or a dense bool mask [B, T, T]; mode "full" may add
+  segment_ids [B, T] (packed rows: attention within a segment; 0 = padding).
   mode "decode": positions [N, 1], prompt_mask [B, Lp], num_written (int32 scalar: the
   response slot of the current token) and caches, the prompt and response caches stacked
   over layers ({"prompt_k", "prompt_v", "response_k", "response_v"}).
@@ -244,6 +246,7 @@ class LayerInputs(NamedTuple):
   prompt_mask: jax.Array | None = None
   num_written: jax.Array | None = None
   caches: dict | None = None
+  segment_ids: jax.Array | None = None
 
 
 class Attention(nn.Module):
@@ -260,7 +263,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, positions, token_mask=None, prompt_mask=None, num_written=None,
-               caches=None, layer=None):
+               caches=None, segment_ids=None, layer=None):
     cfg = self.config
     dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
 
@@ -300,7 +303,8 @@ class Attention(nn.Module):
         out = attention_lib.naive(q, k, v, mask, precision=cfg.precision)
       else:
         out = attention_lib.attention(q, k, v, mask, kind=cfg.attention, causal=True,
-                                      precision=cfg.precision, rules=rules)
+                                      precision=cfg.precision, segment_ids=segment_ids,
+                                      rules=rules)
       new_kv = (k, v) if self.mode == "prefill" else None
     out = sharding.constrain(out, ACT_HEADS, rules, "attention output")
     out = nn.DenseGeneral(
@@ -358,7 +362,7 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, *, positions, token_mask=None, prompt_mask=None,
-               num_written=None, caches=None, layers=None):
+               num_written=None, caches=None, layers=None, segment_ids=None):
     cfg = self.config
     dtype, pdtype = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
     embedding = self.param("embedding", _init(("vocab", "embed"), cfg.embed_dim ** -0.5),
@@ -376,7 +380,7 @@ class Decoder(nn.Module):
                     in_axes=(nn.broadcast, 0), length=cfg.num_layers,
                     metadata_params={nn.PARTITION_NAME: "layers"})
     inputs = LayerInputs(positions=positions, token_mask=token_mask, prompt_mask=prompt_mask,
-                         num_written=num_written, caches=caches)
+                         num_written=num_written, caches=caches, segment_ids=segment_ids)
     x, new_kv = stack(cfg, self.mode, self.decode_block, name="layers")(x, inputs, layers)
     x = RMSNorm(cfg.norm_eps, pdtype, name="final_norm")(x)
     return x, new_kv
@@ -409,15 +413,16 @@ def param_logical_axes(config: ModelConfig):
   return nn.get_partition_spec(boxed)
 
 
-def hidden_states(config, params, tokens, positions, token_mask):
+def hidden_states(config, params, tokens, positions, token_mask, segment_ids=None):
   """tokens int32 [B, T] -> (hidden [B, T, D] in compute dtype, None).
 
   `token_mask` is bool [B, T] (causal attention over real tokens) or a dense bool mask
-  [B, T, T] (naive attention only).
+  [B, T, T] (naive attention only). `segment_ids` int32 [B, T]: packed rows, each token
+  attends only earlier tokens of its own segment (then token_mask is segment_ids != 0).
   """
   token_mask = token_mask.astype(bool)
   return Decoder(config).apply({"params": params}, tokens, positions=positions,
-                               token_mask=token_mask)
+                               token_mask=token_mask, segment_ids=segment_ids)
 
 
 def lm_head(config: ModelConfig, params) -> jax.Array:

@@ -169,6 +169,28 @@ class OptimSettings(_Section):
       "gradients are accumulated, so the update equals the one-batch update. Must divide "
       "data.batch_size * sampling.num_samples and be divisible by the data x fsdp mesh "
       "size. Sampling always runs as one batch.")
+  packed_tokens: int = knob(
+      0, _int(0), "a non-negative integer (0 = padded rows)",
+      "Padding-free update (mopd_jax.packing): each micro-batch's sequences are packed, "
+      "with segment ids, into packed_tokens / (max prompt + max response length) rows of "
+      "the student pass (and as many rows of the loss), so no FLOP goes to padding beyond "
+      "the budget's slack; loss and gradient equal the padded path's. A multiple of that "
+      "row length times the data x fsdp mesh size, at most the micro-batch's padded rows. "
+      "A batch that does not fit skips its update and stops the run with the budget it "
+      "needed (packing.propose_budgets picks one from observed lengths). Distillation "
+      "algorithms only (mopd, sdpo, opd).")
+  packed_teacher_tokens: int = knob(
+      0, _int(0), "a non-negative integer (0 = as many rows as the student's)",
+      "With packed_tokens: the teacher pass's budget, in rows of its padded length "
+      "(teacher prompt + max response length), a multiple of it times the data x fsdp "
+      "mesh size.")
+
+  def check(self):
+    if self.packed_teacher_tokens and not self.packed_tokens:
+      raise ConfigError(
+          f"Invalid config.optim.packed_teacher_tokens = {self.packed_teacher_tokens} with "
+          "config.optim.packed_tokens = 0: the teacher's budget applies to packed rows; set "
+          "packed_tokens too, or packed_teacher_tokens to 0.")
 
 
 @dataclasses.dataclass(frozen=True)
