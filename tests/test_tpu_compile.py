@@ -34,11 +34,12 @@ TOPOLOGIES = {"v5e:2x2": 1, "v5e:2x2 x 2 slices": 2}
 
 
 def _args(num_slices):
-  return argparse.Namespace(
-      rows=8, group=2, prompt_len=8, response_len=8, peer_cap=8, mesh="1,2,2",
-      micro_batch_rows=0, attention=None, num_layers=0, remat_policy=None,
-      dtype="bfloat16", param_dtype="float32", chunk_size=8, top_k=4,
-      topology="v5e:2x2", num_slices=num_slices, decode_layout="tensor")
+  """The benchmark's own flags (its defaults for the rest); the model is TINY."""
+  return step_memory.parse_args([
+      "--preset=tiny", "--rows=8", "--group=2", "--prompt-len=8", "--response-len=8",
+      "--peer-cap=8", "--mesh=1,2,2", "--dtype=bfloat16", "--param-dtype=float32",
+      "--chunk-size=8", "--top-k=4", "--topology=v5e:2x2", f"--num-slices={num_slices}",
+      "--decode-layout=tensor", "--feedback-len=16"])
 
 
 @pytest.fixture(scope="module", params=list(TOPOLOGIES))
