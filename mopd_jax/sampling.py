@@ -191,15 +191,15 @@ class Sampler:
 
     Row b * num_samples + g holds sample g of prompt b.
     """
-    params = weights_for_decode(self.model, params)
     if self.decode_layout == "train" or self.model.axis_rules is None:
-      return self._sample(self.model, params, prompt_tokens, prompt_mask, key)
+      return self._sample(self.model, weights_for_decode(self.model, params),
+                          prompt_tokens, prompt_mask, key)
     cfg = dataclasses.replace(self.model, axis_rules=sharding.DECODE_RULES)
     # Named, so that tools find the reshard in compiled programs; cast first, so that it
     # moves compute-dtype bytes.
     with jax.named_scope("decode_layout"):
-      params = sharding.constrain_tree(params, transformer.param_logical_axes(cfg),
-                                       cfg.axis_rules)
+      params = sharding.constrain_tree(weights_for_decode(cfg, params),
+                                       transformer.param_logical_axes(cfg), cfg.axis_rules)
     return self._sample(cfg, params, prompt_tokens, prompt_mask, key)
 
   def _sample(self, cfg, params, prompt_tokens, prompt_mask, key) -> SampleOutput:

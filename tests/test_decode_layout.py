@@ -29,7 +29,7 @@ CFG = T.ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4,
 # CPU devices before JAX starts. Prints one JSON line.
 _SCRIPT = r"""
 import dataclasses, json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.getcwd())
 import jax, numpy as np

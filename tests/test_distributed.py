@@ -10,6 +10,7 @@ import time
 import pytest
 
 from mopd_jax import distributed, settings
+from tests import conftest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,8 +67,10 @@ def test_explicit_mode_needs_all_three_keys():
 
 def _main(port, num_processes, process_id, *extra, devices=2):
   """A `mopd_jax.main` process in explicit mode (fails before loading any model)."""
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith("JAX_") or k in conftest.CACHE_VARIABLES}
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
+                      + f" --xla_force_host_platform_device_count={devices}")
   flags = ["--config.distributed.mode=explicit",
            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
            f"--config.distributed.num_processes={num_processes}",

@@ -28,7 +28,7 @@ _SHAPES = dict(
 
 _SCRIPT = r"""
 import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + "--xla_force_host_platform_device_count=8"
 import flax.linen as nn
 import jax
 import numpy as np
@@ -79,7 +79,7 @@ print("RESULT" + json.dumps(results))
 # the processes, so each process holds half of every fsdp-sharded parameter.
 _TWO_PROCESS_SCRIPT = r"""
 import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + "--xla_force_host_platform_device_count=2"
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 port, process_id, directory = sys.argv[1], int(sys.argv[2]), sys.argv[3]

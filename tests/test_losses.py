@@ -438,8 +438,12 @@ def test_chunked_custom_vjp_matches_plain_gradient(kwargs):
 
   want = jax.grad(lambda *a: outer(plain_loss(*a, **kwargs)), argnums=(0, 1))(*args)
   for g, w in zip(got[:2], want):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
-    assert np.abs(np.asarray(w)).max() > 1e-3
+    # Two float32 paths that sum in different orders: absolute errors scale with the
+    # largest gradient entry (up to ~16 here) where it exceeds 1, not with each entry.
+    scale = np.abs(np.asarray(w)).max()
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4,
+                               atol=1e-6 * max(1.0, scale))
+    assert scale > 1e-3
   np.testing.assert_array_equal(np.asarray(got[0])[MASK == 0], 0.0)  # weight 0: no gradient
   np.testing.assert_array_equal(np.asarray(got[2]), 0.0)  # teacher under stop_gradient
   np.testing.assert_array_equal(np.asarray(got[3]), 0.0)

@@ -9,7 +9,7 @@ import pytest
 
 _SCRIPT = r"""
 import os, sys, json
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + "--xla_force_host_platform_device_count=8"
 import jax, numpy as np
 sys.path.insert(0, os.getcwd())
 from mopd_jax import train

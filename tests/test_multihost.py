@@ -16,6 +16,7 @@ import time
 import pytest
 
 from mopd_jax import metrics
+from tests import conftest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -32,9 +33,11 @@ def _flags(base_dir, workdir, total_steps=STEPS):
 
 
 def _clean_env(devices=None):
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith("JAX_") or k in conftest.CACHE_VARIABLES}
   if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
+                        + f" --xla_force_host_platform_device_count={devices}")
   return env
 
 
@@ -110,7 +113,7 @@ _VERIFY_SCRIPT = r"""
 import json, os, sys
 num_processes, process_id, port, base_dir, out = sys.argv[1:]
 num_processes, process_id = int(num_processes), int(process_id)
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 // num_processes}"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + f"--xla_force_host_platform_device_count={4 // num_processes}"
 sys.path.insert(0, os.getcwd())
 import jax, numpy as np
 from mopd_jax import distributed, settings, train, train_step

@@ -47,6 +47,21 @@ def parts(request):
   return step_memory.build_step(TINY, _args(TOPOLOGIES[request.param]))
 
 
+@pytest.fixture(autouse=True)
+def _xla_default_optimization(monkeypatch):
+  """The TPU programs these tests inspect are compiled at XLA's default backend
+  optimization level (3), as a user's are: conftest lowers it through XLA_FLAGS to
+  compile the CPU tests faster, and at level 0 the TPU compiler keeps, e.g., the decode
+  layout's reshard inside the decode loop."""
+  compile_ = jax.stages.Lowered.compile
+
+  def compile_at_default(self, compiler_options=None, **kwargs):
+    options = {"xla_backend_optimization_level": 3, **(compiler_options or {})}
+    return compile_(self, options, **kwargs)
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", compile_at_default)
+
+
 @contextlib.contextmanager
 def _partitioner(shardy: bool):
   previous = jax.config.jax_use_shardy_partitioner
