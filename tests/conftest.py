@@ -55,6 +55,22 @@ def tiny_base_dir(tmp_path_factory):
   return str(directory)
 
 
+@pytest.fixture(scope="session")
+def uninterrupted_run(tiny_base_dir, tmp_path_factory):
+  """The workdir of `tests/test_resume.py`'s run, uninterrupted: the reference of the
+  resume and fault tests, run once per test run (the xdist workers share it)."""
+  from filelock import FileLock  # pylint: disable=import-outside-toplevel
+  from tests import test_resume  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent
+  directory = root / "uninterrupted_run"
+  with FileLock(str(root / "uninterrupted_run.lock")):
+    if not (directory / "summary.json").exists():
+      test_resume._finish(tiny_base_dir, str(directory))  # pylint: disable=protected-access
+  return str(directory)
+
+
 def load_config(name="code", arg=None, **overrides):
   """get_config(arg) of configs/<name>.py with dotted-key overrides."""
   import importlib.util  # pylint: disable=import-outside-toplevel
@@ -100,3 +116,13 @@ def sampled_rollouts(s, state, batch):
   return train_step.Rollouts(tokens=out.tokens, logprobs=out.logprobs, lengths=out.lengths,
                              finished=out.finished, rewards=rewards, status=status,
                              feedback=fb, feedback_lengths=fbl), peer_key
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  """Modules holding `slow` tests (the ones that start processes and run training) first,
+  each module kept together (its module-scoped fixtures are built once): on two xdist
+  workers the long tests then start early and the run ends on short ones, instead of one
+  worker idling while the other finishes a minute-long test."""
+  slow_modules = {item.module.__name__ for item in items
+                  if item.get_closest_marker("slow") is not None}
+  items.sort(key=lambda item: item.module.__name__ not in slow_modules)

@@ -301,11 +301,11 @@ def test_full_disk_at_save_time(tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_training_killed_during_a_checkpoint_write_resumes_identically(tiny_base_dir, tmp_path):
+def test_training_killed_during_a_checkpoint_write_resumes_identically(tiny_base_dir, tmp_path,
+                                                                     uninterrupted_run):
   """The trainer itself: SIGKILL while orbax writes a step, then resume; same metrics."""
   from tests import test_resume  # pylint: disable=import-outside-toplevel
-  reference = str(tmp_path / "uninterrupted")
-  test_resume._finish(tiny_base_dir, reference)
+  reference = uninterrupted_run
   workdir = str(tmp_path / "killed")
   proc = test_resume._start(tiny_base_dir, workdir)
   checkpoints = os.path.join(workdir, "checkpoints")

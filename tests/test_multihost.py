@@ -41,10 +41,10 @@ def _clean_env(devices=None):
   return env
 
 
-def _local_sh(args, num_processes=2, devices=2):
+def _local_sh(args, num_processes=2, devices=2, grace_s=20):
   return ["bash", "launch/local.sh", f"--num_processes={num_processes}",
           f"--devices_per_process={devices}", f"--python={sys.executable}",
-          "--grace_s=20", "--"] + args
+          f"--grace_s={grace_s}", "--"] + args
 
 
 def _run_two(args):
@@ -236,14 +236,16 @@ def test_sigkill_of_one_process_stops_the_run_and_resume_matches(runs, tiny_base
   workdir = str(tmp_path)
   log_path = tmp_path / "launcher.log"
   with open(log_path, "w") as log:
-    launcher = subprocess.Popen(_local_sh(_flags(tiny_base_dir, workdir)), cwd=ROOT,
-                                env=_clean_env(), stdout=subprocess.DEVNULL, stderr=log,
-                                text=True)
+    # The surviving process waits on its dead peer in a collective, where no signal
+    # handler runs: the launcher's SIGKILL after the grace period ends it.
+    launcher = subprocess.Popen(_local_sh(_flags(tiny_base_dir, workdir), grace_s=3),
+                                cwd=ROOT, env=_clean_env(), stdout=subprocess.DEVNULL,
+                                stderr=log, text=True)
     _wait_for_step(workdir, 3, launcher)  # the checkpoint of step 2 is on disk
     pid = int(re.search(r"process 1 is pid (\d+)", log_path.read_text()).group(1))
     os.kill(pid, signal.SIGKILL)
     killed = time.time()
-    # The launcher stops the other process (SIGTERM, then SIGKILL after 20 s).
+    # The launcher stops the other process (SIGTERM, then SIGKILL after 3 s).
     assert launcher.wait(timeout=120) != 0
   assert time.time() - killed < 120
   assert not os.path.exists(os.path.join(workdir, "summary.json"))

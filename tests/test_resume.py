@@ -56,10 +56,8 @@ def _comparable(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_base_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-  _finish(tiny_base_dir, workdir)
-  return _comparable(workdir)
+def reference(uninterrupted_run):
+  return _comparable(uninterrupted_run)
 
 
 @pytest.mark.slow
