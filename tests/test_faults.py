@@ -200,8 +200,10 @@ def test_worker_crash_costs_only_its_response(signum):
 
 
 @pytest.mark.slow
-def test_hung_worker_is_replaced():
-  """A worker stopped with SIGSTOP: its response fails after the reply grace, then recovery."""
+def test_hung_worker_is_replaced(monkeypatch):
+  """A worker stopped with SIGSTOP: its response fails after the reply grace (2 s here,
+  10 s in a run: the wait is all this test would spend), then recovery."""
+  monkeypatch.setattr(sandbox, "_REPLY_GRACE_S", 2.0)
   pool = code.default_pool(2)
   baseline = _batch_time()
   victim, results, stats = _batch_with_fault(pool, lambda pid: os.kill(pid, signal.SIGSTOP))

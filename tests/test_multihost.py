@@ -251,7 +251,8 @@ def test_sigkill_of_one_process_stops_the_run_and_resume_matches(runs, tiny_base
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
   assert 2 in [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
                if d.isdigit()]
-  _run_two(_flags(tiny_base_dir, workdir))
+  # Resumed by one process (4 devices): a crashed pod may come back smaller.
+  _run_one(_flags(tiny_base_dir, workdir))
   with open(os.path.join(workdir, "summary.json")) as f:
     assert json.load(f)["resumed_from_step"] in (2, 3)
   _assert_close(_train_metrics(runs["two"]), _train_metrics(workdir))

@@ -140,16 +140,18 @@ def test_step_loss_equals_unchunked_reference(setup):
   state = s.init_state()
   batch = s.train_batches.batch(1)
   sample_key, peer_key = train_step.step_keys(state)
-  out = jax.device_get(cfg.sampler(state.params, batch["prompt_tokens"],
-                                   batch["prompt_mask"], sample_key))
+  # Jitted, as the step runs them: eager calls of the scanned model compile op by op.
+  out = jax.device_get(jax.jit(cfg.sampler.__call__)(
+      state.params, batch["prompt_tokens"], batch["prompt_mask"], sample_key))
   ids = np.repeat(batch["example_id"], cfg.num_samples)
   rewards, status, fb, fbl = s.host_verifier(ids, out.tokens, out.lengths)
   rollouts = train_step.Rollouts(tokens=out.tokens, logprobs=out.logprobs,
                                  lengths=out.lengths, finished=out.finished,
                                  rewards=rewards, status=status, feedback=fb,
                                  feedback_lengths=fbl)
-  _, metrics = train_step.update(cfg, s.optimizer, s.pieces, state, batch, rollouts,
-                                 peer_key)
+  update = jax.jit(lambda st, b, r, k: train_step.update(cfg, s.optimizer, s.pieces, st, b,
+                                                         r, k))
+  _, metrics = update(state, batch, rollouts, peer_key)
 
   # Reference: explicit teacher prompts, full-sequence logits, unchunked divergence.
   g, n, lr = cfg.num_samples, out.tokens.shape[0], out.tokens.shape[1]
@@ -167,7 +169,7 @@ def test_step_loss_equals_unchunked_reference(setup):
   def response_logits(params, p_tokens, p_mask):
     toks = np.concatenate([np.asarray(p_tokens), out.tokens], 1)
     mask = np.concatenate([np.asarray(p_mask), rmask], 1)
-    full = transformer.logits(s.model_cfg, params, toks, mask)
+    full = jax.jit(transformer.logits, static_argnums=0)(s.model_cfg, params, toks, mask)
     lp = p_tokens.shape[1]
     return full[:, lp - 1:lp - 1 + lr]
 
