@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from mopd_jax import sharding
 from mopd_jax.models import attention as attention_lib
+from mopd_jax.models import decode_attention as decode_attention_lib
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
@@ -289,7 +290,7 @@ class Attention(nn.Module):
     v = sharding.constrain(v, ACT_KV_HEADS, rules, "attention values")
 
     if self.mode == "decode":
-      out = attention_lib.decode_attention(
+      out = decode_attention_lib.decode_attention(
           q[:, 0], caches["prompt_k"], caches["prompt_v"], prompt_mask, caches["response_k"],
           caches["response_v"], num_written, k[:, 0], v[:, 0], layer=layer,
           block=self.decode_block, precision=cfg.precision)
