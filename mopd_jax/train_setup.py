@@ -17,8 +17,8 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 
-from mopd_jax import (checkpointing, demo_base, distributed, memory_plan, peer_context,
-                      settings, sharding, teacher, tokenizers, train_step)
+from mopd_jax import (checkpointing, demo_base, distributed, hf_tokenizer, memory_plan,
+                      peer_context, settings, sharding, teacher, train_step)
 from mopd_jax.data import pipeline
 from mopd_jax.models import attention as attention_lib, presets, transformer
 from mopd_jax.verifiers import callback, choice, code, math as math_verifier, tooluse
@@ -266,7 +266,7 @@ def _load_model(st: settings.Settings, mesh):
   model_cfg, params = hf_import.load(path, dtype=st.model.param_dtype, mesh=mesh)
   if st.model.preset:
     _check_preset(st.model.preset, model_cfg, path)
-  tok = tokenizers.HFTokenizer(path)
+  tok = hf_tokenizer.HFTokenizer(path)
   if not st.data.cache_dir:
     raise settings.ConfigError(
         "config.data.cache_dir is required with a Hugging Face checkpoint: the prompts "
