@@ -332,8 +332,8 @@ def assemble_teacher_prompts(
       pieces: tokenized template pieces.
       peer_cap: static; a peer block shows responses[row, :min(length, peer_cap)].
       pad_id: static padding token id.
-      feedback_cap: static; room reserved for feedback (see `teacher_prompt_length`); must
-          be > 0 when `blocks.feedback` is given.
+      feedback_cap: static; room reserved for feedback (see
+          `peer_template.teacher_prompt_length`); must be > 0 when `blocks.feedback` is given.
       summary_cap: static; a summary shows at most this many tokens; must be > 0 when
           `blocks.summaries` is given.
 
@@ -345,8 +345,8 @@ def assemble_teacher_prompts(
   num_summaries = _check_assembly(prompt_tokens, prompt_mask, insert_index, blocks,
                                   feedback_cap, summary_cap)
   num_rows, prompt_len = prompt_tokens.shape
-  out_len = teacher_prompt_length(prompt_len, pieces, peer_cap, feedback_cap, num_summaries,
-                                  summary_cap)
+  out_len = peer_template.teacher_prompt_length(prompt_len, pieces, peer_cap, feedback_cap,
+                                                num_summaries, summary_cap)
   names = ["solution_header", "another_header", "failure_header", "feedback_header",
            "closing"]
   if blocks.summaries is not None:
