@@ -16,7 +16,7 @@ with those budgets, next to the analytic estimate
 
 (tokens = rows x padded row length, packed or not: the student runs forward, forward
 again under full remat, and backward (2x); the loss 4 vocabulary matmuls per position;
-attention as `attention.blockwise` documents it, 4 x B x H x T x S x D forward, 10 x
+attention as `models.blockwise.blockwise` documents it, 4 x B x H x T x S x D forward, 10 x
 forward + backward, plus the remat's forward, counting every key block: the jaxpr counts
 the blocks that run-time skipping leaves out too, so both columns are upper bounds).
 

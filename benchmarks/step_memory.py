@@ -126,7 +126,7 @@ def build_step(model, args) -> StepParts:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from mopd_jax import (peer_context, settings, sharding, teacher,  # pylint: disable=import-outside-toplevel
+  from mopd_jax import (peer_template, settings, sharding, teacher,  # pylint: disable=import-outside-toplevel
                         topology, train_step)
   from mopd_jax.models import transformer  # pylint: disable=import-outside-toplevel
 
@@ -173,7 +173,7 @@ def build_step(model, args) -> StepParts:
   shardings = train_step.state_shardings(state, param_shardings, mesh, optimizer)
   # Template pieces of realistic sizes (solution, another, failure, feedback headers,
   # closing); their token values do not matter for memory.
-  pieces = peer_context.TemplatePieces(*[jnp.arange(n, dtype=jnp.int32) + 3
+  pieces = peer_template.TemplatePieces(*[jnp.arange(n, dtype=jnp.int32) + 3
                                          for n in (6, 8, 14, 18, 10)])
 
   def host(ids, tokens, lengths):

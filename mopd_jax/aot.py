@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mopd_jax import (memory_plan, peer_context, settings, sharding, topology, train_setup,
+from mopd_jax import (memory_plan, peer_template, settings, sharding, topology, train_setup,
                       train_step)
 from mopd_jax.models import presets, transformer
 
@@ -80,9 +80,9 @@ def compile_for_topology(config) -> memory_plan.MemoryPlan:
   state_shapes, shardings, _, _ = train_setup.state_layout(model_cfg, param_shapes,
                                                            optimizer, mesh)
   tokenizer = types.SimpleNamespace(stop_ids=(1,), pad_id=0)
-  pieces = peer_context.TemplatePieces(**{
+  pieces = peer_template.TemplatePieces(**{
       name: jnp.full((max(1, len(text) // _CHARS_PER_TOKEN),), 3, jnp.int32)
-      for name, text in peer_context.TEMPLATE_TEXTS.items()})
+      for name, text in peer_template.TEMPLATE_TEXTS.items()})
   setup = train_setup.Setup(
       settings=st, mesh=mesh, tokenizer=tokenizer, model_cfg=model_cfg,
       step_cfg=train_step.StepConfig.from_settings(st, model_cfg, tokenizer),

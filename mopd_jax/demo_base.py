@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mopd_jax import peer_context, tokenizers
+from mopd_jax import peer_template, tokenizers
 from mopd_jax.data import demo_problems
 from mopd_jax.models import transformer
 
@@ -74,7 +74,7 @@ def model_config(recipe: BaseRecipe, vocab_size: int) -> transformer.ModelConfig
 
 def tokenizer_corpus() -> list[str]:
   texts = [tokenizers.USER_TAG, tokenizers.ASSISTANT_TAG]
-  texts += list(peer_context.TEMPLATE_TEXTS.values())
+  texts += list(peer_template.TEMPLATE_TEXTS.values())
   for i in demo_problems.problem_ids("train"):
     p = demo_problems.get_problem(int(i))
     texts += [p.prompt, p.solution]
@@ -89,7 +89,7 @@ class _Encoder:
     chat = tokenizers.ChatFormat()
     self.prefix = tok.encode(chat.prefix)
     self.suffix = tok.encode(chat.suffix)
-    self.pieces = {k: tok.encode(v) for k, v in peer_context.TEMPLATE_TEXTS.items()}
+    self.pieces = {k: tok.encode(v) for k, v in peer_template.TEMPLATE_TEXTS.items()}
 
   def prompt(self, text, blocks=()):
     """blocks: sequence of (kind, response text) with kind in solution/another/failure."""

@@ -8,9 +8,9 @@ reading the peers chosen by `peer_selection` (MOPD spec, section 2):
 where `real` is the unpadded prompt and `ins` the insertion index of the peer context (the part
 after it is the chat suffix / generation prompt). Every peer block is capped to `peer_cap`
 tokens (a summary to `summary_cap`), so the result always fits the static length from
-`teacher_prompt_length` and the closing instruction and generation prompt always survive. The
-output is left-padded, so response tokens appended after it sit at the same positions in every
-row.
+`peer_template.teacher_prompt_length` and the closing instruction and generation prompt
+always survive. The output is left-padded, so response tokens appended after it sit at the
+same positions in every row. The template's text and token pieces are in `peer_template`.
 
 The summaries variant (`insert_piece`) also asks the student, at the same insertion index of its
 training prompts (not at evaluation), for a one-sentence <summary> of its approach; the teacher
@@ -18,12 +18,12 @@ then reads the summaries of up to k other group members drawn at random
 (`peer_selection.select_summary_members`).
 """
 
-import numbers
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
+from mopd_jax import peer_template
 # Selection moved to peer_selection; re-exported here, as peer_context.select_peers is public API.
 from mopd_jax.peer_selection import (  # noqa: F401
   FAILURE_CONDITIONS,
@@ -32,44 +32,6 @@ from mopd_jax.peer_selection import (  # noqa: F401
   select_summary_members,
   to_row_indices,
 )
-
-
-class TemplatePieces(NamedTuple):
-  """Tokenized template text, fixed at start-up; each field is int32 [length].
-
-  Attributes:
-      solution_header: "\\nCorrect solution:\\n\\n".
-      another_header: "\\nAnother successful solution:\\n\\n".
-      failure_header: "\\nA known failed solution (avoid repeating this mistake):\\n\\n".
-      feedback_header:
-          "\\nThe following is feedback from your unsuccessful earlier attempt:\\n\\n".
-      closing: "\\n\\nCorrectly solve the original question.".
-      summary_instruction: the student's request for a summary (summaries variant only;
-          None when not tokenized).
-      summaries_header: "\\nSummaries of other attempts:\\n" (summaries variant only).
-      summary_success: "\\n- successful: " before a successful member's summary.
-      summary_failure: "\\n- unsuccessful: " before an unsuccessful member's summary.
-  """
-
-  solution_header: jax.Array
-  another_header: jax.Array
-  failure_header: jax.Array
-  feedback_header: jax.Array
-  closing: jax.Array
-  summary_instruction: Optional[jax.Array] = None
-  summaries_header: Optional[jax.Array] = None
-  summary_success: Optional[jax.Array] = None
-  summary_failure: Optional[jax.Array] = None
-
-  def summary_pieces(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(instruction, header, success label, failure label); raises if not tokenized."""
-    values = (self.summary_instruction, self.summaries_header, self.summary_success,
-              self.summary_failure)
-    if any(v is None for v in values):
-      raise ValueError("The summaries variant needs TemplatePieces with summary_instruction, "
-                       "summaries_header, summary_success and summary_failure "
-                       "(see tokenize_pieces).")
-    return values
 
 
 def insert_piece(prompt_tokens: jax.Array, prompt_mask: jax.Array, insert_index: jax.Array,
@@ -112,40 +74,6 @@ def insert_piece(prompt_tokens: jax.Array, prompt_mask: jax.Array, insert_index:
   src = jnp.clip(src, 0, out_len - 1)
   tokens = jnp.where(mask, jnp.take_along_axis(source, src, axis=1), pad_id)
   return tokens.astype(jnp.int32), mask, ins + piece_len
-
-
-def teacher_prompt_length(
-    prompt_len: int,
-    pieces: TemplatePieces,
-    peer_cap: int,
-    feedback_cap: int = 0,
-    num_summaries: int = 0,
-    summary_cap: int = 0,
-) -> int:
-  """Static length Ltp of the teacher-prompt buffer (Python int).
-
-  Args:
-      prompt_len: Lp, padded length of the original prompts.
-      pieces: tokenized template pieces.
-      peer_cap: most tokens of one peer response shown.
-      feedback_cap: most tokens of feedback shown; 0 reserves no room for feedback.
-      num_summaries: k summary slots; 0 reserves no room for summaries.
-      summary_cap: most tokens of one summary shown.
-  """
-  for name, value in (("prompt_len", prompt_len), ("peer_cap", peer_cap),
-                      ("feedback_cap", feedback_cap), ("num_summaries", num_summaries),
-                      ("summary_cap", summary_cap)):
-    if not isinstance(value, numbers.Integral) or value < 0:
-      raise ValueError(f"{name} must be a non-negative int; got {value!r}.")
-  length = (prompt_len + len(pieces.solution_header) + len(pieces.another_header)
-            + len(pieces.failure_header) + 3 * peer_cap + len(pieces.closing))
-  if feedback_cap > 0:
-    length += len(pieces.feedback_header) + feedback_cap
-  if num_summaries > 0:
-    _, header, success_label, failure_label = pieces.summary_pieces()
-    label = max(len(success_label), len(failure_label))
-    length += len(header) + num_summaries * (label + summary_cap)
-  return int(length)
 
 
 def _check_shape(name: str, array: jax.Array, shape: tuple) -> None:
@@ -378,7 +306,7 @@ def assemble_teacher_prompts(
     prompt_mask: jax.Array,
     insert_index: jax.Array,
     blocks: PeerBlocks,
-    pieces: TemplatePieces,
+    pieces: peer_template.TemplatePieces,
     *,
     peer_cap: int,
     pad_id: int,
@@ -404,8 +332,8 @@ def assemble_teacher_prompts(
       pieces: tokenized template pieces.
       peer_cap: static; a peer block shows responses[row, :min(length, peer_cap)].
       pad_id: static padding token id.
-      feedback_cap: static; room reserved for feedback (see `teacher_prompt_length`); must
-          be > 0 when `blocks.feedback` is given.
+      feedback_cap: static; room reserved for feedback (see
+          `peer_template.teacher_prompt_length`); must be > 0 when `blocks.feedback` is given.
       summary_cap: static; a summary shows at most this many tokens; must be > 0 when
           `blocks.summaries` is given.
 
@@ -417,8 +345,8 @@ def assemble_teacher_prompts(
   num_summaries = _check_assembly(prompt_tokens, prompt_mask, insert_index, blocks,
                                   feedback_cap, summary_cap)
   num_rows, prompt_len = prompt_tokens.shape
-  out_len = teacher_prompt_length(prompt_len, pieces, peer_cap, feedback_cap, num_summaries,
-                                  summary_cap)
+  out_len = peer_template.teacher_prompt_length(prompt_len, pieces, peer_cap, feedback_cap,
+                                                num_summaries, summary_cap)
   names = ["solution_header", "another_header", "failure_header", "feedback_header",
            "closing"]
   if blocks.summaries is not None:
@@ -436,27 +364,3 @@ def assemble_teacher_prompts(
   segments = _segments(template, starts, shown, blocks.summaries, prompt_len - real_len,
                        real_len, ins)
   return _gather_segments(source, segments, out_len, pad_id)
-
-
-# Template text of the teacher prompt (MOPD spec, section 2); each piece is tokenized once.
-TEMPLATE_TEXTS = {
-    "solution_header": "\nCorrect solution:\n\n",
-    "another_header": "\nAnother successful solution:\n\n",
-    "failure_header": "\nA known failed solution (avoid repeating this mistake):\n\n",
-    "feedback_header": "\nThe following is feedback from your unsuccessful earlier attempt:\n\n",
-    "closing": "\n\nCorrectly solve the original question.",
-    # Summaries variant: the student's request (the authors' text; the newline before it
-    # is the project's), then the teacher's block (the project's labels: the spec does not
-    # restate the authors' item templates).
-    "summary_instruction": "\nAfter your answer, briefly summarize your key approach in one "
-                           "sentence inside <summary> tags, e.g. <summary>...</summary>.",
-    "summaries_header": "\nSummaries of other attempts:\n",
-    "summary_success": "\n- successful: ",
-    "summary_failure": "\n- unsuccessful: ",
-}
-
-
-def tokenize_pieces(tokenizer) -> TemplatePieces:
-  """TemplatePieces from a tokenizer with `encode(text) -> list[int]`."""
-  return TemplatePieces(**{name: jnp.asarray(tokenizer.encode(text), jnp.int32)
-                            for name, text in TEMPLATE_TEXTS.items()})

@@ -20,7 +20,7 @@ shows less; `PeerControl` carries the budgets so that the shortfall is reported,
 
 The result is the row-index structure `peer_context.assemble_teacher_prompts` consumes
 (`rows` reshaped to [N], `block_lengths` reshaped to [N, 3]). The slots keep the template's
-headers; pass `TemplatePieces` with other headers to change what the teacher is told.
+headers; pass `peer_template.TemplatePieces` with other headers to change what the teacher is told.
 """
 
 from typing import NamedTuple

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from mopd_jax import sharding
 from mopd_jax.choices import DECODE_LAYERS, DECODE_LAYOUTS
-from mopd_jax.models import transformer
+from mopd_jax.models import decoding, transformer
 
 
 @flax.struct.dataclass
@@ -144,7 +144,7 @@ class Sampler:
   decode_block: int = 128  # response cache slots read per block in a decode step
   # How a decode step runs the layers: "scan" (stacked weights sliced per layer and step)
   # or "unrolled" (weights split once per call, layers one after another; see
-  # `transformer.unstack_layers`).
+  # `decoding.unstack_layers`).
   decode_layers: str = "scan"
   # Layout of the weights while sampling: "tensor" (`sharding.DECODE_RULES`, entered once
   # per call) or "train" (as they arrive); see the module docstring.
@@ -210,11 +210,11 @@ class Sampler:
     prompt_mask = prompt_mask.astype(bool)
 
     # Prefill once per prompt; the G samples of a prompt share its prompt cache.
-    hidden, prompt_cache = transformer.prefill(cfg, params, prompt_tokens, prompt_mask)
+    hidden, prompt_cache = decoding.prefill(cfg, params, prompt_tokens, prompt_mask)
     last_logits = jnp.repeat(transformer.project(cfg, params, hidden[:, -1]), g, axis=0)
     last_position = jnp.repeat(transformer.positions_from_mask(prompt_mask)[:, -1], g)
     block = min(self.decode_block, lr)
-    cache = transformer.init_response_cache(cfg, n, -(-lr // block) * block)
+    cache = decoding.init_response_cache(cfg, n, -(-lr // block) * block)
 
     token, logp = self._pick(last_logits, jax.random.fold_in(key, 0))
     done = self._is_stop(token)
@@ -231,14 +231,14 @@ class Sampler:
 
     decode_params = params
     if self.decode_layers == "unrolled":
-      decode_params = transformer.unstack_layers(params)
+      decode_params = decoding.unstack_layers(params)
 
     def cond(s):
       return (s.step < lr) & ~jnp.all(s.done)
 
     def body(s):
       # Feed token step-1 (written to response slot step - 1) and sample token `step`.
-      hidden, cache = transformer.decode_step(
+      hidden, cache = decoding.decode_step(
           cfg, decode_params, s.last_token[:, None], s.position[:, None], prompt_cache,
           prompt_mask, s.cache, s.step - 1, block=block)
       logits = transformer.project(cfg, params, hidden[:, 0])

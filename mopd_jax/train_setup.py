@@ -17,8 +17,8 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 
-from mopd_jax import (checkpointing, demo_base, distributed, memory_plan, peer_context,
-                      settings, sharding, teacher, tokenizers, train_step)
+from mopd_jax import (checkpointing, demo_base, distributed, hf_tokenizer, memory_plan,
+                      peer_template, settings, sharding, teacher, train_step)
 from mopd_jax.data import pipeline
 from mopd_jax.models import attention as attention_lib, presets, transformer
 from mopd_jax.verifiers import callback, choice, code, math as math_verifier, tooluse
@@ -42,7 +42,7 @@ class Setup:
   train_batches: pipeline.PromptBatches
   eval_batches: pipeline.PromptBatches
   host_verifier: callback.HostVerifier
-  pieces: peer_context.TemplatePieces
+  pieces: peer_template.TemplatePieces
 
   def init_state(self):
     """The initial TrainState, created directly on its shardings."""
@@ -153,7 +153,7 @@ def setup(config, *, score_batch=None, devices=None) -> Setup:
                                         jax.device_put(teacher_params, teacher_shardings)),
                state_shapes=state_shapes, shardings=shardings,
                train_batches=train_batches, eval_batches=eval_batches,
-               host_verifier=host_verifier, pieces=peer_context.tokenize_pieces(tok))
+               host_verifier=host_verifier, pieces=peer_template.tokenize_pieces(tok))
 
 
 def make_mesh(st: settings.Settings, devices=None, *, devices_of: str | None = None,
@@ -266,7 +266,7 @@ def _load_model(st: settings.Settings, mesh):
   model_cfg, params = hf_import.load(path, dtype=st.model.param_dtype, mesh=mesh)
   if st.model.preset:
     _check_preset(st.model.preset, model_cfg, path)
-  tok = tokenizers.HFTokenizer(path)
+  tok = hf_tokenizer.HFTokenizer(path)
   if not st.data.cache_dir:
     raise settings.ConfigError(
         "config.data.cache_dir is required with a Hugging Face checkpoint: the prompts "

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mopd_jax import (algorithms, peer_context, peer_controls, settings, step_teacher,
+from mopd_jax import (algorithms, peer_controls, peer_template, settings, step_teacher,
                       teacher, train_step)
 from mopd_jax.models import transformer
 
@@ -22,7 +22,7 @@ TEMPERATURE = 0.8  # sampling temperature: policy log-probs are taken at it
 # Group 0: graded rewards (pairs, one success); group 1: all fail (no pair, no success).
 REWARDS = np.array([1.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0], np.float32)
 # Template ids 19..28, apart from prompt (15..18) and response (2..14) ids.
-PIECES = peer_context.TemplatePieces(*(jnp.asarray([19 + k, 20 + k], jnp.int32)
+PIECES = peer_template.TemplatePieces(*(jnp.asarray([19 + k, 20 + k], jnp.int32)
                                        for k in range(0, 10, 2)))
 
 

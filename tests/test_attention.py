@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from mopd_jax import sharding
 from mopd_jax.models import attention as A
+from mopd_jax.models import blockwise as blockwise_lib
 from mopd_jax.models import transformer as T
 
 B, T_LEN, H, K, D = 3, 21, 4, 2, 8
@@ -251,13 +252,13 @@ def test_segment_block_skipping_counts_segments_not_rows():
   """Blocks whose segment ranges do not meet are skipped: 4 segments of 8 in a row of 32
   with blocks of 8 need 4 (diagonal) block pairs, not the causal triangle's 10."""
   seg = jnp.asarray(np.repeat(np.arange(1, 5), 8)[None], jnp.int32)
-  q_range, kv_range = A._segment_ranges(seg, 8), A._segment_ranges(seg, 8)
-  needed = [bool(A._block_needed(True, 0, i, j, 8, 8, q_range, kv_range))
+  q_range, kv_range = blockwise_lib._segment_ranges(seg, 8), blockwise_lib._segment_ranges(seg, 8)
+  needed = [bool(blockwise_lib._block_needed(True, 0, i, j, 8, 8, q_range, kv_range))
             for i in range(4) for j in range(4)]
   assert sum(needed) == 4
   ones = jnp.ones((1, 32), jnp.int32)
-  q_range = kv_range = A._segment_ranges(ones, 8)
-  assert sum(bool(A._block_needed(True, 0, i, j, 8, 8, q_range, kv_range))
+  q_range = kv_range = blockwise_lib._segment_ranges(ones, 8)
+  assert sum(bool(blockwise_lib._block_needed(True, 0, i, j, 8, 8, q_range, kv_range))
              for i in range(4) for j in range(4)) == 10
 
 

@@ -15,7 +15,7 @@ hf_tokenizers = pytest.importorskip("tokenizers")
 jinja2 = pytest.importorskip("jinja2")
 transformers = pytest.importorskip("transformers")
 
-from mopd_jax import tokenizers  # pylint: disable=wrong-import-position
+from mopd_jax import hf_tokenizer, tokenizers  # pylint: disable=wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -221,7 +221,7 @@ def pair(request):
   """(ours, transformers, fixed template kwargs) loaded from the same directory."""
   directory = request.getfixturevalue(f"{request.param}_dir")
   return (
-      tokenizers.HFTokenizer(directory),
+      hf_tokenizer.HFTokenizer(directory),
       transformers.AutoTokenizer.from_pretrained(directory),
       {"date_string": "26 Jul 2024"} if request.param == "llama" else {},
   )
@@ -239,7 +239,7 @@ def _variant(directory, source_dir, config, generation_config=None, files=()):
     os.makedirs(os.path.dirname(os.path.join(directory, name)), exist_ok=True)
     with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
       f.write(text)
-  return tokenizers.HFTokenizer(str(directory))
+  return hf_tokenizer.HFTokenizer(str(directory))
 
 
 def _hf_render(hf, messages, **kwargs):
@@ -266,14 +266,14 @@ def test_encode_and_decode_match_transformers(pair):
 
 
 def test_special_ids_and_vocab_size(qwen_dir, llama_dir):
-  qwen = tokenizers.HFTokenizer(qwen_dir)
+  qwen = hf_tokenizer.HFTokenizer(qwen_dir)
   hf_qwen = transformers.AutoTokenizer.from_pretrained(qwen_dir)
   im_end, endoftext = qwen.token_id("<|im_end|>"), qwen.token_id("<|endoftext|>")
   assert (qwen.eos_id, qwen.stop_ids) == (im_end, (im_end, endoftext))
   assert (qwen.eos_id, qwen.pad_id) == (hf_qwen.eos_token_id, hf_qwen.pad_token_id)
   assert qwen.vocab_size == len(hf_qwen) == max(hf_qwen.get_vocab().values()) + 1
 
-  llama = tokenizers.HFTokenizer(llama_dir)
+  llama = hf_tokenizer.HFTokenizer(llama_dir)
   hf_llama = transformers.AutoTokenizer.from_pretrained(llama_dir)
   eot, end_of_text = llama.token_id("<|eot_id|>"), llama.token_id("<|end_of_text|>")
   assert llama.stop_ids == (eot, end_of_text) and llama.eos_id == hf_llama.eos_token_id == eot
@@ -304,7 +304,7 @@ THINKING_OPTIONS = ({}, {"enable_thinking": True}, {"enable_thinking": False})
 
 
 def test_qwen_style_chat_template_matches_transformers(qwen_dir):
-  ours = tokenizers.HFTokenizer(qwen_dir)
+  ours = hf_tokenizer.HFTokenizer(qwen_dir)
   hf = transformers.AutoTokenizer.from_pretrained(qwen_dir)
   for messages in CONVERSATIONS:
     for add_generation_prompt in (True, False):
@@ -326,7 +326,7 @@ def test_qwen_style_chat_template_matches_transformers(qwen_dir):
 
 
 def test_llama_style_chat_template_matches_transformers(llama_dir):
-  ours = tokenizers.HFTokenizer(llama_dir)
+  ours = hf_tokenizer.HFTokenizer(llama_dir)
   hf = transformers.AutoTokenizer.from_pretrained(llama_dir)
   for messages in CONVERSATIONS:
     for add_generation_prompt in (True, False):
@@ -376,10 +376,10 @@ def test_insertion_index_in_chat_templates(pair, case):
 
 
 def test_trailing_whitespace_and_marker_checks(qwen_dir, llama_dir, tmp_path):
-  qwen = tokenizers.HFTokenizer(qwen_dir)
+  qwen = hf_tokenizer.HFTokenizer(qwen_dir)
   ids, index = tokenizers.encode_chat_prompt(qwen, "ends with a newline\n")
   assert qwen.decode(ids[:index]).endswith("ends with a newline\n")
-  llama = tokenizers.HFTokenizer(llama_dir)
+  llama = hf_tokenizer.HFTokenizer(llama_dir)
   with pytest.raises(ValueError, match="trims whitespace"):
     tokenizers.encode_chat_prompt(llama, "ends with a newline\n", date_string="1 Jan 2025")
   twice = _variant(
@@ -393,7 +393,7 @@ def test_trailing_whitespace_and_marker_checks(qwen_dir, llama_dir, tmp_path):
 
 
 def test_chat_format_path_with_hf_tokenizer(qwen_dir, tmp_path):
-  qwen = tokenizers.HFTokenizer(qwen_dir)
+  qwen = hf_tokenizer.HFTokenizer(qwen_dir)
   chat = tokenizers.ChatFormat()
   ids, index = tokenizers.encode_chat_prompt(qwen, "hello", chat)
   assert ids == qwen.encode(chat.prefix) + qwen.encode("hello") + qwen.encode(chat.suffix)
@@ -408,7 +408,7 @@ def test_chat_format_path_with_hf_tokenizer(qwen_dir, tmp_path):
 
 
 def test_template_selection_and_errors(qwen_dir, tmp_path):
-  qwen = tokenizers.HFTokenizer(qwen_dir)
+  qwen = hf_tokenizer.HFTokenizer(qwen_dir)
   listed = [{"name": "default", "template": "D{{ messages[0].content }}"}]
   tool_use = {"additional_chat_templates/tool_use.jinja": "T{{ tools | tojson }}"}
   only_files = _variant(
@@ -456,7 +456,7 @@ def test_template_selection_and_errors(qwen_dir, tmp_path):
   with pytest.raises(TypeError, match="chat_template .* got 7"):
     bad({"eos_token": "<|im_end|>", "chat_template": 7})
   with pytest.raises(FileNotFoundError, match="No tokenizer.json"):
-    tokenizers.HFTokenizer(str(tmp_path))
+    hf_tokenizer.HFTokenizer(str(tmp_path))
   from_generation = bad({}, {"eos_token_id": 5})
   assert (from_generation.eos_id, from_generation.pad_id, from_generation.stop_ids) == (5, 5, (5,))
 
@@ -466,9 +466,9 @@ def test_module_works_without_transformers(qwen_dir):
 import sys
 sys.modules["transformers"] = None
 sys.modules["torch"] = None
-from mopd_jax import tokenizers
+from mopd_jax import hf_tokenizer, tokenizers
 assert "tokenizers" not in sys.modules and "jinja2" not in sys.modules
-tok = tokenizers.HFTokenizer({qwen_dir!r})
+tok = hf_tokenizer.HFTokenizer({qwen_dir!r})
 ids, index = tokenizers.encode_chat_prompt(tok, "héllo", system="s", enable_thinking=False)
 assert tok.decode(ids[:index]).endswith("héllo"), ids
 """

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mopd_jax.models import decoding
 from mopd_jax.models import transformer as T
 from mopd_jax.sampling import (Sampler, filter_logits, sample_categorical,
                                weights_for_decode)
@@ -79,15 +80,15 @@ def test_cached_decode_matches_full_forward(params, prompts, block, unrolled):
   seq_mask = np.concatenate([np.repeat(mask, g, 0), np.ones_like(extra, bool)], 1)
   full = np.asarray(T.logits(CFG, params, jnp.asarray(seq), jnp.asarray(seq_mask)))
   positions = T.positions_from_mask(jnp.asarray(seq_mask))
-  hidden, prompt_cache = T.prefill(CFG, params, jnp.asarray(tokens), jnp.asarray(mask))
+  hidden, prompt_cache = decoding.prefill(CFG, params, jnp.asarray(tokens), jnp.asarray(mask))
   prompt_logits = np.repeat(np.asarray(T.project(CFG, params, hidden)), g, 0)
   np.testing.assert_allclose(prompt_logits[seq_mask[:, :lp]], full[:, :lp][seq_mask[:, :lp]],
                              atol=2e-5, rtol=2e-5)
-  cache = T.init_response_cache(CFG, b * g, 8)
+  cache = decoding.init_response_cache(CFG, b * g, 8)
   # Slots of blocks not yet written hold NaN: reading them would poison the output.
   cache = jax.tree.map(lambda x: x.at[:, :, :, block:].set(jnp.nan), cache)
-  step = jax.jit(functools.partial(T.decode_step, CFG, block=block))
-  decode_params = T.unstack_layers(params) if unrolled else params
+  step = jax.jit(functools.partial(decoding.decode_step, CFG, block=block))
+  decode_params = decoding.unstack_layers(params) if unrolled else params
   for t in range(steps):
     if t % block == 0:  # the block about to be written starts clean
       cache = jax.tree.map(lambda x: x.at[:, :, :, t:t + block].set(0.0), cache)

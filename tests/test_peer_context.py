@@ -8,14 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mopd_jax.peer_context import (
-    Feedback,
-    PeerBlocks,
-    TemplatePieces,
-    assemble_teacher_prompts,
-    teacher_prompt_length,
-    tokenize_pieces,
-)
+from mopd_jax.peer_context import Feedback, PeerBlocks, assemble_teacher_prompts
+from mopd_jax.peer_template import TemplatePieces, teacher_prompt_length, tokenize_pieces
 from mopd_jax.peer_selection import PeerSelection, select_peers, to_row_indices
 
 # ----------------------------------------------------------------------------- selection

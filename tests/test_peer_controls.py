@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mopd_jax import peer_context
+from mopd_jax import peer_context, peer_template
 from mopd_jax.peer_controls import CONTROLS, matched_control
 
 GROUP = 4
@@ -164,7 +164,7 @@ def test_token_control_feeds_the_assembly():
   out = jitted_control(control="unrelated_prompt", budget="tokens")(
       jnp.asarray(success), jnp.asarray(lengths), jax.random.key(0)
   )
-  pieces = peer_context.TemplatePieces(*(jnp.asarray([k + 1], jnp.int32) for k in range(5)))
+  pieces = peer_template.TemplatePieces(*(jnp.asarray([k + 1], jnp.int32) for k in range(5)))
   rows = jax.tree.map(lambda x: x.reshape(-1), out.rows)
   tokens, _ = peer_context.assemble_teacher_prompts(
       jnp.full((num_rows, 2), 50, jnp.int32),

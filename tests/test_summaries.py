@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mopd_jax import evaluation, peer_context, settings, step_teacher, train, train_step
-from mopd_jax.peer_context import PeerSelection, TemplatePieces
+from mopd_jax import (evaluation, peer_context, peer_template, settings, step_teacher, train,
+                      train_step)
+from mopd_jax.peer_context import PeerSelection
+from mopd_jax.peer_template import TemplatePieces
 from mopd_jax.verifiers import callback
 from mopd_jax.verifiers.result import Result
 from tests.conftest import tiny_config
@@ -169,7 +171,7 @@ def test_teacher_prompt_with_summaries_token_by_token():
   tokens, mask = peer_context.assemble_teacher_prompts(
       prompt_tokens, prompt_mask, jnp.full((4,), ins, jnp.int32), blocks, PIECES,
       peer_cap=peer_cap, pad_id=0, summary_cap=summary_cap)
-  out_len = peer_context.teacher_prompt_length(lp, PIECES, peer_cap, 0, 2, summary_cap)
+  out_len = peer_template.teacher_prompt_length(lp, PIECES, peer_cap, 0, 2, summary_cap)
   # prompt + solution block + summaries block + another + failure + closing.
   assert out_len == 4 + (2 + 3) + (2 + 2 * (2 + 2)) + (1 + 3) + (2 + 3) + 2
   assert tokens.shape == (4, out_len)
@@ -243,7 +245,7 @@ def _check_summary_blocks(s, student):
   members, labels = jax.device_get(peer_context.select_summary_members(
       jnp.asarray(success), jnp.asarray(primary), min(pc.num_summaries, g - 1),
       jax.random.fold_in(jax.random.PRNGKey(1), 1)))
-  texts = {name: s.tokenizer.encode(peer_context.TEMPLATE_TEXTS[name])
+  texts = {name: s.tokenizer.encode(peer_template.TEMPLATE_TEXTS[name])
            for name in ("summaries_header", "summary_success", "summary_failure")}
   for row in range(n):
     block = list(texts["summaries_header"])
@@ -263,7 +265,7 @@ def test_jitted_step_with_summaries(tiny_base_dir):
   batch = s.put_batch(s.train_batches.batch(0))
   student = jax.device_get(step_teacher.student_prompts(s.step_cfg.peers, s.pieces, batch,
                                                         s.tokenizer.pad_id))
-  instruction = s.tokenizer.encode(peer_context.TEMPLATE_TEXTS["summary_instruction"])
+  instruction = s.tokenizer.encode(peer_template.TEMPLATE_TEXTS["summary_instruction"])
   host_batch = jax.device_get(batch)
   for row in range(len(host_batch["example_id"])):
     real = host_batch["prompt_tokens"][row][host_batch["prompt_mask"][row].astype(bool)]

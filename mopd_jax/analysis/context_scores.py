@@ -120,7 +120,7 @@ def score(cfg: train_step.StepConfig, pieces, teacher_params, batch: dict, rollo
   Args:
     cfg: the run's step config (its peers section gives the peer cap and the exclusion
       rule; `variants` replace which blocks are shown).
-    pieces: the tokenised template pieces (`peer_context.tokenize_pieces`).
+    pieces: the tokenised template pieces (`peer_template.tokenize_pieces`).
     teacher_params: the teacher's parameters (e.g. the initial student).
     batch, rollouts: as loaded by `load_rollouts`.
     variants: names from `VARIANTS`.

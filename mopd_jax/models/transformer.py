@@ -20,7 +20,8 @@ Entry points:
   independent of the padding. A dense bool mask [B, T, S] (`causal_mask`) is accepted for
   arbitrary masks, but only the `naive` kind can use it. Packed rows (`mopd_jax.packing`)
   add `segment_ids` [B, L]: attention stays within a segment, positions restart at 0.
-- `prefill` / `decode_step`: the sampler's cached forward (see `mopd_jax.sampling`).
+- `models.decoding` (`prefill`, `decode_step`): the sampler's cached forward, built on
+  this module's `Decoder` in modes "prefill" and "decode" (see `mopd_jax.sampling`).
 """
 
 from __future__ import annotations
@@ -36,17 +37,12 @@ import jax.numpy as jnp
 
 from mopd_jax import sharding
 from mopd_jax.models import attention as attention_lib
+from mopd_jax.models import decode_attention as decode_attention_lib
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable":
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "everything_saveable": jax.checkpoint_policies.everything_saveable,
-}
+# Re-exported: `transformer.ModelConfig` and its helpers are imported under this module's
+# name throughout the project (configs, training, sampling, tests, benchmarks).
+from mopd_jax.models.model_config import (  # pylint: disable=unused-import
+    REMAT_POLICIES, Llama3RopeScaling, ModelConfig, dtype_from_name)
 
 # Logical names of activations and of the KV cache (rules in `mopd_jax.sharding`).
 ACT_EMBED = ("activation_batch", "activation_length", "activation_embed")
@@ -58,117 +54,6 @@ ACT_VOCAB = ("activation_batch", "activation_length", "activation_vocab")
 # Heads before sequence: the decode step's matmuls batch over (row, head) without a
 # transposed copy of the cache.
 CACHE = ("layers", "cache_batch", "cache_heads", "cache_sequence", "cache_kv")
-
-
-def dtype_from_name(name: str):
-  if name not in _DTYPES:
-    raise ValueError(f"Unknown dtype {name!r}; allowed: {sorted(_DTYPES)}.")
-  return _DTYPES[name]
-
-
-@dataclasses.dataclass(frozen=True)
-class Llama3RopeScaling:
-  """Llama 3.x ("llama3") RoPE scaling: long wavelengths are stretched by `factor`.
-
-  With L = original_max_position_embeddings, rotary frequencies whose wavelength is shorter
-  than L / high_freq_factor are kept, those longer than L / low_freq_factor are divided by
-  `factor`, and those in between are interpolated smoothly.
-  """
-
-  factor: float
-  low_freq_factor: float
-  high_freq_factor: float
-  original_max_position_embeddings: int
-
-  def __post_init__(self):
-    if self.factor <= 0 or self.original_max_position_embeddings <= 0:
-      raise ValueError(
-          f"RoPE scaling needs a positive factor and original_max_position_embeddings, got "
-          f"factor={self.factor!r}, "
-          f"original_max_position_embeddings={self.original_max_position_embeddings!r}.")
-    if not 0 < self.low_freq_factor < self.high_freq_factor:
-      raise ValueError(
-          f"RoPE scaling needs 0 < low_freq_factor < high_freq_factor, got "
-          f"low_freq_factor={self.low_freq_factor!r}, "
-          f"high_freq_factor={self.high_freq_factor!r}.")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Shapes and numerics of a decoder. Hashable: usable as a static jit argument."""
-
-  vocab_size: int
-  num_layers: int
-  embed_dim: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  mlp_dim: int
-  rope_theta: float = 10_000.0
-  norm_eps: float = 1e-6
-  qk_norm: bool = False
-  qkv_bias: bool = False
-  tie_embeddings: bool = True
-  param_dtype: str = "float32"
-  dtype: str = "float32"  # compute dtype of activations and matmuls
-  # Per-layer jax.checkpoint policy in the backward pass ("none" = keep all activations).
-  remat_policy: str = "full"
-  rope_scaling: Llama3RopeScaling | None = None
-  attention: str = "auto"  # see models.attention.KINDS
-  # Precision of float32 matmuls: "default" lets GPUs / TPUs use TF32 / bfloat16 passes.
-  matmul_precision: str = "default"
-  # Logical axis rules of the activations and the KV cache (`sharding.DEFAULT_RULES` in a
-  # run; the sampler traces with `sharding.DECODE_RULES`). Static, so every jit of a model
-  # function has them in its cache key. None: no sharding constraints (one device).
-  axis_rules: tuple | None = None
-
-  def __post_init__(self):
-    for name in ("vocab_size", "num_layers", "embed_dim", "num_heads",
-                 "num_kv_heads", "head_dim", "mlp_dim"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"model.{name} must be a positive integer, got {value!r}.")
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(
-          f"model.num_heads ({self.num_heads}) must be a multiple of "
-          f"model.num_kv_heads ({self.num_kv_heads}).")
-    if self.head_dim % 2:
-      raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}.")
-    dtype_from_name(self.param_dtype)
-    dtype_from_name(self.dtype)
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"model.remat_policy {self.remat_policy!r} is unknown; allowed: "
-                       f"{list(REMAT_POLICIES)}.")
-    if self.attention not in attention_lib.KINDS:
-      raise ValueError(f"model.attention {self.attention!r} is unknown; allowed: "
-                       f"{list(attention_lib.KINDS)}.")
-    if self.matmul_precision not in attention_lib.PRECISIONS:
-      raise ValueError(f"model.matmul_precision {self.matmul_precision!r} is unknown; "
-                       f"allowed: {list(attention_lib.PRECISIONS)}.")
-    if self.axis_rules is not None:
-      object.__setattr__(self, "axis_rules", sharding.check_rules(self.axis_rules))
-    if isinstance(self.rope_scaling, dict):  # as read back from `dataclasses.asdict` JSON
-      object.__setattr__(self, "rope_scaling", Llama3RopeScaling(**self.rope_scaling))
-    if self.rope_scaling is not None and not isinstance(self.rope_scaling, Llama3RopeScaling):
-      raise ValueError(
-          f"model.rope_scaling must be None or a Llama3RopeScaling, got {self.rope_scaling!r}.")
-
-  @property
-  def precision(self):
-    """`jax.lax.Precision` of every matmul (None = the backend default)."""
-    return attention_lib.PRECISIONS[self.matmul_precision]
-
-  @property
-  def num_params(self) -> int:
-    d, h, kv, hd, f, v = (self.embed_dim, self.num_heads, self.num_kv_heads,
-                          self.head_dim, self.mlp_dim, self.vocab_size)
-    attn = d * h * hd + 2 * d * kv * hd + h * hd * d
-    if self.qkv_bias:
-      attn += h * hd + 2 * kv * hd
-    if self.qk_norm:
-      attn += 2 * hd
-    per_layer = attn + 3 * d * f + 2 * d
-    return v * d * (1 if self.tie_embeddings else 2) + self.num_layers * per_layer + d
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
@@ -289,7 +174,7 @@ class Attention(nn.Module):
     v = sharding.constrain(v, ACT_KV_HEADS, rules, "attention values")
 
     if self.mode == "decode":
-      out = attention_lib.decode_attention(
+      out = decode_attention_lib.decode_attention(
           q[:, 0], caches["prompt_k"], caches["prompt_v"], prompt_mask, caches["response_k"],
           caches["response_v"], num_written, k[:, 0], v[:, 0], layer=layer,
           block=self.decode_block, precision=cfg.precision)
@@ -452,102 +337,3 @@ def logits(model_config, params, tokens, attention_mask) -> jax.Array:
   hidden, _ = hidden_states(model_config, params, tokens, positions_from_mask(token_mask),
                             token_mask)
   return project(model_config, params, hidden)
-
-
-def prefill(config, params, tokens, token_mask):
-  """Forward of left-padded prompts [B, Lp]; returns (hidden [B, Lp, D], prompt cache).
-
-  The prompt cache is {"k", "v"}: [L, B, K, Lp, Dh] in the compute dtype, named
-  ("layers", "cache_batch", "cache_heads", "cache_sequence", "cache_kv").
-  """
-  token_mask = token_mask.astype(bool)
-  hidden, (k, v) = Decoder(config, "prefill").apply(
-      {"params": params}, tokens, positions=positions_from_mask(token_mask),
-      token_mask=token_mask)
-  k, v = (sharding.constrain(x.transpose(0, 1, 3, 2, 4), CACHE, config.axis_rules,
-                             "prompt cache") for x in (k, v))
-  return hidden, {"k": k, "v": v}
-
-
-def init_response_cache(config: ModelConfig, rows: int, length: int, dtype=None):
-  """Zero response cache {"k", "v"}: [L, rows, K, length, Dh] (compute dtype by default)."""
-  dtype = dtype or dtype_from_name(config.dtype)
-  shape = (config.num_layers, rows, config.num_kv_heads, length, config.head_dim)
-  zeros = sharding.constrain(jnp.zeros(shape, dtype), CACHE, config.axis_rules,
-                             "response cache")
-  return {"k": zeros, "v": zeros}
-
-
-def unstack_layers(params):
-  """`params` with the stacked layers split into a tuple of per-layer trees (a copy).
-
-  `decode_step` runs the layers of such params one after another instead of under a
-  scan. Split once, outside a decode loop: inside a scan each step slices every layer's
-  weights out of the stack, and a backend that cannot feed a matmul from a dynamic slice
-  in place copies them at every step (XLA:CPU does, yet on a 2-core CPU the copy plus the
-  matmul still beat the matmul reading cold weights, so `scan` stays the default; see
-  benchmarks/RESULTS.md). The split holds one more copy of the layer weights while
-  sampling runs.
-  """
-  layers = params["layers"]
-  if isinstance(layers, (list, tuple)):
-    return params
-  num_layers = jax.tree.leaves(layers)[0].shape[0]
-  split = tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(num_layers))
-  return {**params, "layers": split}
-
-
-def _decode_unrolled(config, params, tokens, inputs: LayerInputs, block):
-  """The decode forward of `Decoder` with the layers of `unstack_layers` in a Python loop;
-  returns (hidden [N, 1, D], (k, v) [L, N, K, Dh])."""
-  dtype, pdtype = dtype_from_name(config.dtype), dtype_from_name(config.param_dtype)
-  x = sharding.constrain(jnp.take(params["embedding"], tokens, axis=0).astype(dtype),
-                         ACT_EMBED, config.axis_rules, "embedded tokens")
-  layer_module = Block(config, "decode", block)
-  new_k, new_v = [], []
-  for index, layer_params in enumerate(params["layers"]):
-    x, (k, v) = layer_module.apply({"params": layer_params}, x, inputs, index)
-    new_k.append(k)
-    new_v.append(v)
-  hidden = RMSNorm(config.norm_eps, pdtype).apply({"params": params["final_norm"]}, x)
-  return hidden, (jnp.stack(new_k), jnp.stack(new_v))
-
-
-def decode_step(config, params, tokens, positions, prompt_cache, prompt_mask,
-                response_cache, num_written, *, block=128):
-  """One cached token for N = B*G rows (G samples per prompt share its prompt cache).
-
-  Args:
-    params: model parameters; with the layers split by `unstack_layers`, the layers run
-      one after another, else under a scan.
-    tokens, positions: int32 [N, 1], the current token and its RoPE position.
-    prompt_cache: from `prefill`, [L, B, K, Lp, Dh]; prompt_mask: bool [B, Lp].
-    response_cache: from `init_response_cache`, [L, N, K, Lr, Dh] with Lr a multiple of
-      `block`; slots [0, num_written) hold the earlier response tokens of each row.
-    num_written: int32 scalar; the current token is written at that slot.
-    block: response slots per read; the step reads ceil(num_written / block) blocks.
-
-  Returns:
-    (hidden [N, 1, D], response cache with the current token's keys/values written).
-  """
-  dtype = dtype_from_name(config.dtype)
-  # The whole stacked caches go to every layer (broadcast by the scan) with the layer's
-  # index as the scanned input: the attention slices out only the blocks it reads.
-  caches = {"prompt_k": prompt_cache["k"].astype(dtype),
-            "prompt_v": prompt_cache["v"].astype(dtype),
-            "response_k": response_cache["k"].astype(dtype),
-            "response_v": response_cache["v"].astype(dtype)}
-  inputs = LayerInputs(positions=positions, prompt_mask=prompt_mask.astype(bool),
-                       num_written=num_written, caches=caches)
-  if isinstance(params["layers"], (list, tuple)):
-    hidden, (k, v) = _decode_unrolled(config, params, tokens, inputs, block)
-  else:
-    hidden, (k, v) = Decoder(config, "decode", block).apply(
-        {"params": params}, tokens, **inputs._asdict(),
-        layers=jnp.arange(config.num_layers, dtype=jnp.int32))
-
-  def write(buffer, new):  # new [L, N, K, Dh] -> slot num_written of [L, N, K, Lr, Dh]
-    new = new[:, :, :, None].astype(buffer.dtype)
-    return jax.lax.dynamic_update_slice_in_dim(buffer, new, num_written, axis=3)
-
-  return hidden, {"k": write(response_cache["k"], k), "v": write(response_cache["v"], v)}
