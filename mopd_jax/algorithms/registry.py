@@ -92,12 +92,14 @@ class Algorithm(abc.ABC):
 
   def packed_teacher_signal(self, cfg, teacher_params, student_params, rows) -> Any:
     """Stage 2 on one micro-batch of `packing.PackedRows` (supports_packing only)."""
-    raise NotImplementedError(f"algorithm {self.name!r} does not run on packed rows")
+    raise ConfigError(f"config.algorithm.name = {self.name!r} does not run on packed rows; "
+                      "set config.optim.packed_tokens = 0.")
 
   def packed_loss(self, cfg, params, rows, signal):
     """Stage 3 on `packing.PackedRows`: (loss, (student log-prob [P, Lr], teacher's
     [P, Lr])) in the loss layout, weighted by `rows.weights` (supports_packing only)."""
-    raise NotImplementedError(f"algorithm {self.name!r} does not run on packed rows")
+    raise ConfigError(f"config.algorithm.name = {self.name!r} does not run on packed rows; "
+                      "set config.optim.packed_tokens = 0.")
 
   def metrics(self, cfg, inputs, rollouts) -> dict:
     """Scalar metrics of what the loss could use (none by default)."""
