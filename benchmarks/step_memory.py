@@ -74,7 +74,7 @@ def parse_args(argv=None):
   p.add_argument("--param-dtype", default="float32")
   p.add_argument("--chunk-size", type=int, default=32, help="loss chunk (positions)")
   p.add_argument("--top-k", type=int, default=100)
-  p.add_argument("--decode-layout", default="tensor", choices=("tensor", "train"),
+  p.add_argument("--decode-layout", default="tensor", choices=("tensor", "wide", "train"),
                  help="config.sampling.decode_layout")
   p.add_argument("--topology", default="",
                  help="compile for this TPU topology (e.g. v5e:2x2; needs libtpu)")
@@ -268,10 +268,10 @@ def compile_model_step(model, args) -> dict:
   start = time.time()
   compiled = step.lower(parts.abstract_state, parts.batch).compile()
   compile_s = time.time() - start
+  layout = parts.cfg.sampling.decode_layout
   kv = memory_plan.kv_cache_bytes(model, prompts=prompts, rows=args.rows,
                                   prompt_len=args.prompt_len, response_len=args.response_len,
-                                  batch_devices=sharding.batch_divisor(mesh))
-  layout = parts.cfg.sampling.decode_layout
+                                  **memory_plan.kv_cache_split(model, mesh, layout))
   plan = memory_plan.make_plan(
       compiled, state, shardings, kv, mesh.devices.flat[0],
       decode_weights=memory_plan.decode_weight_bytes(model, state.params, mesh, layout),

@@ -18,8 +18,11 @@ TEACHER_MODES = ("ema", "frozen", "trust_region", "external")
 # sampling.decode_layers (`mopd_jax.sampling.Sampler`).
 DECODE_LAYERS = ("scan", "unrolled")
 # sampling.decode_layout (`mopd_jax.sampling.Sampler`): the sampler's weights resharded
-# to `sharding.DECODE_RULES` ("tensor") or left in the training layout ("train").
-DECODE_LAYOUTS = ("tensor", "train")
+# to `sharding.DECODE_RULES` ("tensor") or `sharding.WIDE_DECODE_RULES` ("wide"), or left
+# in the training layout ("train"); "auto" = "tensor" unless the memory plan says its copy
+# does not fit, then "wide" (`train_setup.Setup.compile_step`).
+SAMPLER_LAYOUTS = ("tensor", "wide", "train")
+DECODE_LAYOUTS = ("auto",) + SAMPLER_LAYOUTS
 # model.attention (`mopd_jax.models.attention`).
 ATTENTION_KINDS = ("auto", "naive", "blockwise", "cudnn", "splash", "splash_interpret")
 # model.matmul_precision: names of `jax.lax.Precision` values (None = backend default).

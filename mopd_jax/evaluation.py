@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from mopd_jax import settings, sharding
-from mopd_jax.sampling import Sampler
+from mopd_jax.sampling import Sampler, sampler_layout
 from mopd_jax.verifiers import callback
 
 
@@ -89,7 +89,7 @@ class Evaluator:
                            temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
                            num_samples=e.num_samples,
                            decode_layers=st.sampling.decode_layers,
-                           decode_layout=st.sampling.decode_layout)
+                           decode_layout=sampler_layout(st.sampling.decode_layout))
     local = batches.first(e.num_prompts, sharding.process_rows(mesh, e.num_prompts))
     self.local_ids = local["example_id"]
     self.sources = batches.split.source_table()

@@ -8,13 +8,16 @@ the teacher are allocated (and, in `benchmarks.step_memory`, without any weight 
     optimizer state AdamW: two moments of the parameters' shape, plus a step count
     teacher         float32 copy of the student (self-teacher) or the external model
     KV cache        layers x 2 (K, V) x kv_heads x head_dim x (B x Lp + N x Lr) x bytes
-                    (prompt KV stored once per prompt, responses per rollout), split over
-                    the data x fsdp devices; it lives inside the step's temporary memory
+                    (prompt KV stored once per prompt, responses per rollout), rows
+                    split over the data x fsdp devices (data only in the 'wide' decode
+                    layout), key/value heads over the tensor devices that divide them
+                    (`kv_cache_split`); it lives inside the step's temporary memory
     decode weights  the sampler's compute-dtype copy of the weights in its decode layout
                     (`config.sampling.decode_layout`: 'tensor' = split over tensor only,
-                    `sharding.DECODE_RULES`; 'train' = the training layout, a copy only
-                    where the parameters are wider than the compute dtype); also inside
-                    the temporary memory
+                    `sharding.DECODE_RULES`; 'wide' = split over tensor and fsdp,
+                    `sharding.WIDE_DECODE_RULES`; 'train' = the training layout, a copy
+                    only where the parameters are wider than the compute dtype); also
+                    inside the temporary memory
     temporary       compiled.memory_analysis().temp_size_in_bytes
 
 and compares the total with the device's memory limit where the backend reports one
@@ -52,12 +55,32 @@ def tree_bytes_per_device(shapes, shardings=None) -> int:
 
 
 def kv_cache_bytes(model: transformer.ModelConfig, *, prompts: int, rows: int,
-                   prompt_len: int, response_len: int, batch_devices: int) -> int:
-  """Per-device bytes of the sampler's KV cache (see the module docstring)."""
+                   prompt_len: int, response_len: int, batch_devices: int,
+                   head_devices: int = 1) -> int:
+  """Per-device bytes of the sampler's KV cache (see the module docstring), its rows
+  split over `batch_devices` and its key/value heads over `head_devices`."""
   per_token = (model.num_layers * 2 * model.num_kv_heads * model.head_dim
                * np.dtype(transformer.dtype_from_name(model.dtype)).itemsize)
   tokens = prompts * prompt_len + rows * response_len
-  return per_token * tokens // max(batch_devices, 1)
+  return per_token * tokens // max(batch_devices, 1) // max(head_devices, 1)
+
+
+def kv_cache_split(model: transformer.ModelConfig, mesh, layout: str) -> dict[str, int]:
+  """{'batch_devices', 'head_devices'} of the KV cache in the sampler's `layout`: the
+  sizes of the mesh axes its rows and its key/value heads are split over (by
+  `sharding.logical_spec`, which keeps heads replicated over the part of their mesh axes
+  that does not divide them)."""
+  rules = sharding.DECODE_LAYOUT_RULES.get(layout, sharding.DEFAULT_RULES)
+  # Rows: any multiple of the mesh size divides. `mesh` may be an AbstractMesh.
+  with jax.sharding.use_abstract_mesh(getattr(mesh, "abstract_mesh", mesh)):
+    spec = sharding.logical_spec((mesh.size, model.num_kv_heads),
+                                 ("cache_batch", "cache_heads"), rules, "KV cache")
+
+  def size(axes):
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+  return {"batch_devices": size(spec[0]), "head_devices": size(spec[1])}
 
 
 def decode_weight_bytes(model: transformer.ModelConfig, param_shapes, mesh,
@@ -67,7 +90,7 @@ def decode_weight_bytes(model: transformer.ModelConfig, param_shapes, mesh,
   narrow = lambda x: np.dtype(x.dtype).itemsize > compute.itemsize  # noqa: E731
   if layout == "train" and not any(narrow(x) for x in jax.tree.leaves(param_shapes)):
     return 0  # the sampler reads the parameters themselves
-  rules = sharding.DECODE_RULES if layout == "tensor" else sharding.DEFAULT_RULES
+  rules = sharding.DECODE_LAYOUT_RULES.get(layout, sharding.DEFAULT_RULES)
   shardings = sharding.logical_to_shardings(transformer.param_logical_axes(model),
                                             param_shapes, mesh, rules)
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
@@ -154,7 +177,7 @@ SHRINKING_KNOBS = (
     "config.optim.micro_batch_rows (fewer rows live at once), config.mesh.shape (more "
     "fsdp devices split parameters and optimizer state), config.model.remat_policy "
     "(save fewer activations), config.loss.chunk_size, config.sampling.decode_layout = "
-    "'train' (no replicated copy of the weights while sampling), and the lengths "
+    "'wide' or 'train' (a smaller or no copy of the weights while sampling), and the lengths "
     "config.data.max_prompt_len, config.sampling.max_response_len, config.peers.peer_cap.")
 
 

@@ -23,8 +23,11 @@ batch axes that split the rows), and the whole sampler is traced with a copy of 
 config that holds those rules: the prefill and the
 decode loop read local weights, and a decode step communicates activations only (the
 tensor-parallel reductions, and the vocabulary-split logits of the rows the device holds,
-where 'tensor' has more than one device). With "train" the weights stay in the training
-layout, and XLA gathers the fsdp-split weights inside the loop, at every generated token.
+where 'tensor' has more than one device). `decode_layout = "wide"` does the same with
+`sharding.WIDE_DECODE_RULES` (weights split over tensor and fsdp together, rows over
+data only): a copy fsdp times smaller, for a model whose 'tensor' copy does not fit. With
+"train" the weights stay in the training layout, and XLA gathers the fsdp-split weights
+inside the loop, at every generated token.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from mopd_jax import sharding
-from mopd_jax.choices import DECODE_LAYERS, DECODE_LAYOUTS
+from mopd_jax.choices import DECODE_LAYERS, SAMPLER_LAYOUTS
 from mopd_jax.models import decoding, transformer
 
 
@@ -126,6 +129,13 @@ def weights_for_decode(model: transformer.ModelConfig, params):
   return jax.tree.map(cast, params)
 
 
+def sampler_layout(setting: str) -> str:
+  """The sampler's layout for a `config.sampling.decode_layout` value: 'auto' is 'tensor'
+  until the memory plan says otherwise (`train_setup.Setup.compile_step` then writes the
+  chosen layout back into the settings)."""
+  return "tensor" if setting == "auto" else setting
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
   """Static sampling settings; hashable, so it can be a static argument of jit.
@@ -147,7 +157,8 @@ class Sampler:
   # `decoding.unstack_layers`).
   decode_layers: str = "scan"
   # Layout of the weights while sampling: "tensor" (`sharding.DECODE_RULES`, entered once
-  # per call) or "train" (as they arrive); see the module docstring.
+  # per call), "wide" (`sharding.WIDE_DECODE_RULES`, likewise) or "train" (as they
+  # arrive); see the module docstring.
   decode_layout: str = "tensor"
 
   def __post_init__(self):
@@ -164,9 +175,10 @@ class Sampler:
     if self.decode_layers not in DECODE_LAYERS:
       raise ValueError(f"decode_layers must be one of {DECODE_LAYERS}, got "
                        f"{self.decode_layers!r}.")
-    if self.decode_layout not in DECODE_LAYOUTS:
-      raise ValueError(f"decode_layout must be one of {DECODE_LAYOUTS}, got "
-                       f"{self.decode_layout!r}.")
+    if self.decode_layout not in SAMPLER_LAYOUTS:
+      raise ValueError(f"decode_layout must be one of {SAMPLER_LAYOUTS}, got "
+                       f"{self.decode_layout!r} ('auto' is resolved from the memory plan "
+                       "before a sampler is built: `train_setup.Setup`).")
     if not self.stop_ids:
       raise ValueError("stop_ids must name at least one end-of-sequence token.")
 
@@ -194,7 +206,8 @@ class Sampler:
     if self.decode_layout == "train" or self.model.axis_rules is None:
       return self._sample(self.model, weights_for_decode(self.model, params),
                           prompt_tokens, prompt_mask, key)
-    cfg = dataclasses.replace(self.model, axis_rules=sharding.DECODE_RULES)
+    cfg = dataclasses.replace(self.model,
+                              axis_rules=sharding.DECODE_LAYOUT_RULES[self.decode_layout])
     # Named, so that tools find the reshard in compiled programs; cast first, so that it
     # moves compute-dtype bytes.
     with jax.named_scope("decode_layout"):

@@ -15,9 +15,11 @@ cannot silently vanish.
 
 Two layouts per step: the training layout (`DEFAULT_RULES`: weights split over fsdp and
 tensor) and the sampler's decode layout (`DECODE_RULES`: weights split over tensor only,
-replicated over the batch axes, which split the rows). The sampler traces with a copy of
-the model config that holds `DECODE_RULES`, and `constrain_tree` reshards its weights into
-that layout once per call, so the decode loop reads its weights where they are.
+replicated over the batch axes, which split the rows; or, where that copy does not fit,
+`WIDE_DECODE_RULES`: weights split over tensor and fsdp together, rows over data only).
+The sampler traces with a copy of the model config that holds the decode rules, and
+`constrain_tree` reshards its weights into that layout once per call, so the decode loop
+reads its weights where they are.
 
 The device order comes from `jax.experimental.mesh_utils` (topology-aware on TPU and GPU);
 with a DCN shape the mesh is a hybrid one: `shape` within each slice (or process), the
@@ -75,11 +77,33 @@ DEFAULT_RULES = (
 DECODE_RULES = tuple((name, None) if name == "embed" else (name, axes)
                      for name, axes in DEFAULT_RULES)
 
+# The fallback decode layout for a model whose copy split over 'tensor' alone does not fit
+# (`decode_layout = "wide"`): tensor parallelism over ('tensor', 'fsdp') together. Every
+# weight dimension that `DECODE_RULES` splits over 'tensor' is split over both axes, so the
+# copy costs 1 / (tensor x fsdp) of the weights per device, and the rows are split over
+# 'data' only (every device of a tensor x fsdp group decodes the same rows, each with its
+# share of the heads and of the MLP width). A decode step still reads no remote weight;
+# it pays tensor-parallel activation reductions over the wider group, and the KV cache is
+# split by rows over 'data' and by key/value heads over as much of the group as divides
+# them (`REPLICABLE`), so per device it can be larger than in the 'tensor' layout.
+_WIDE = ("tensor", "fsdp")
+WIDE_DECODE_RULES = tuple(
+    (name, None) if name == "embed"
+    else (name, "data") if name in ("activation_batch", "cache_batch")
+    else (name, _WIDE) if axes == "tensor"
+    else (name, axes)
+    for name, axes in DEFAULT_RULES)
+
+# The rules of each decode layout that reshards the weights (`sampling.Sampler`).
+DECODE_LAYOUT_RULES = {"tensor": DECODE_RULES, "wide": WIDE_DECODE_RULES}
+
 # Logical axes that may stay replicated where their mesh axes do not divide them: key /
 # value heads (e.g. 2 of them over a tensor axis of 4) are read by every query head of
-# their group, and a copy per device is what grouped-query attention needs there. Any
+# their group, and a copy per device is what grouped-query attention needs there. Such an
+# axis is split over the longest leading part of its mesh axes that divides it (8 heads
+# over ('tensor', 'fsdp') of sizes 4 and 8: over 'tensor'), replicated over the rest. Any
 # other logical axis that does not divide is an error.
-REPLICABLE = frozenset({"activation_kv_heads", "cache_heads"})
+REPLICABLE = frozenset({"kv_heads", "activation_kv_heads", "cache_heads"})
 
 # (logical axis, dimension, mesh axes, mesh size) -> number of traces that replicated it.
 REPLICATED = collections.Counter()
@@ -161,24 +185,18 @@ def _axis_size(mesh: Mesh, axis) -> int:
 
 
 def logical_to_shardings(logical_specs, shapes, mesh: Mesh, rules=DEFAULT_RULES):
-  """NamedShardings for a pytree of logical PartitionSpecs.
+  """NamedShardings for a pytree of logical PartitionSpecs, by `logical_spec` on `mesh`:
+  a dimension whose mapped mesh axes do not divide it is an error that names the
+  parameter, its shape and the axis (key / value heads: see `REPLICABLE`)."""
 
-  A dimension whose size the mapped mesh axes do not divide is an error that names the
-  parameter, its shape and the axis.
-  """
-  mesh_specs = nn.logical_to_mesh(logical_specs, rules)
-
-  def check(path, spec, shape):
-    for dim, axis in zip(shape.shape, tuple(spec)):
-      size = _axis_size(mesh, axis)
-      if dim % size:
-        raise ValueError(
-            f"Parameter {jax.tree_util.keystr(path)} of shape {shape.shape} cannot be "
-            f"split over mesh axis {axis!r} of size {size} (spec {spec}).")
-    return NamedSharding(mesh, spec)
+  def spec_of(path, logical, shape):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      spec = logical_spec(shape.shape, tuple(logical), rules,
+                          f"Parameter {jax.tree_util.keystr(path)}")
+    return NamedSharding(mesh, P() if spec is None else spec)
 
   return jax.tree_util.tree_map_with_path(
-      check, mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
+      spec_of, logical_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
@@ -277,12 +295,16 @@ def logical_spec(shape: Sequence[int], logical_axes: Sequence[str | None], rules
       raise ValueError(
           f"{what} of shape {tuple(shape)}: logical axis {name!r} (size {dim}) cannot be "
           f"split over mesh axes {axes} of size {size} (mesh {dict(mesh.shape)}).")
+    kept = axes[:-1]
+    while kept and dim % math.prod(mesh.shape[a] for a in kept):
+      kept = kept[:-1]
     key = (name, dim, axes, size)
     if not REPLICATED[key]:
       logging.warning("%s: logical axis %r (size %d) does not divide mesh axes %s of size "
-                      "%d; it stays replicated there.", what, name, dim, axes, size)
+                      "%d; it is split over %s only and replicated over the rest.", what,
+                      name, dim, axes, size, kept or "none of them")
     REPLICATED[key] += 1
-    return None
+    return (kept if len(kept) > 1 else kept[0]) if kept else None
 
   return P(*(usable(dim, name, axis)
              for dim, name, axis in zip(shape, tuple(logical_axes), tuple(spec))))

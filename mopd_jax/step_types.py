@@ -18,7 +18,7 @@ import jax
 from mopd_jax import settings
 from mopd_jax.algorithms import registry
 from mopd_jax.models import transformer
-from mopd_jax.sampling import Sampler
+from mopd_jax.sampling import Sampler, sampler_layout
 
 
 @flax.struct.dataclass
@@ -94,7 +94,7 @@ class StepConfig:
                    stop_ids=self.stop_ids, pad_id=self.pad_id,
                    temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
                    num_samples=sp.num_samples, decode_layers=sp.decode_layers,
-                   decode_layout=sp.decode_layout)
+                   decode_layout=sampler_layout(sp.decode_layout))
 
   @property
   def teacher_cfg(self) -> transformer.ModelConfig:

@@ -235,7 +235,8 @@ def _trip_count(computations, condition: str) -> int:
 
 
 def decode_step_collectives(hlo_text: str, decode_marker: str = "decode") -> dict:
-  """{kind: {"count", "bytes"}} that one iteration of the sampler's decode loop runs.
+  """{kind: {"count", "bytes", "largest"}} that one iteration of the sampler's decode loop
+  runs ("largest": the bytes of the largest single collective of that kind).
 
   As `collectives`' "decode_loop" part, but a collective inside a loop nested in the decode
   loop's body (the scan over the layers) counts once per iteration of that loop (its
@@ -244,7 +245,7 @@ def decode_step_collectives(hlo_text: str, decode_marker: str = "decode") -> dic
   """
   computations = _parse(hlo_text)
   roots = _decode_bodies(computations, decode_marker)
-  out = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
+  out = collections.defaultdict(lambda: {"count": 0, "bytes": 0, "largest": 0})
 
   def visit(comp, times, depth):
     if comp not in computations or depth > 64:
@@ -255,9 +256,11 @@ def decode_step_collectives(hlo_text: str, decode_marker: str = "decode") -> dic
         op = m.group(3)
         kind = op[:-len("-start")] if op.endswith("-start") else op
         if kind in COLLECTIVE_KINDS:
+          size = (_largest_array_bytes(m.group(2)) if op.endswith("-start")
+                  else _result_bytes(m.group(2)))
           out[kind]["count"] += times
-          out[kind]["bytes"] += times * (_largest_array_bytes(m.group(2))
-                                         if op.endswith("-start") else _result_bytes(m.group(2)))
+          out[kind]["bytes"] += times * size
+          out[kind]["largest"] = max(out[kind]["largest"], size)
       loop = _WHILE.search(line)
       condition = _CONDITION.search(line)
       for single, branches in _CALLEES.findall(line):

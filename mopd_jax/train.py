@@ -161,7 +161,8 @@ def run(config, workdir: str) -> dict:
   compiled, plan, compile_time = _compile_step(s)
   ckpt, state, resume_step = _init_or_restore(s, workdir)
   start_step = int(state.step)
-  evaluator = evaluation.Evaluator(st, s.model_cfg, s.tokenizer, s.eval_batches,
+  # s.settings, not st: the step's compile may have chosen the decode layout ('auto').
+  evaluator = evaluation.Evaluator(s.settings, s.model_cfg, s.tokenizer, s.eval_batches,
                                    s.host_verifier, s.mesh, s.state_shapes.params)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start_step, active=primary)
   summary_path = os.path.join(workdir, "summary.json")

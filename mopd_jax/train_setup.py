@@ -90,7 +90,51 @@ class Setup:
     return checkpointing.abstract_like(self.state_shapes, self.shardings), batch
 
   def compile_step(self):
-    """The compiled fused step and its memory plan, from abstract shapes only."""
+    """The compiled fused step and its memory plan, from abstract shapes only.
+
+    With `sampling.decode_layout = "auto"` the step is compiled with the 'tensor' decode
+    layout; when that plan does not fit the device (or the compiler refuses it for
+    memory) and the mesh has fsdp devices, it is compiled again with 'wide'. The layout
+    kept (the one that fits, else the smaller) is written into `settings` and `step_cfg`,
+    so that the evaluation sampler and every later step use it; the plan names it.
+    """
+    layout = self.settings.sampling.decode_layout
+    if layout != "auto":
+      return self._compile_with(layout)
+    if self.mesh.shape["fsdp"] == 1:  # 'wide' would split nothing more
+      return self._compile_with("tensor")
+    try:
+      tensor = self._compile_with("tensor")
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      logging.info("The compiler refused the step with the 'tensor' decode layout for "
+                   "memory (%s); compiling it with 'wide'.", str(e).splitlines()[0])
+      return self._compile_with("wide")
+    if tensor[1].fits():
+      return tensor
+    logging.info("The step does not fit with the 'tensor' decode layout (%.2f GiB per "
+                 "device); compiling it with 'wide'.", tensor[1].total / 2**30)
+    try:
+      wide = self._compile_with("wide")
+    except ValueError as e:  # e.g. query heads that tensor x fsdp does not divide
+      logging.warning("The 'wide' decode layout does not apply here: %s", e)
+      self._set_decode_layout("tensor")
+      return tensor
+    if wide[1].fits() or wide[1].total < tensor[1].total:
+      return wide
+    self._set_decode_layout("tensor")
+    return tensor
+
+  def _set_decode_layout(self, layout: str):
+    sampling = dataclasses.replace(self.settings.sampling, decode_layout=layout)
+    self.settings = dataclasses.replace(self.settings, sampling=sampling)
+    self.step_cfg = dataclasses.replace(self.step_cfg, sampling=sampling)
+
+  def _compile_with(self, layout: str):
+    """(compiled step, memory plan) with the sampler in `layout`, which becomes this
+    setup's decode layout."""
+    self._set_decode_layout(layout)
     compiled = self.train_step().lower(*self.abstract_inputs()).compile()
     st = self.settings
     # With summaries, the student's prompts carry the summary instruction too.
@@ -99,8 +143,7 @@ class Setup:
         self.model_cfg, prompts=st.data.batch_size, rows=st.rows,
         prompt_len=st.data.max_prompt_len + extra,
         response_len=st.sampling.max_response_len,
-        batch_devices=sharding.batch_divisor(self.mesh))
-    layout = st.sampling.decode_layout
+        **memory_plan.kv_cache_split(self.model_cfg, self.mesh, layout))
     plan = memory_plan.make_plan(
         compiled, self.state_shapes, self.shardings, kv, self.mesh.devices.flat[0],
         decode_weights=memory_plan.decode_weight_bytes(

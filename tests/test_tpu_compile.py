@@ -179,6 +179,29 @@ def test_fused_step_decodes_without_gathering_weights(fsdp_parts):
   assert topology.decode_step_collectives(text)["all-gather"]["bytes"] > weight_bytes / 2
 
 
+def test_wide_decode_layout_decodes_without_gathering_weights(fsdp_parts):
+  """The fallback layout (weights split over tensor x fsdp, here the 4 chips): the
+  sampler's decode loop communicates activations only, and the reshard into it moves
+  at most the compute-dtype weights once per call."""
+  parts = fsdp_parts
+  sampler = dataclasses.replace(parts.cfg.sampler, decode_layout="wide")
+  jitted = sharding.UnderMesh(jax.jit(sampler.__call__), parts.mesh)
+  with _partitioner(True):
+    text = jitted.lower(parts.abstract_state.params, parts.batch["prompt_tokens"],
+                        parts.batch["prompt_mask"],
+                        parts.abstract_state.rng).compile().as_text()
+  model = parts.cfg.model
+  weight_bytes = 2 * model.num_params
+  # No collective of a decode step is as large as the smallest weight matrix of a layer
+  # (the key projection, [D, K, Dh] in bfloat16): the rows' activations (tensor-parallel
+  # reductions, the gathered heads and logits) are what moves.
+  smallest = 2 * model.embed_dim * model.num_kv_heads * model.head_dim
+  per_token = topology.decode_step_collectives(text)
+  assert per_token and max(c["largest"] for c in per_token.values()) < smallest / 4, per_token
+  reshard = topology.scoped_collectives(text, "decode_layout")
+  assert 0 < sum(c["bytes"] for c in reshard.values()) <= weight_bytes, reshard
+
+
 def test_compile_only_run_checks_the_plan_against_the_chips_hbm(monkeypatch):
   """`--config.mesh.compile_for`: the configured run compiled from the preset's shapes
   (the tiny model stands in for a preset here), no checkpoint or data read."""

@@ -1,12 +1,10 @@
 """The chunked distillation loss from hidden states, with a custom VJP.
 
-Memory and compute: a full-vocabulary loss over ``[N, L]`` positions would
-materialise ``[N, L, V]`` float32 logits for the student and the teacher (plus
-their gradients), which dominates memory for large vocabularies.
-``chunked_distillation`` scans over position chunks and, when differentiated,
-computes each chunk's gradient in the same pass (a custom VJP), so only
-``[N, chunk_size, V]`` logits are live at any time and each vocabulary
-projection is computed once.
+Memory and compute: a full-vocabulary loss over ``[N, L]`` positions would materialise
+``[N, L, V]`` float32 logits for the student and the teacher (plus their gradients).
+``chunked_distillation`` scans over position chunks and, when differentiated, computes
+each chunk's gradient in the same pass (a custom VJP), so only ``[N, chunk_size, V]``
+logits are live at any time and each vocabulary projection is computed once.
 
 The vocabulary matmuls take their operands in the dtype of the hidden states (the
 model's compute dtype: bfloat16 under bfloat16 compute, even with float32 heads)
@@ -24,9 +22,8 @@ projections again, then the two gradient matmuls.) Without differentiation only
 the 2 logit projections run. Each extra teacher term adds one logit projection to
 either count. Live memory per chunk: a few float32 ``[N, chunk_size, V]`` arrays.
 
-The static settings are one frozen, hashable ``DistillationConfig``, checked once
-when it is built and passed to the module's one ``custom_vjp`` as a non-differentiable
-argument; the array shapes are checked at each call.
+The static settings are one frozen, hashable ``DistillationConfig``, checked once when
+built and passed to the module's ``custom_vjp`` as a non-differentiable argument.
 """
 
 from __future__ import annotations

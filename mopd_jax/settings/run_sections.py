@@ -156,13 +156,18 @@ class SamplingSettings(_Section):
       "while sampling; no per-step slice of each layer's weights). Faster depends on the "
       "backend: benchmarks.sampler_vs_hf --decode-layers=scan,unrolled compares them.")
   decode_layout: str = knob(
-      "tensor", _one_of(choices.DECODE_LAYOUTS), f"one of {choices.DECODE_LAYOUTS}",
+      "auto", _one_of(choices.DECODE_LAYOUTS), f"one of {choices.DECODE_LAYOUTS}",
       "Layout of the weights while sampling (training and evaluation). 'tensor': resharded "
       "once per sampling call into a copy split over the mesh's 'tensor' axis only (in the "
       "compute dtype), so a decode step reads local weights instead of gathering the "
       "fsdp-split ones at every generated token; the copy costs parameters x compute "
-      "bytes / tensor size per device (the memory plan's 'decode weights'). 'train': decode "
-      "in the training layout, for a model whose copy does not fit.")
+      "bytes / tensor size per device (the memory plan's 'decode weights'). 'wide': the "
+      "same, split over 'tensor' and 'fsdp' together (tensor parallelism over both, rows "
+      "split over 'data' only): a copy fsdp times smaller, wider activation reductions, "
+      "and a KV cache split over fewer rows. 'auto': 'tensor', unless the memory plan of the "
+      "compiled step says it does not fit the device, then 'wide' (one more compile; the "
+      "plan names the layout chosen). 'train': decode in the training layout (weights "
+      "gathered at every generated token).")
 
 
 @dataclasses.dataclass(frozen=True)
