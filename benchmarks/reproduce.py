@@ -4,15 +4,24 @@ r"""The paper's comparison on the demo task, at equal rollout budget, over seeds
     python -m benchmarks.reproduce --quick    # the same pipeline in a few minutes
 
 Methods (one `python -m mopd_jax.main --config=configs/code.py` run each; every run
-samples the same number of rollouts: data.batch_size x sampling.num_samples per step):
+samples the same number of rollouts: data.batch_size x sampling.num_samples per step;
+each keeps the authors' defaults of its algorithm unless its name says otherwise):
 
-- `mopd_2s1f`: MOPD with the 2S1F peer context ("always") and the EMA self-teacher;
-- `sdpo_1s`: SDPO (the primary success, or the rollout's own feedback without one);
+- `mopd_2s1f`: MOPD with the 2S1F peer context and the EMA self-teacher (own feedback
+  on, shown only without a solution);
+- `mopd_2s1f_frozen`, `mopd_2s1f_trust_region`: the same with a frozen teacher (the
+  initial student) and with the trust-region teacher;
+- `mopd_1s`, `mopd_2s`, `mopd_1s1f`: MOPD with smaller peer contexts;
+- `sdpo_feedback`, `sdpo_no_feedback`: SDPO (the primary success; the rollout's own
+  feedback without one, or no feedback);
+- `opd_large_teacher`: classic on-policy distillation (reverse KL, the teacher reading the
+  plain prompt) from the larger demo model (`teacher.checkpoint = 'demo'`);
+- `mopd_external`: MOPD 2S1F with that larger model as its (fixed) teacher;
 - `grpo`: GRPO (group-relative advantages, clipped ratio, no KL);
-- `opd_frozen`: classic on-policy distillation, reverse KL, the teacher reading the plain
-  prompt; at this scale there is no larger model, so the frozen teacher is the initial
-  student;
 - `sft_verified`: verified SFT on the rollouts that pass.
+
+The main five (`MAIN_METHODS`: MOPD 2S1F, SDPO with feedback, OPD, GRPO, SFT) run with
+`--seeds` (default 0, 1, 2), the others with `--extra-seeds` (default 0).
 
 Then the teacher-signal analysis: the base model samples `--signal-samples` rollouts per
 held-out prompt, they are verified and saved, and the base model (the teacher of every
@@ -46,14 +55,26 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+_SDPO = {"algorithm.name": "sdpo", "peers.include_another": False,
+         "peers.include_failure": False}
+_LARGE_TEACHER = {"teacher.mode": "external", "teacher.checkpoint": "demo"}
 METHODS = {
     "mopd_2s1f": {"algorithm.name": "mopd"},
-    "sdpo_1s": {"algorithm.name": "sdpo", "peers.include_another": False,
-                "peers.include_failure": False, "peers.include_feedback": True},
+    "sdpo_feedback": {**_SDPO, "peers.include_feedback": True},
+    "opd_large_teacher": {"algorithm.name": "opd", **_LARGE_TEACHER, "loss.alpha": 1.0},
     "grpo": {"algorithm.name": "grpo"},
-    "opd_frozen": {"algorithm.name": "opd", "teacher.mode": "frozen", "loss.alpha": 1.0},
     "sft_verified": {"algorithm.name": "sft"},
+    "mopd_2s1f_frozen": {"algorithm.name": "mopd", "teacher.mode": "frozen"},
+    "mopd_2s1f_trust_region": {"algorithm.name": "mopd", "teacher.mode": "trust_region"},
+    "mopd_1s": {"algorithm.name": "mopd", "peers.include_another": False,
+                "peers.include_failure": False},
+    "mopd_2s": {"algorithm.name": "mopd", "peers.include_failure": False},
+    "mopd_1s1f": {"algorithm.name": "mopd", "peers.include_another": False},
+    "sdpo_no_feedback": {**_SDPO, "peers.include_feedback": False},
+    "mopd_external": {"algorithm.name": "mopd", **_LARGE_TEACHER},
 }
+# Run with --seeds; every other method with --extra-seeds.
+MAIN_METHODS = ("mopd_2s1f", "sdpo_feedback", "opd_large_teacher", "grpo", "sft_verified")
 
 # Student's t quantile t(0.975, df) for the 95% interval of a mean over seeds.
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
@@ -66,7 +87,10 @@ def parse_args(argv=None):
                  help="1 seed, 8 steps, 32 held-out prompts: the pipeline in minutes")
   p.add_argument("--methods", default=",".join(METHODS),
                  help=f"comma-separated subset of {tuple(METHODS)}")
-  p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
+  p.add_argument("--seeds", default=None,
+                 help=f"comma-separated seeds of {MAIN_METHODS} (default 0,1,2)")
+  p.add_argument("--extra-seeds", default="0",
+                 help="comma-separated seeds of the other methods (default 0)")
   p.add_argument("--steps", type=int, default=None, help="steps per run (default 60)")
   p.add_argument("--eval-every", type=int, default=None, help="default 10")
   p.add_argument("--eval-prompts", type=int, default=None, help="default 96")
@@ -98,16 +122,23 @@ def parse_args(argv=None):
   unknown = [m for m in args.methods if m not in METHODS]
   if unknown:
     p.error(f"--methods: unknown {unknown}; allowed: {tuple(METHODS)}")
-  try:
-    args.seeds = [int(s) for s in str(args.seeds).split(",") if s != ""]
-  except ValueError:
-    p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+  for name in ("seeds", "extra_seeds"):
+    try:
+      setattr(args, name, [int(s) for s in str(getattr(args, name)).split(",") if s != ""])
+    except ValueError:
+      p.error(f"--{name.replace('_', '-')} must be comma-separated integers, got "
+              f"{getattr(args, name)!r}")
   for name in ("steps", "eval_prompts", "signal_prompts", "signal_samples"):
     if getattr(args, name) <= 0:
       p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-  if not args.seeds:
-    p.error("--seeds: give at least one seed")
+  if not args.seeds or not args.extra_seeds:
+    p.error("--seeds and --extra-seeds: give at least one seed each")
   return args
+
+
+def seeds_of(args, method: str) -> list[int]:
+  """The seeds `method` runs with: --seeds for the main five, --extra-seeds otherwise."""
+  return args.seeds if method in MAIN_METHODS else args.extra_seeds
 
 
 def run_overrides(args, method: str, seed: int) -> dict:
@@ -215,6 +246,29 @@ def aggregate(runs: list[dict]) -> dict:
   return out
 
 
+def method_rows(aggregates: dict) -> list[dict]:
+  """`results.json`'s per-method summary: held-out success after training (mean and 95%
+  interval over seeds) and pass@k, one row per method that finished a run."""
+  rows = []
+  for method, a in aggregates.items():
+    if "success_after" not in a:
+      continue
+    k = a["k"]
+    rows.append({"method": method, "seeds": a["seeds"],
+                 "heldout_success_mean": a["success_after"]["mean"],
+                 "heldout_success_ci": a["success_after"]["ci95"],
+                 "pass_at_k": {"k": k, "mean": a[f"pass@{k}_after"]["mean"],
+                               "ci": a[f"pass@{k}_after"]["ci95"]}})
+  return rows
+
+
+def teacher_signal_rows(signal: dict) -> list[dict]:
+  """`results.json`'s teacher-signal summary: one row per context, its AUC and the
+  prompt-level bootstrap 95% interval."""
+  return [{"context": name, "auc": v["auc"], "auc_ci": v["ci95"]["auc"],
+           "num_prompts": v["num_prompts"]} for name, v in signal["variants"].items()]
+
+
 def _mean_curve(curves) -> list:
   """[[step, mean over runs]] at the steps every run has."""
   steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
@@ -302,7 +356,9 @@ def markdown(results: dict) -> str:
   lines = [
       "# Reproduction study on the demo task",
       "",
-      f"{len(setup['seeds'])} seed(s) ({', '.join(map(str, setup['seeds']))}) per method, "
+      f"{len(setup['seeds'])} seed(s) ({', '.join(map(str, setup['seeds']))}) for "
+      f"{', '.join(m for m in MAIN_METHODS if m in agg)}; "
+      f"{', '.join(map(str, setup.get('extra_seeds', setup['seeds'])))} for the others; "
       f"{setup['steps']} steps of {setup['prompts_per_step']} prompts x "
       f"{setup['rollouts_per_prompt']} rollouts (the same rollout budget for every method), "
       f"held-out evaluation on {setup['eval_prompts']} problems x {k} samples at "
@@ -325,7 +381,7 @@ def markdown(results: dict) -> str:
         f"{_fmt(a['train_reward_late'])} | {a['wall_time_s']['mean']:.0f} s |")
   lines += ["", "Ordering by held-out success after training: "
             + " > ".join(results["ordering"]) + "."]
-  signal = results.get("teacher_signal")
+  signal = results.get("teacher_signal_detail")
   if signal:
     lines += [
         "",
@@ -403,10 +459,13 @@ def main(argv=None):
   start = time.time()
   demo = demo_config()
   os.makedirs(args.out, exist_ok=True)
-  runs = [run_one(args, method, seed) for seed in args.seeds for method in args.methods]
+  runs = [run_one(args, method, seed)
+          for seed in sorted(set(args.seeds) | set(args.extra_seeds))
+          for method in args.methods if seed in seeds_of(args, method)]
   aggregates = aggregate(runs)
   results = {
       "setup": {"methods": {m: METHODS[m] for m in args.methods}, "seeds": args.seeds,
+                "extra_seeds": args.extra_seeds, "main_methods": list(MAIN_METHODS),
                 "steps": args.steps, "eval_every": args.eval_every,
                 "eval_prompts": args.eval_prompts,
                 "prompts_per_step": demo.data.batch_size,
@@ -417,8 +476,10 @@ def main(argv=None):
       "runs": runs,
       "aggregates": aggregates,
       "ordering": ordering(aggregates),
+      "methods": method_rows(aggregates),
   }
-  results["teacher_signal"] = teacher_signal_study(args)
+  results["teacher_signal_detail"] = teacher_signal_study(args)
+  results["teacher_signal"] = teacher_signal_rows(results["teacher_signal_detail"])
   results["wall_time_s"] = time.time() - start
   with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)

@@ -95,7 +95,7 @@ def test_markdown_and_plots_are_written(runs, tmp_path):
   results = {"setup": {"seeds": [0, 1, 2], "steps": 12, "prompts_per_step": 16,
                        "rollouts_per_prompt": 4, "eval_prompts": 96, "machine": "test"},
              "aggregates": agg, "ordering": reproduce.ordering(agg),
-             "teacher_signal": signal, "wall_time_s": 120.0, "runs": runs}
+             "teacher_signal_detail": signal, "wall_time_s": 120.0, "runs": runs}
   text = reproduce.markdown(results)
   assert "| mopd_2s1f | 0.400 [0.400, 0.400] | 0.630 [" in text
   assert "mopd_2s1f > sft_verified > grpo" in text
@@ -111,6 +111,46 @@ def test_markdown_and_plots_are_written(runs, tmp_path):
   reproduce.main(["--plots-only", f"--out={redraw}"])
   assert sorted(p.name for p in redraw.glob("*.png")) == ["heldout_success.png",
                                                           "train_reward.png"]
+
+
+def test_results_json_summaries_have_the_documented_schema(runs):
+  agg = reproduce.aggregate(runs)
+  rows = reproduce.method_rows(agg)
+  assert [r["method"] for r in rows] == ["mopd_2s1f", "grpo", "sft_verified"]
+  mopd = rows[0]
+  assert set(mopd) == {"method", "seeds", "heldout_success_mean", "heldout_success_ci",
+                       "pass_at_k"}
+  assert mopd["seeds"] == [0, 1, 2]
+  np.testing.assert_allclose(mopd["heldout_success_mean"], np.mean([0.6, 0.63, 0.66]))
+  assert mopd["heldout_success_ci"] == agg["mopd_2s1f"]["success_after"]["ci95"]
+  assert mopd["pass_at_k"]["k"] == 4
+  np.testing.assert_allclose(mopd["pass_at_k"]["mean"], np.mean([0.7, 0.73, 0.76]))
+  signal = {"variants": {"base": {"auc": 0.61, "num_prompts": 9,
+                                  "ci95": {"auc": [0.5, 0.7]}},
+                         "2S1F": {"auc": 0.8, "num_prompts": 9,
+                                  "ci95": {"auc": [0.7, 0.9]}}}}
+  assert reproduce.teacher_signal_rows(signal) == [
+      {"context": "base", "auc": 0.61, "auc_ci": [0.5, 0.7], "num_prompts": 9},
+      {"context": "2S1F", "auc": 0.8, "auc_ci": [0.7, 0.9], "num_prompts": 9}]
+
+
+def test_main_methods_run_every_seed_the_others_the_extra_seeds():
+  args = reproduce.parse_args(["--seeds=0,1,2", "--extra-seeds=5"])
+  assert set(reproduce.MAIN_METHODS) <= set(reproduce.METHODS)
+  assert reproduce.seeds_of(args, "mopd_2s1f") == [0, 1, 2]
+  assert reproduce.seeds_of(args, "sdpo_feedback") == [0, 1, 2]
+  assert reproduce.seeds_of(args, "mopd_1s") == [5]
+  with pytest.raises(SystemExit):
+    reproduce.parse_args(["--extra-seeds=a"])
+
+
+def test_every_method_is_a_valid_run_config():
+  """Each method's overrides on the demo config pass the settings' checks."""
+  from mopd_jax import settings  # pylint: disable=import-outside-toplevel
+  from tests.conftest import load_config  # pylint: disable=import-outside-toplevel
+  for method, overrides in reproduce.METHODS.items():
+    st = settings.from_config(load_config(**overrides))
+    assert st.algorithm.name == overrides["algorithm.name"], method
 
 
 def test_bad_arguments_name_the_flag():
