@@ -62,7 +62,7 @@ def main():
   args = parser.parse_args()
   jax.config.update("jax_platforms", "cpu")
   from mopd_jax import checkpointing, metrics, settings, train  # pylint: disable=import-outside-toplevel
-  from tests.conftest import load_config  # pylint: disable=import-outside-toplevel
+  from benchmarks.configs import load_config  # pylint: disable=import-outside-toplevel
   overrides = {"total_steps": 10**6, "log_every": 1}
   if args.batch_size:
     overrides["data.batch_size"] = args.batch_size

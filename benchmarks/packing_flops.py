@@ -58,7 +58,7 @@ def demo_lengths(batches: int = 4):
   import jax  # pylint: disable=import-outside-toplevel
 
   from mopd_jax import step_teacher, train, train_step  # pylint: disable=import-outside-toplevel
-  from tests.conftest import load_config  # pylint: disable=import-outside-toplevel
+  from benchmarks.configs import load_config  # pylint: disable=import-outside-toplevel
 
   s = train.setup(load_config())
   state = s.init_state()

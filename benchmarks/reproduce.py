@@ -307,12 +307,8 @@ def ordering(aggregates: dict) -> list[str]:
 
 def demo_config():
   """`get_config()` of configs/code.py (the demo)."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("configs_code",
-                                                os.path.join(ROOT, "configs", "code.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from benchmarks import configs  # pylint: disable=import-outside-toplevel
+  return configs.load_config("code")
 
 
 def teacher_signal_study(args) -> dict:

@@ -73,20 +73,8 @@ def uninterrupted_run(tiny_base_dir, tmp_path_factory):
 
 def load_config(name="code", arg=None, **overrides):
   """get_config(arg) of configs/<name>.py with dotted-key overrides."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location(f"configs_{name}",
-                                                os.path.join(root, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
-  for key, value in overrides.items():
-    node = config
-    parts = key.split(".")
-    for part in parts[:-1]:
-      node = node[part]
-    setattr(node, parts[-1], value)
-  return config
+  from benchmarks import configs  # pylint: disable=import-outside-toplevel
+  return configs.load_config(name, arg, **overrides)
 
 
 def tiny_config(base_dir, **overrides):
