@@ -170,13 +170,18 @@ def test_fused_step_decodes_without_gathering_weights(fsdp_parts):
   reshard = topology.scoped_collectives(text, "decode_layout")
   assert 0.9 * weight_bytes <= reshard["all-gather"]["bytes"] <= weight_bytes
   # The control: the sampler in the training layout gathers weights at every token.
-  sampler = dataclasses.replace(parts.cfg.sampler, decode_layout="train")
+  text = _sampler_hlo(parts, "train")
+  assert topology.decode_step_collectives(text)["all-gather"]["bytes"] > weight_bytes / 2
+
+
+def _sampler_hlo(parts, layout: str) -> str:
+  """Optimized TPU HLO of the sampler alone in `layout`, under Shardy."""
+  sampler = dataclasses.replace(parts.cfg.sampler, decode_layout=layout)
   jitted = sharding.UnderMesh(jax.jit(sampler.__call__), parts.mesh)
   with _partitioner(True):
-    text = jitted.lower(parts.abstract_state.params, parts.batch["prompt_tokens"],
+    return jitted.lower(parts.abstract_state.params, parts.batch["prompt_tokens"],
                         parts.batch["prompt_mask"],
                         parts.abstract_state.rng).compile().as_text()
-  assert topology.decode_step_collectives(text)["all-gather"]["bytes"] > weight_bytes / 2
 
 
 def test_wide_decode_layout_decodes_without_gathering_weights(fsdp_parts):
@@ -184,12 +189,7 @@ def test_wide_decode_layout_decodes_without_gathering_weights(fsdp_parts):
   sampler's decode loop communicates activations only, and the reshard into it moves
   at most the compute-dtype weights once per call."""
   parts = fsdp_parts
-  sampler = dataclasses.replace(parts.cfg.sampler, decode_layout="wide")
-  jitted = sharding.UnderMesh(jax.jit(sampler.__call__), parts.mesh)
-  with _partitioner(True):
-    text = jitted.lower(parts.abstract_state.params, parts.batch["prompt_tokens"],
-                        parts.batch["prompt_mask"],
-                        parts.abstract_state.rng).compile().as_text()
+  text = _sampler_hlo(parts, "wide")
   model = parts.cfg.model
   weight_bytes = 2 * model.num_params
   # No collective of a decode step is as large as the smallest weight matrix of a layer
