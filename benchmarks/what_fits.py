@@ -270,7 +270,7 @@ def _verdict(line: dict) -> str:
   return "yes" if line["fits"] else "no"
 
 
-_KIND = {"v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}
+_KIND = {"v5p": "TPU v5", "v6e": "TPU v6 lite", "v5e": "TPU v5 lite"}
 
 
 def hbm_of(topology_name: str) -> int:
@@ -321,6 +321,13 @@ def table(lines: list[dict]) -> str:
   return "\n".join(out)
 
 
+def _order(item):
+  """Smallest model first; then v5p, v6e, v5e; then fewer chips."""
+  from mopd_jax.models import presets  # pylint: disable=import-outside-toplevel
+  (preset, name, chips), _ = item
+  return (presets.get(preset).num_params, list(_KIND).index(name.split(":")[0]), chips)
+
+
 def summary(lines: list[dict]) -> str:
   """Markdown: per preset and topology, the largest micro_batch_rows that compiled and
   fit, the smallest refused, and the step's lower bound."""
@@ -331,16 +338,22 @@ def summary(lines: list[dict]) -> str:
       by_pair.setdefault((l["preset"], l["topology"], l["chips"]), []).append(l)
   out = ["| preset | topology (chips) | micro_batch_rows that fits | per chip GiB / HBM | "
          "larger one refused | step lower bound s |", "|---|---|---|---|---|---|"]
-  for (preset, name, chips), group in by_pair.items():
+  for (preset, name, chips), group in sorted(by_pair.items(), key=_order):
     fit = [l for l in group if l.get("fits")]
     refused = [_rows(l) for l in group if l.get("fits") is False]
     best = max(fit, key=_rows) if fit else None
     bigger = [r for r in refused if best is None or r > _rows(best)]
+    one_row_each = group[0]["mesh"][0] * group[0]["mesh"][1]  # rows of a 1-row micro-batch
+    verdict = (_rows(best) if best else
+               f"none: {one_row_each} (1 row per device) does not fit"
+               if one_row_each in refused else "none of those tried")
+    if best is None and one_row_each in refused:
+      bigger = []
     out.append(
-        f"| {preset} | {name} ({chips}) | {_rows(best) if best else 'none tried fits'} | "
+        f"| {preset} | {name} ({chips}) | {verdict} | "
         + (f"{_gib(best['total_bytes'])} / {_gib(hbm_of(name))}" if best else "-") + " | "
-        + (str(min(bigger)) if bigger else ("- (all rows at once)" if best and
-                                            _rows(best) == PROMPTS * GROUP else "not tried"))
+        + (str(min(bigger)) if bigger else "-" if best is None else
+           "- (all rows at once)" if _rows(best) == PROMPTS * GROUP else "not tried")
         + f" | {_bound(best, flops) if best else '-'} |")
   return "\n".join(out)
 
