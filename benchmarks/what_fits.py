@@ -20,14 +20,17 @@ refuses the program, the line keeps the temporaries it reported. `xla_flops` and
 `xla_bytes_accessed` are the compiled program's cost analysis per device, which counts
 each loop body once (layers, decode steps, micro-batches): far below the step's work, so
 they are recorded but not used for the bound. The FLOPs of a step are counted instead
-(totals over all chips):
+(`step_flops`, totals over all chips; matmuls only, 2 FLOPs per parameter per token, causal
+attention at 4 x layers x heads x head_dim per query-key pair):
 
-  update    the matmul FLOPs of the update (teacher forward, student forward and
-            backward, loss), counted from its jaxpr with every scan's trip count
-            (`benchmarks.step_memory --flops-only`, once per preset);
-  sampling  matmul FLOPs of prefill (once per prompt) and decode (every rollout to the
-            full response length): 2 x matmul parameters (LM head included) per token, plus
-            4 x layers x heads x head_dim x the attended length (causal).
+  sampling  prefill of each prompt once, decode of every rollout to the full response
+            length, logits at every generated token;
+  update    teacher forward + student forward and backward (3 x a forward; remat's
+            recomputation not counted), logits at the response positions only, over the
+            padded row lengths the step uses (`benchmarks.step_memory --flops-only`, run
+            once per preset; its jaxpr count of the update, `update_flops`, is kept in the
+            results file as a cross-check: it includes the recomputation and whole
+            attention blocks, so it is no lower bound).
 
 The step-time lower bound adds two phases that cannot overlap: sampling, at least
 max(its FLOPs per chip / peak, response length x (decode weights + half the KV cache)
