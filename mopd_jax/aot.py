@@ -65,6 +65,12 @@ def _settings(config) -> settings.Settings:
 
 def compile_for_topology(config) -> memory_plan.MemoryPlan:
   """The memory plan of the configured step compiled for `config.mesh.compile_for`."""
+  return compile_step_for_topology(config)[1]
+
+
+def compile_step_for_topology(config):
+  """(the compiled step, its memory plan) for `config.mesh.compile_for`; the compiled
+  step's `cost_analysis()` and `as_text()` are the TPU compiler's."""
   st = _settings(config)
   devices = topology.devices(st.mesh.compile_for, math.prod(st.mesh.dcn_shape))
   # The run's own mesh and row-split checks (the evaluation sampler is not compiled here).
@@ -91,8 +97,7 @@ def compile_for_topology(config) -> memory_plan.MemoryPlan:
       train_batches=None, eval_batches=None,
       host_verifier=_HostStandIn(st.peers.feedback_len, st.peers.summary_len),
       pieces=pieces)
-  _, plan = setup.compile_step()
-  return plan
+  return setup.compile_step()
 
 
 def report(plan: memory_plan.MemoryPlan, topology_name: str) -> tuple[str, bool]:
