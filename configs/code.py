@@ -72,8 +72,9 @@ def get_config(arg=None):
   # Peer context: 2S1F with condition "always" (the paper's best configuration).
   c.peers.failure_condition = "always"
   c.peers.peer_cap = 40  # tokens per peer block
-  # The demo base model was never pretrained on a teacher prompt with the rollout's own
-  # feedback (the authors' default, on in the presets below): the demo leaves it out.
+  # Own feedback (the authors' default, on in the presets below) is off in the demo: it
+  # lengthens every teacher prompt by `feedback_len` tokens. The base model is pretrained
+  # on teacher prompts with it, so --config.peers.include_feedback=True works as well.
   c.peers.include_feedback = False
   # With --config.peers.include_feedback=True: room for the demo verifier's feedback (on
   # wrong demo programs at most ~320 tokens; median 95).
