@@ -95,8 +95,7 @@ class BaseRecipe:
 
 
 # The external teacher: same data and tokenizer, more capacity and skill.
-TEACHER_RECIPE = BaseRecipe(num_layers=4, embed_dim=128, head_dim=32, mlp_dim=384,
-                            skill=0.5, seed=1)
+TEACHER_RECIPE = BaseRecipe(num_layers=4, skill=0.5, seed=1)
 
 
 def model_config(recipe: BaseRecipe, vocab_size: int) -> transformer.ModelConfig:

@@ -129,3 +129,27 @@ def test_packer_keeps_examples_whole_and_separate():
   assert weights[1, :12].tolist() == [0] * 10 + [1, 0]  # first response token not scored
   assert packer.pending is not None  # the example that did not fit opens the next batch
   assert (weights[segments == 0] == 0).all()
+
+
+def test_external_demo_teacher_shares_the_tokenizer_and_loads(tiny_base_dir, tmp_path):
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  from mopd_jax import settings, train_setup  # pylint: disable=import-outside-toplevel
+  from tests.conftest import tiny_config  # pylint: disable=import-outside-toplevel
+  base = tmp_path / "base"
+  shutil.copytree(tiny_base_dir, base, ignore=shutil.ignore_patterns("data"))
+  # A tiny stand-in for the teacher (same code path, two steps), built where
+  # `ensure_teacher` looks, so that the run finds it instead of building the real one.
+  recipe = dataclasses.replace(demo_base.TEACHER_RECIPE, steps=2, embed_dim=32, head_dim=8,
+                               mlp_dim=64, rows=2)
+  demo_base.ensure(demo_base.teacher_dir(str(base)), recipe, tokenizer_dir=str(base))
+  assert (tmp_path / "base_teacher" / "tokenizer.model").read_bytes() == (
+      base / "tokenizer.model").read_bytes()
+  st = settings.from_config(tiny_config(str(base), **{
+      "algorithm.name": "opd", "loss.alpha": 1.0, "teacher.mode": "external",
+      "teacher.checkpoint": "demo", "teacher.param_dtype": "float32"}))
+  student_cfg = demo_base.load(str(base))[0]
+  teacher_cfg, params = train_setup._load_external_teacher(  # pylint: disable=protected-access
+      st, None, student_cfg)
+  assert teacher_cfg.num_layers == 4 and teacher_cfg.vocab_size == student_cfg.vocab_size
+  assert params["layers"]["mlp"]["up_proj"]["kernel"].shape[0] == 4
