@@ -44,7 +44,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import time
 
 from absl import app, flags, logging
