@@ -12,6 +12,15 @@ Shorter, e.g. for a smoke test:
   python -m mopd_jax.main --config=configs/code.py --workdir=/tmp/mopd_smoke \
       --config.total_steps=3 --config.eval_every=0 --config.eval.num_prompts=8
 
+Classic OPD, or MOPD with an external teacher, on the demo: the demo's larger teacher
+(same tokenizer, twice the layers, more often right; built next to the base model on
+first use) scores the student's rollouts:
+
+  python -m mopd_jax.main --config=configs/code.py --workdir=/tmp/mopd_opd \
+      --config.algorithm.name=opd --config.loss.alpha=1.0 \
+      --config.teacher.mode=external --config.teacher.checkpoint=demo \
+      --config.teacher.param_dtype=float32
+
 Any key can be overridden on the command line (`--config.optim.lr=3e-4`); every key,
 its default and what it allows are defined once, in `mopd_jax/settings/`.
 
@@ -60,6 +69,10 @@ def get_config(arg=None):
   c.model.checkpoint = "demo"
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
+  # At the demo's tiny sizes on a CPU: keep the layers' activations (no remat) and unroll
+  # the scan over the two layers (README, "The demo's step time").
+  c.model.remat_policy = "none"
+  c.model.unroll_layers = True
 
   c.data.task = "demo_code"
   c.data.batch_size = 16  # prompts per step; rows = batch_size * sampling.num_samples
@@ -72,8 +85,9 @@ def get_config(arg=None):
   # Peer context: 2S1F with condition "always" (the paper's best configuration).
   c.peers.failure_condition = "always"
   c.peers.peer_cap = 40  # tokens per peer block
-  # The demo base model was never pretrained on a teacher prompt with the rollout's own
-  # feedback (the authors' default, on in the presets below): the demo leaves it out.
+  # Own feedback (the authors' default, on in the presets below) is off in the demo: it
+  # lengthens every teacher prompt by `feedback_len` tokens. The base model is pretrained
+  # on teacher prompts with it, so --config.peers.include_feedback=True works as well.
   c.peers.include_feedback = False
   # With --config.peers.include_feedback=True: room for the demo verifier's feedback (on
   # wrong demo programs at most ~320 tokens; median 95).
@@ -90,6 +104,10 @@ def get_config(arg=None):
 
   c.optim.lr = 1e-4
   c.optim.warmup_steps = 5
+
+  # A sandboxed run mostly waits on the kernel (namespaces, cgroup, process start-up and
+  # teardown), so more concurrent runs than cores overlap those waits.
+  c.verifier.max_workers = 8
 
   c.eval.num_prompts = 96
   c.eval.num_samples = 4
@@ -120,6 +138,9 @@ def _paper_scale(c, arg):
   c.teacher.ema_rate = 0.05
   c.optim.lr = 1e-5
   c.optim.warmup_steps = 10
+  c.model.remat_policy = "full"
+  c.model.unroll_layers = False
+  c.verifier.max_workers = None  # one per core
   c.total_steps = 200
   c.checkpoint_every = 50
   c.eval_every = 5

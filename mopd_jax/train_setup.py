@@ -334,9 +334,16 @@ def _check_preset(name, loaded, path):
 def _load_external_teacher(st: settings.Settings, mesh, student_cfg):
   if st.teacher.mode != "external":
     return None, None
-  from mopd_jax.models import hf_import  # pylint: disable=import-outside-toplevel
-  teacher_cfg, params = hf_import.load(st.teacher.checkpoint,
-                                       dtype=st.teacher.param_dtype, mesh=mesh)
+  if st.teacher.checkpoint == "demo":  # the demo base model's larger teacher
+    base_dir = st.model.cache_dir or demo_base.default_dir()
+    teacher_cfg, params, _ = _primary_first(lambda: demo_base.ensure_teacher(base_dir))
+    teacher_cfg = dataclasses.replace(teacher_cfg, param_dtype=st.teacher.param_dtype)
+    dtype = transformer.dtype_from_name(st.teacher.param_dtype)
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+  else:
+    from mopd_jax.models import hf_import  # pylint: disable=import-outside-toplevel
+    teacher_cfg, params = hf_import.load(st.teacher.checkpoint,
+                                         dtype=st.teacher.param_dtype, mesh=mesh)
   if teacher_cfg.vocab_size != student_cfg.vocab_size:
     raise settings.ConfigError(
         f"The external teacher's vocabulary ({teacher_cfg.vocab_size} tokens, "

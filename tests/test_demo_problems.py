@@ -133,3 +133,18 @@ def test_wrong_solution_exists_for_every_problem_and_is_seeded():
   first = [dp.wrong_solution(problem, np.random.default_rng(s)) for s in range(20)]
   again = [dp.wrong_solution(problem, np.random.default_rng(s)) for s in range(20)]
   assert first == again and len(set(first)) > 1
+
+
+def test_misconceptions_fail_with_the_feedback_grade_outputs_predicts():
+  problems = [dp.get_problem(i) for i in sample_ids(3)]
+  cases = [(p, j, w) for p in problems for j, w in enumerate(dp.misconceptions(p))]
+  assert all(1 <= len(dp.misconceptions(p)) <= dp.MAX_MISCONCEPTIONS for p in problems)
+  results = code.score_batch([w for _, _, w in cases], [p.tests for p, _, _ in cases])
+  for (problem, j, wrong), result in zip(cases, results):
+    assert RESPONSE_FORM.fullmatch(wrong) and wrong != problem.solution
+    assert result.reward == 0.0 and result.status == "ok"
+    predicted = code.grade_outputs(dp.misconception_outputs(problem, j), problem.tests)
+    assert predicted == result
+  assert dp.misconceptions(problems[0]) == dp.misconceptions(dp.get_problem(problems[0].id))
+  styles = {(dp.family_index(i), dp.style_of(i)) for i in range(dp.num_problems())}
+  assert len(styles) == 4 * len(dp.FAMILIES)

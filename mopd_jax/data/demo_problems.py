@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 SPLITS = ("train", "heldout")
+MAX_MISCONCEPTIONS = 3  # systematic wrong answers per problem (see `misconceptions`)
 
 _ORDER_SEED = 20240611
 _HELDOUT_PERCENT = 10
@@ -119,7 +120,11 @@ _FAMILIES = (
         ("linear", "affine"),
         ("x times {a} plus {b}", "{a} times x plus {b}"),
         "x * {a} {op} {b}",
-        (("+", lambda x, c: x * c["a"] + c["b"]), ("-", lambda x, c: x * c["a"] - c["b"])),
+        (
+            ("+", lambda x, c: x * c["a"] + c["b"]),
+            ("-", lambda x, c: x * c["a"] - c["b"]),
+            ("*", lambda x, c: x * c["a"] * c["b"]),
+        ),
         (("a", _A), ("b", _K)),
         lambda c: [0, 1, 4, -2, 10],
     ),
@@ -129,7 +134,11 @@ _FAMILIES = (
         ("mod_const", "remainder"),
         ("x modulo {k}", "the remainder of x divided by {k}"),
         "x {op} {k}",
-        (("%", lambda x, c: x % c["k"]), ("//", lambda x, c: x // c["k"])),
+        (
+            ("%", lambda x, c: x % c["k"]),
+            ("//", lambda x, c: x // c["k"]),
+            ("/", lambda x, c: x / c["k"]),
+        ),
         (("k", _K),),
         lambda c: [c["k"] - 1, c["k"], 3 * c["k"] + 2, 100, -7],
     ),
@@ -139,7 +148,11 @@ _FAMILIES = (
         ("div_const", "int_div"),
         ("x divided by {k}, rounded down", "the floor division of x by {k}"),
         "x {op} {k}",
-        (("//", lambda x, c: x // c["k"]), ("%", lambda x, c: x % c["k"])),
+        (
+            ("//", lambda x, c: x // c["k"]),
+            ("%", lambda x, c: x % c["k"]),
+            ("/", lambda x, c: x / c["k"]),
+        ),
         (("k", _K),),
         lambda c: [c["k"] - 1, c["k"], 3 * c["k"] + 2, 100, -7],
     ),
@@ -179,7 +192,11 @@ _FAMILIES = (
         ("square_plus", "sq_plus"),
         ("x squared plus {k}", "the square of x plus {k}"),
         "x * x {op} {k}",
-        (("+", lambda x, c: x * x + c["k"]), ("-", lambda x, c: x * x - c["k"])),
+        (
+            ("+", lambda x, c: x * x + c["k"]),
+            ("-", lambda x, c: x * x - c["k"]),
+            ("*", lambda x, c: x * x * c["k"]),
+        ),
         (("k", _K),),
         lambda c: [0, 1, 3, -2, 6],
     ),
@@ -209,6 +226,7 @@ _FAMILIES = (
         (
             ("*", lambda xs, c: [v * c["k"] for v in xs]),
             ("+", lambda xs, c: [v + c["k"] for v in xs]),
+            ("-", lambda xs, c: [v - c["k"] for v in xs]),
         ),
         (("k", _K),),
         lambda c: [[], [1, 2, 3], [0, -5], [10]],
@@ -426,3 +444,65 @@ def wrong_solution(problem: Problem, rng: np.random.Generator) -> str:
     if _fails_tests(spec, op, consts):
       return _render(spec, op, consts)
   raise RuntimeError(f"Problem {problem.id} has no failing variant; its tests are too weak.")
+
+
+def _misconception_candidates(spec: _Spec) -> list:
+  """(op, constants) of every systematic misconception a learner could hold about `spec`:
+  each alternative operator of the family (copying the constants right); a family
+  without one (`repeat_str`) gets the constant off by +1 and by -1."""
+  family = _FAMILIES[spec.family]
+  consts = _const_dict(spec)
+  candidates = [(op, consts) for op, _ in family.ops[1:]]
+  if not candidates:
+    last = family.consts[-1][0]
+    candidates = [(family.ops[0][0], {**consts, last: consts[last] + d}) for d in (1, -1)]
+  return candidates
+
+
+def _compute(spec: _Spec, op: str, consts: dict, arg):
+  return dict(_FAMILIES[spec.family].ops)[op](arg, consts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _misconceptions(i: int) -> tuple[tuple[str, tuple], ...]:
+  spec = _specs()[i]
+  tests = _tests(spec)
+  out = []
+  for op, consts in _misconception_candidates(spec):
+    if len(out) == MAX_MISCONCEPTIONS:
+      break
+    if _fails_tests(spec, op, consts):
+      values = tuple(_compute(spec, op, consts, arg) for (arg,) in tests["inputs"])
+      out.append((_render(spec, op, consts), values))
+  return tuple(out)
+
+
+def misconceptions(problem: Problem) -> tuple[str, ...]:
+  """The problem's systematic wrong answers, in a fixed order (at most MAX_MISCONCEPTIONS).
+
+  Unlike `wrong_solution`'s scattered mistakes, these are the few errors a learner of the
+  family makes again and again: another operator of the family (`x - 7` for "x plus 7",
+  `x / 13` for "x divided by 13, rounded down"); only `repeat_str`, which has no other
+  operator, gets the count off by one. Each fails at least one of the problem's tests;
+  every problem has at least one.
+  """
+  if not isinstance(problem, Problem) or problem != get_problem(problem.id):
+    raise ValueError(f"{problem!r} is not a demo problem of this module.")
+  return tuple(response for response, _ in _misconceptions(problem.id))
+
+
+def misconception_outputs(problem: Problem, index: int) -> list:
+  """What misconception `index` of `problem` returns on each of the problem's test inputs."""
+  misconceptions(problem)  # validates the problem
+  return list(_misconceptions(problem.id)[index][1])
+
+
+def style_of(i: int) -> int:
+  """The surface form of problem `i` within its family, 0..3: function name x phrasing."""
+  spec = _specs()[_check_id(i)]
+  return spec.fn_name * len(_LEADS) + spec.phrasing
+
+
+def family_index(i: int) -> int:
+  """Index of problem `i`'s family in `FAMILIES`."""
+  return _specs()[_check_id(i)].family

@@ -80,6 +80,9 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of activations and matmuls
   # Per-layer jax.checkpoint policy in the backward pass ("none" = keep all activations).
   remat_policy: str = "full"
+  # Layers run under `nn.scan` (compile time independent of depth); True unrolls the scan
+  # (same stacked parameters), which tiny models on a CPU run faster.
+  unroll_layers: bool = False
   rope_scaling: Llama3RopeScaling | None = None
   attention: str = "auto"  # see models.attention.KINDS
   # Precision of float32 matmuls: "default" lets GPUs / TPUs use TF32 / bfloat16 passes.
@@ -103,6 +106,8 @@ class ModelConfig:
       raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}.")
     dtype_from_name(self.param_dtype)
     dtype_from_name(self.dtype)
+    if not isinstance(self.unroll_layers, bool):
+      raise ValueError(f"model.unroll_layers must be True or False, got {self.unroll_layers!r}.")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"model.remat_policy {self.remat_policy!r} is unknown; allowed: "
                        f"{list(REMAT_POLICIES)}.")

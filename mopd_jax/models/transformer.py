@@ -10,7 +10,8 @@ mesh (see `mopd_jax.sharding`).
 
 Layers are stacked: every per-layer parameter has a leading `layers` axis of size
 num_layers (params["layers"]["attn"]["q_proj"]["kernel"] is [L, D, H, Dh]), and the stack
-runs under `nn.scan`, so compile time does not grow with depth. `remat_policy` names the
+runs under `nn.scan`, so compile time does not grow with depth (`unroll_layers` unrolls
+that scan, for tiny models on a CPU). `remat_policy` names the
 `jax.checkpoint` policy of each layer in the backward pass.
 
 Entry points:
@@ -263,6 +264,7 @@ class Decoder(nn.Module):
       block_cls = nn.remat(Block, policy=policy, prevent_cse=False)
     stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                     in_axes=(nn.broadcast, 0), length=cfg.num_layers,
+                    unroll=cfg.num_layers if cfg.unroll_layers else 1,
                     metadata_params={nn.PARTITION_NAME: "layers"})
     inputs = LayerInputs(positions=positions, token_mask=token_mask, prompt_mask=prompt_mask,
                          num_written=num_written, caches=caches, segment_ids=segment_ids)

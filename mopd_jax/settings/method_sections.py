@@ -122,8 +122,9 @@ class TeacherSettings(_Section):
   NAME: ClassVar[str] = "teacher"
   mode: str = knob("ema", _one_of(choices.TEACHER_MODES),
                    f"one of {choices.TEACHER_MODES}")
-  checkpoint: str | None = knob(None, _optional(_str), "None or a checkpoint path",
-                                "External teacher only.", kind=str)
+  checkpoint: str | None = knob(None, _optional(_str), "None, 'demo' or a checkpoint path",
+                                "External teacher only ('demo': the demo base model's "
+                                "larger teacher, built on first use).", kind=str)
   param_dtype: str = knob("bfloat16", _one_of(_DTYPES), "'float32' or 'bfloat16'",
                           "The external teacher's parameters.")
   ema_rate: float = knob(0.05, _num(0.0, 1.0), "a number in [0, 1]",

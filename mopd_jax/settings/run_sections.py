@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from mopd_jax import choices
 from mopd_jax.choices import ConfigError
-from mopd_jax.settings.knobs import (_DTYPES, _Section, _int, _num, _one_of, _optional,
+from mopd_jax.settings.knobs import (_DTYPES, _Section, _bool, _int, _num, _one_of, _optional,
                                      _str, knob)
 
 
@@ -49,6 +49,10 @@ class ModelSettings(_Section):
   remat_policy: str = knob(
       "full", _one_of(choices.REMAT_POLICIES), f"one of {list(choices.REMAT_POLICIES)}",
       "jax.checkpoint policy of each layer in the backward pass ('none' = no remat).")
+  unroll_layers: bool = knob(
+      False, _bool, "True or False",
+      "Unroll the scan over layers (same parameters; faster for tiny models on a CPU, "
+      "compile time grows with depth).")
   attention: str = knob("auto", _one_of(choices.ATTENTION_KINDS),
                         f"one of {list(choices.ATTENTION_KINDS)}",
                         "Attention implementation (auto: splash on TPU, cudnn on GPU where "
@@ -66,7 +70,7 @@ class ModelSettings(_Section):
     remat: it is never differentiated."""
     return dataclasses.replace(
         loaded, dtype=self.dtype, attention=self.attention, axis_rules=axis_rules,
-        matmul_precision=self.matmul_precision,
+        matmul_precision=self.matmul_precision, unroll_layers=self.unroll_layers,
         param_dtype=loaded.param_dtype if external_teacher else self.param_dtype,
         remat_policy="none" if external_teacher else self.remat_policy)
 

@@ -224,6 +224,17 @@ def _grade(document: dict, reference: _Reference) -> Result:
   )
 
 
+def grade_outputs(outputs: Sequence[Any], reference: Any) -> Result:
+  """The Result of a call-based program that returned `outputs` (plain data, one per test)
+  on the tests of `reference`: what `score` gives such a program, feedback text included,
+  without running anything (e.g. to show a known program's feedback)."""
+  tests = _parse_reference(reference)
+  if tests.fn_name is None or len(outputs) != len(tests.inputs):
+    raise ValueError("grade_outputs needs a call-based reference and one output per test.")
+  document = {"results": [{"ok": True, "value": json.loads(json.dumps(v))} for v in outputs]}
+  return _grade(document, tests)
+
+
 def _score(
     response: str,
     reference: Any,
