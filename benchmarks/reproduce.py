@@ -57,7 +57,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SDPO = {"algorithm.name": "sdpo", "peers.include_another": False,
          "peers.include_failure": False}
-_LARGE_TEACHER = {"teacher.mode": "external", "teacher.checkpoint": "demo"}
+_LARGE_TEACHER = {"teacher.mode": "external", "teacher.checkpoint": "demo",
+                  "teacher.param_dtype": "float32"}
 METHODS = {
     "mopd_2s1f": {"algorithm.name": "mopd"},
     "sdpo_feedback": {**_SDPO, "peers.include_feedback": True},
