@@ -150,16 +150,24 @@ SLOW_GOOD = ("```python\nimport time\ndef add3(x):\n    time.sleep(1.5)\n    ret
 
 
 def _busy_worker(pool):
-  """The worker running the slow response: the one whose run is older than 0.4 s."""
+  """The worker running the slow response: the one whose run this loop has seen alive for
+  0.7 s (the good responses' runs end well before; the slow one sleeps 1.5 s). Timed on
+  this process's clock: psutil's create_time derives from the boot time in whole seconds
+  and can make a fresh run look older than it is. Finished runs not yet reaped (zombies)
+  do not count."""
+  first_seen = {}
   deadline = time.monotonic() + 10
   while time.monotonic() < deadline:
+    now = time.monotonic()
     for pid in pool.worker_pids:
       try:
-        runs = psutil.Process(pid).children()
-        if any(time.time() - run.create_time() > 0.4 for run in runs):
-          return pid
+        runs = [r.pid for r in psutil.Process(pid).children()
+                if r.status() != psutil.STATUS_ZOMBIE]
       except psutil.NoSuchProcess:
         continue
+      for run in runs:
+        if now - first_seen.setdefault((pid, run), now) > 0.7:
+          return pid
     time.sleep(0.01)
   raise TimeoutError("no worker started the slow response")
 
