@@ -75,12 +75,8 @@ def kv_cache_split(model: transformer.ModelConfig, mesh, layout: str) -> dict[st
   with jax.sharding.use_abstract_mesh(getattr(mesh, "abstract_mesh", mesh)):
     spec = sharding.logical_spec((mesh.size, model.num_kv_heads),
                                  ("cache_batch", "cache_heads"), rules, "KV cache")
-
-  def size(axes):
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape[a] for a in axes)
-
-  return {"batch_devices": size(spec[0]), "head_devices": size(spec[1])}
+  return {"batch_devices": sharding.axis_size(mesh, spec[0]),
+          "head_devices": sharding.axis_size(mesh, spec[1])}
 
 
 def decode_weight_bytes(model: transformer.ModelConfig, param_shapes, mesh,

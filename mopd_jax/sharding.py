@@ -177,7 +177,8 @@ def make_mesh(shape: Sequence[int] = (1, 1, -1), devices=None, *,
       allow_split_physical_axes=True), MESH_AXES)
 
 
-def _axis_size(mesh: Mesh, axis) -> int:
+def axis_size(mesh: Mesh, axis) -> int:
+  """The number of devices of `mesh` along `axis` (None, a name or a tuple of names)."""
   if axis is None:
     return 1
   axes = axis if isinstance(axis, tuple) else (axis,)
@@ -209,7 +210,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_divisor(mesh: Mesh) -> int:
-  return _axis_size(mesh, BATCH_AXES)
+  return axis_size(mesh, BATCH_AXES)
 
 
 def context_batch_shards() -> int:

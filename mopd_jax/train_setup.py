@@ -99,10 +99,8 @@ class Setup:
     so that the evaluation sampler and every later step use it; the plan names it.
     """
     layout = self.settings.sampling.decode_layout
-    if layout != "auto":
-      return self._compile_with(layout)
-    if self.mesh.shape["fsdp"] == 1:  # 'wide' would split nothing more
-      return self._compile_with("tensor")
+    if layout != "auto" or self.mesh.shape["fsdp"] == 1:  # no fsdp: 'wide' splits no more
+      return self._compile_with("tensor" if layout == "auto" else layout)
     try:
       tensor = self._compile_with("tensor")
     except jax.errors.JaxRuntimeError as e:
@@ -119,12 +117,11 @@ class Setup:
       wide = self._compile_with("wide")
     except ValueError as e:  # e.g. query heads that tensor x fsdp does not divide
       logging.warning("The 'wide' decode layout does not apply here: %s", e)
-      self._set_decode_layout("tensor")
-      return tensor
-    if wide[1].fits() or wide[1].total < tensor[1].total:
-      return wide
-    self._set_decode_layout("tensor")
-    return tensor
+      wide = None
+    kept = (wide if wide and (wide[1].fits() or wide[1].total < tensor[1].total)
+            else tensor)
+    self._set_decode_layout(kept[1].decode_layout)
+    return kept
 
   def _set_decode_layout(self, layout: str):
     sampling = dataclasses.replace(self.settings.sampling, decode_layout=layout)
