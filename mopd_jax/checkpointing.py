@@ -90,6 +90,20 @@ def fingerprint_mismatch(state, expected: dict) -> str | None:
   return None
 
 
+def _remove_tree(path: str, timeout_s: float = 5.0) -> None:
+  """Removes `path`, retrying while files still appear in it (a failed save's writer
+  threads may still be finishing when the failure is reported); logs what is left."""
+  deadline = time.monotonic() + timeout_s
+  while True:
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.exists(path):
+      return
+    if time.monotonic() > deadline:
+      logging.warning("Could not remove %s, left by a failed save.", path)
+      return
+    time.sleep(0.05)
+
+
 class Checkpointer:
   """Saves every `every` steps (and on demand), keeps the last `keep`."""
 
@@ -155,7 +169,7 @@ class Checkpointer:
     self.failed_saves += 1
     for name in os.listdir(self.directory):  # what the failed save left
       if name.startswith(f"{step}{_TMP_MARK}"):
-        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        _remove_tree(os.path.join(self.directory, name))
     self._manager.reload()
     logging.error("Saving the checkpoint of step %d in %s failed (%s: %s); the earlier "
                   "checkpoints %s are kept.", step, self.directory, type(exc).__name__,
