@@ -46,6 +46,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -403,6 +404,19 @@ def markdown(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def keep_other_sections(old: str, new: str) -> str:
+  """`new` followed by the `## ` sections of `old` that `new` does not write (e.g. the
+  base model's calibration from `benchmarks.base_calibration`), so a rerun of the study
+  does not drop them."""
+  def sections(text):
+    parts = re.split(r"(?m)^(?=## )", text)
+    return [(p.splitlines()[0].strip(), p) for p in parts[1:]]
+  written = {heading for heading, _ in sections(new)}
+  kept = [part.rstrip("\n") + "\n" for heading, part in sections(old)
+          if heading not in written]
+  return "\n".join([new.rstrip("\n") + "\n"] + kept)
+
+
 def plots(results: dict, out: str) -> list[str]:
   """Training reward and held-out success against step, one line per method."""
   try:
@@ -480,8 +494,13 @@ def main(argv=None):
   results["wall_time_s"] = time.time() - start
   with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)
-  with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
-    f.write(markdown(results))
+  md_path = os.path.join(args.out, "results.md")
+  old = ""
+  if os.path.exists(md_path):
+    with open(md_path, encoding="utf-8") as f:
+      old = f.read()
+  with open(md_path, "w", encoding="utf-8") as f:
+    f.write(keep_other_sections(old, markdown(results)))
   plots(results, args.out)
   print(json.dumps({"benchmark": "reproduce", "ordering": results["ordering"],
                     "wall_time_s": round(results["wall_time_s"], 1), "out": args.out}))

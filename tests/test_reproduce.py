@@ -113,6 +113,17 @@ def test_markdown_and_plots_are_written(runs, tmp_path):
                                                           "train_reward.png"]
 
 
+def test_a_rerun_keeps_the_sections_it_does_not_write():
+  old = ("# Reproduction study\n\nold table\n\n## Teacher signal: x\n\nold signal\n\n"
+         "## Demo base model v5: calibration\n\ncalibration table\n")
+  new = "# Reproduction study\n\nnew table\n\n## Teacher signal: x\n\nnew signal\n"
+  text = reproduce.keep_other_sections(old, new)
+  assert text.startswith(new)
+  assert "old signal" not in text and "old table" not in text
+  assert text.endswith("## Demo base model v5: calibration\n\ncalibration table\n")
+  assert reproduce.keep_other_sections("", new) == new
+
+
 def test_results_json_summaries_have_the_documented_schema(runs):
   agg = reproduce.aggregate(runs)
   rows = reproduce.method_rows(agg)
