@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import pathlib
+import shutil
 
 import pytest
 
@@ -55,20 +56,32 @@ def tiny_base_dir(tmp_path_factory):
   return str(directory)
 
 
+def built_once(tmp_path_factory, name: str, build) -> str:
+  """The directory `name` made by `build(path)` once per test run: under pytest-xdist the
+  workers share it (the first builds it under a file lock, the others wait for it), so a
+  fixture that starts training runs is not run again on each worker that needs it. A
+  build that raised is tried again by the next test that needs it."""
+  from filelock import FileLock  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # shared by the workers of this run
+  directory, done = root / name, root / f"{name}.done"
+  with FileLock(str(root / f"{name}.lock")):
+    if not done.exists():
+      shutil.rmtree(directory, ignore_errors=True)
+      directory.mkdir()
+      build(str(directory))
+      done.touch()
+  return str(directory)
+
+
 @pytest.fixture(scope="session")
 def uninterrupted_run(tiny_base_dir, tmp_path_factory):
   """The workdir of `tests/test_resume.py`'s run, uninterrupted: the reference of the
   resume and fault tests, run once per test run (the xdist workers share it)."""
-  from filelock import FileLock  # pylint: disable=import-outside-toplevel
   from tests import test_resume  # pylint: disable=import-outside-toplevel
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    root = root.parent
-  directory = root / "uninterrupted_run"
-  with FileLock(str(root / "uninterrupted_run.lock")):
-    if not (directory / "summary.json").exists():
-      test_resume._finish(tiny_base_dir, str(directory))  # pylint: disable=protected-access
-  return str(directory)
+  return built_once(tmp_path_factory, "uninterrupted_run",
+                    lambda path: test_resume._finish(tiny_base_dir, path))  # pylint: disable=protected-access
 
 
 def load_config(name="code", arg=None, **overrides):

@@ -1,8 +1,12 @@
 """Two processes x 2 fake CPU devices (launch/local.sh, 127.0.0.1) against one process
 with 4 devices: same per-step metrics, each rollout verified once on the process that
-holds it, SIGKILL of one process then resume, and checkpoints restored onto the other
-process count; the split step (jit(sample) -> host verify -> jit(update)) on two processes
-too."""
+holds it, SIGKILL of one process then resume on one process, SIGTERM of one process then
+resume, and checkpoints restored onto the other process count both ways; the split step
+(jit(sample) -> host verify -> jit(update)) on two processes too.
+
+Each child process compiles the fused step anew (a step with a host callback never enters
+the persistent compilation cache), so the runs are shared: the interrupted runs start
+from or continue into the restores onto the other process count."""
 
 import json
 import os
@@ -77,13 +81,23 @@ def _assert_close(a, b):
       assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(tiny_base_dir, tmp_path_factory):
-  """Workdirs and logs of the same 4-step run on 1 process x 4 devices and 2 x 2."""
-  one = str(tmp_path_factory.mktemp("one_process"))
-  two = str(tmp_path_factory.mktemp("two_processes"))
-  return {"one": one, "one_log": _run_one(_flags(tiny_base_dir, one)),
-          "two": two, "two_log": _run_two(_flags(tiny_base_dir, two))}
+  """Workdirs and logs of the same 4-step run on 1 process x 4 devices and 2 x 2 (made
+  once per test run, shared by the xdist workers)."""
+  def build(path):
+    for name, run in (("one", _run_one), ("two", _run_two)):
+      workdir = os.path.join(path, name)
+      log = run(_flags(tiny_base_dir, workdir))
+      with open(workdir + ".log", "w") as f:
+        f.write(log)
+  path = conftest.built_once(tmp_path_factory, "multihost_runs", build)
+  out = {}
+  for name in ("one", "two"):
+    out[name] = os.path.join(path, name)
+    with open(out[name] + ".log") as f:
+      out[name + "_log"] = f.read()
+  return out
 
 
 @pytest.mark.slow
@@ -230,11 +244,22 @@ def _wait_for_step(workdir, step, proc, timeout=RUN_TIMEOUT):
   raise TimeoutError(f"step {step} not reached")
 
 
-@pytest.mark.slow
-def test_sigkill_of_one_process_stops_the_run_and_resume_matches(runs, tiny_base_dir,
-                                                                 tmp_path):
-  workdir = str(tmp_path)
-  log_path = tmp_path / "launcher.log"
+@pytest.fixture(scope="session")
+def two_to_one(tiny_base_dir, tmp_path_factory):
+  """A 2-process run killed by SIGKILL of one process after its step-2 checkpoint, then
+  resumed by one process (4 devices: a crashed pod may come back smaller) and run on to
+  step STEPS + 2: (workdir, seconds from the kill to the launcher's exit). Made once per
+  test run, shared by the xdist workers."""
+  path = conftest.built_once(tmp_path_factory, "multihost_two_to_one",
+                             lambda path: _kill_then_resume_on_one(tiny_base_dir, path))
+  with open(os.path.join(path, "stop_s")) as f:
+    return os.path.join(path, "run"), float(f.read())
+
+
+def _kill_then_resume_on_one(tiny_base_dir, path):
+  workdir = os.path.join(path, "run")
+  os.makedirs(workdir)
+  log_path = os.path.join(path, "launcher.log")
   with open(log_path, "w") as log:
     # The surviving process waits on its dead peer in a collective, where no signal
     # handler runs: the launcher's SIGKILL after the grace period ends it.
@@ -242,67 +267,73 @@ def test_sigkill_of_one_process_stops_the_run_and_resume_matches(runs, tiny_base
                                 cwd=ROOT, env=_clean_env(), stdout=subprocess.DEVNULL,
                                 stderr=log, text=True)
     _wait_for_step(workdir, 3, launcher)  # the checkpoint of step 2 is on disk
-    pid = int(re.search(r"process 1 is pid (\d+)", log_path.read_text()).group(1))
+    with open(log_path) as f:
+      pid = int(re.search(r"process 1 is pid (\d+)", f.read()).group(1))
     os.kill(pid, signal.SIGKILL)
     killed = time.time()
     # The launcher stops the other process (SIGTERM, then SIGKILL after 3 s).
     assert launcher.wait(timeout=120) != 0
-  assert time.time() - killed < 120
+    stop_s = time.time() - killed
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
   assert 2 in [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
                if d.isdigit()]
-  # Resumed by one process (4 devices): a crashed pod may come back smaller.
-  _run_one(_flags(tiny_base_dir, workdir))
+  _run_one(_flags(tiny_base_dir, workdir, total_steps=STEPS + 2))
+  with open(os.path.join(path, "stop_s"), "w") as f:
+    f.write(str(stop_s))
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_process_stops_the_run_and_resume_on_one_process_matches(
+    runs, two_to_one):
+  """The kill stops both processes; the checkpoint two processes wrote restores onto one
+  process, which continues the uninterrupted run's metrics."""
+  workdir, stop_s = two_to_one
+  assert stop_s < 120
   with open(os.path.join(workdir, "summary.json")) as f:
     assert json.load(f)["resumed_from_step"] in (2, 3)
-  _assert_close(_train_metrics(runs["two"]), _train_metrics(workdir))
+  resumed = _train_metrics(workdir)
+  assert [r["step"] for r in resumed] == list(range(1, STEPS + 3))
+  _assert_close(_train_metrics(runs["two"]), resumed[:STEPS])
 
 
 @pytest.mark.slow
-def test_checkpoints_restore_onto_the_other_process_count(runs, tiny_base_dir, tmp_path):
-  """Step 4 written by 2 processes, continued by 1; written by 1, continued by 2: steps
-  5-6 agree (and the resumed runs really start from step 4)."""
-  two_to_one, one_to_two = str(tmp_path / "two_to_one"), str(tmp_path / "one_to_two")
-  shutil.copytree(runs["two"], two_to_one)
-  shutil.copytree(runs["one"], one_to_two)
-  _run_one(_flags(tiny_base_dir, two_to_one, total_steps=STEPS + 2))
-  _run_two(_flags(tiny_base_dir, one_to_two, total_steps=STEPS + 2))
-  for workdir in (two_to_one, one_to_two):
-    with open(os.path.join(workdir, "summary.json")) as f:
-      assert json.load(f)["resumed_from_step"] == STEPS
-  a, b = _train_metrics(two_to_one), _train_metrics(one_to_two)
-  assert [r["step"] for r in a] == list(range(1, STEPS + 3))
-  _assert_close(a, b)
-  _assert_close(_train_metrics(runs["two"]), a[:STEPS])
-
-
-@pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_matches(runs, tiny_base_dir,
-                                                                         tmp_path):
-  """A preemption notice (SIGTERM) reaching process 1 alone: JAX's preemption service
-  makes both processes save the same step and exit cleanly, with no collective per step;
-  the resumed run has the uninterrupted run's metrics."""
-  workdir = str(tmp_path)
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_matches(
+    runs, two_to_one, tiny_base_dir, tmp_path):
+  """Step 4 written by one process is continued by two (checkpoints restore onto the
+  other process count both ways, with `two_to_one`); a preemption notice (SIGTERM)
+  reaching process 1 alone then makes both processes save the same step through JAX's
+  preemption service and exit cleanly, with no collective per step; resumed again, the
+  run has the metrics of the uninterrupted and of the 2 -> 1 process runs."""
+  workdir = str(tmp_path / "one_to_two")
+  shutil.copytree(runs["one"], workdir)
+  os.remove(os.path.join(workdir, "summary.json"))
   total = STEPS + 4  # room for the step the processes agree on
   log_path = tmp_path / "launcher.log"
   with open(log_path, "w") as log:
     launcher = subprocess.Popen(_local_sh(_flags(tiny_base_dir, workdir, total_steps=total)),
                                 cwd=ROOT, env=_clean_env(), stdout=log,
                                 stderr=subprocess.STDOUT, text=True)
-    _wait_for_step(workdir, 1, launcher)
+    _wait_for_step(workdir, STEPS + 1, launcher)
     pid = int(re.search(r"process 1 is pid (\d+)", log_path.read_text()).group(1))
     os.kill(pid, signal.SIGTERM)
     assert launcher.wait(timeout=RUN_TIMEOUT) == 0, log_path.read_text()[-6000:]
   text = log_path.read_text()
+  # Both processes restored the one-process checkpoint of step 4.
+  for i in range(2):
+    assert re.search(rf"\[process {i}\].*Resumed from step {STEPS} ", text), text[-6000:]
   stopped = {int(i): int(s) for i, s in re.findall(
       r"\[process (\d)\].*Preemption notice \(SIGTERM\) received by a process: saved step "
       r"(\d+), stopping", text)}
   assert stopped.keys() == {0, 1} and stopped[0] == stopped[1], text[-6000:]
-  assert 1 < stopped[0] < total
+  assert STEPS < stopped[0] < total
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
   _run_two(_flags(tiny_base_dir, workdir, total_steps=total))
   with open(os.path.join(workdir, "summary.json")) as f:
     assert json.load(f)["resumed_from_step"] == stopped[0]
   resumed = _train_metrics(workdir)
   assert [r["step"] for r in resumed] == list(range(1, total + 1))
+  _assert_close(_train_metrics(runs["one"]), resumed[:STEPS])
   _assert_close(_train_metrics(runs["two"]), resumed[:STEPS])
+  # Steps 5-6 continued from a 1-process checkpoint on 2 processes equal those continued
+  # from a 2-process checkpoint on 1 process.
+  _assert_close(_train_metrics(two_to_one[0])[STEPS:], resumed[STEPS:STEPS + 2])
