@@ -296,6 +296,9 @@ def _summary(s: train_setup.Setup, plan, late, state, *, eval_before, eval_after
       # This process's rows whose feedback was cut at config.peers.feedback_len tokens
       # (since this process started).
       "feedback_cut_rows": s.host_verifier.feedback_cut_rows,
+      # This process's rows that shared the result of an identical response in their
+      # verification call (config.verifier.dedupe).
+      "duplicate_rows": s.host_verifier.duplicate_rows,
   }
 
 
@@ -311,8 +314,9 @@ def _close(s: train_setup.Setup, writer, ckpt, final_state=None):
 
 
 def _log_verified(host_verifier):
-  logging.info("Process %d verified %d rows in %d calls (feedback cut: %d rows).",
-               jax.process_index(), host_verifier.rows, host_verifier.calls,
+  logging.info("Process %d verified %d rows in %d calls (duplicates verified once: %d "
+               "rows; feedback cut: %d rows).", jax.process_index(), host_verifier.rows,
+               host_verifier.calls, host_verifier.duplicate_rows,
                host_verifier.feedback_cut_rows)
 
 

@@ -290,7 +290,8 @@ def _load_data(st: settings.Settings, tok, cache_dir: str, score_batch):
                                         feedback_len=st.peers.feedback_room,
                                         summary_len=st.peers.summary_len,
                                         summary_fallback_chars=st.peers.summary_fallback_chars,
-                                        share_texts=st.peers.summaries)
+                                        share_texts=st.peers.summaries,
+                                        dedupe=st.verifier.dedupe)
   return train_batches, eval_batches, host_verifier
 
 

@@ -140,3 +140,43 @@ def test_tool_use_feedback_keeps_its_expected_part():
   _, status, feedback, feedback_lengths = host(np.zeros(1, np.int32), tokens, lengths)
   assert status[0] == callback.STATUS_CODES["format_error"]
   assert _feedback_texts(feedback, feedback_lengths) == [want]
+
+
+def test_identical_responses_to_one_example_are_verified_once_with_the_same_result():
+  seen = []
+
+  def score(texts, refs):
+    seen.append(list(zip(texts, refs)))
+    return [Result(reward=float(t.endswith(r)), feedback=f"{t} for {r} " + "x" * 40,
+                   status="ok" if t.endswith(r) else "format_error")
+            for t, r in zip(texts, refs)]
+
+  texts = ["p a", "p a", "q b", "p a", "q b", "p a"]
+  ids = np.array([0, 0, 0, 1, 1, 0], np.int32)  # "p a" for example 1 is another response
+  tokens, lengths = _batch(texts)
+  outs = {}
+  for dedupe in (False, True):
+    seen.clear()
+    host = callback.HostVerifier(score, {0: "a", 1: "b"}, _CountingTokenizer(),
+                                 feedback_len=32, dedupe=dedupe)
+    outs[dedupe] = host(ids, tokens, lengths)
+    if dedupe:
+      assert seen == [[("p a", "a"), ("q b", "a"), ("p a", "b"), ("q b", "b")]]
+      assert host.duplicate_rows == 2
+    else:
+      assert len(seen[0]) == 6 and host.duplicate_rows == 0
+    assert host.feedback_cut_rows == 6  # every row's feedback is over 32 tokens
+  for got, want in zip(outs[True], outs[False]):
+    np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(outs[True][0], [1, 1, 0, 0, 1, 1])
+  np.testing.assert_array_equal(outs[True][1], [0, 0, 1, 1, 0, 0])
+  assert _feedback_texts(outs[True][2], outs[True][3])[3] == ("p a for b " + "x" * 40)[:32]
+
+
+def test_a_verifier_that_returns_the_wrong_number_of_results_scores_the_batch_0():
+  host = callback.HostVerifier(lambda texts, refs: [Result(reward=1.0, status="ok")],
+                               {0: "a"}, _CountingTokenizer(), feedback_len=1)
+  tokens, lengths = _batch(["a", "b a"])
+  rewards, status, _, _ = host(np.zeros(2, np.int32), tokens, lengths)
+  np.testing.assert_array_equal(rewards, [0.0, 0.0])
+  np.testing.assert_array_equal(status, [callback.STATUS_CODES["error"]] * 2)

@@ -187,6 +187,12 @@ class VerifierSettings(_Section):
       "(counted as timeouts). None: no batch deadline beyond the per-response limits.",
       kind=float)
   success_threshold: float = knob(1.0, _num(0.0, 1.0), "a number in [0, 1]")
+  dedupe: bool = knob(
+      True, _bool, "True or False",
+      "Identical responses to the same example in one verification call are verified once "
+      "and share its result (reward, status, feedback); counted in the summary's "
+      "duplicate_rows. Exact for a verifier whose result is a function of the response: "
+      "set False for one with random results.")
   memory_bytes: int = knob(
       1 << 30, _int(16 << 20), "an integer number of bytes >= 16777216 (16 MiB)",
       "Memory of one code response: all the processes it starts together (a cgroup, where "
