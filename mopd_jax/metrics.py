@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from mopd_jax import tb_events
+
 
 def to_python(value):
   """Scalar numpy / jax value -> float or int (NaN and inf kept as floats)."""
@@ -37,8 +39,7 @@ class MetricWriter:
     self._file = open(self.path, "a", encoding="utf-8")
     self._tb = None
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = tb_events.EventWriter(os.path.join(workdir, "tensorboard"))
 
   def _truncate_after(self, step: int):
     if not os.path.exists(self.path):
@@ -59,9 +60,9 @@ class MetricWriter:
     self._file.write(json.dumps(clean) + "\n")
     self._file.flush()
     if self._tb is not None:
-      for k, v in record.items():
-        if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-          self._tb.add_scalar(k, v, step)
+      self._tb.scalars(step, {k: v for k, v in record.items()
+                              if k != "step" and isinstance(v, (int, float))
+                              and math.isfinite(v)})
       self._tb.flush()
 
   def close(self):
