@@ -330,8 +330,14 @@ def teacher_signal_study(args) -> dict:
       config, path, sample_prompts=0 if os.path.exists(path) else args.signal_prompts,
       sample_seed=2024)
   rewards = np.asarray(context_scores.load_rollouts(path)[1]["rewards"])
+  success = rewards.reshape(report["prompts"], -1) >= config.verifier.success_threshold
+  mixed = success.any(1) & ~success.all(1)
   for v in report["variants"].values():
-    del v["scores"]
+    # The mean per-token teacher log-prob of the successes and of the failures, over the
+    # prompts with both: where a context moves each.
+    scores = np.asarray(v.pop("scores"), np.float64)[mixed]
+    v["mean_score_successes"] = float(scores[success[mixed]].mean())
+    v["mean_score_failures"] = float(scores[~success[mixed]].mean())
   return {"prompts": report["prompts"], "samples_per_prompt": report["samples_per_prompt"],
           "success_rate": float((rewards >= 1.0).mean()), "variants": report["variants"],
           "wall_time_s": time.time() - start}
@@ -354,8 +360,8 @@ def markdown(results: dict) -> str:
   lines = [
       "# Reproduction study on the demo task",
       "",
-      f"{len(setup['seeds'])} seed(s) ({', '.join(map(str, setup['seeds']))}) for "
-      f"{', '.join(m for m in MAIN_METHODS if m in agg)}; "
+      f"Seeds {', '.join(map(str, setup['seeds']))} for "
+      f"{', '.join(m for m in MAIN_METHODS if m in agg)}; seed(s) "
       f"{', '.join(map(str, setup.get('extra_seeds', setup['seeds'])))} for the others; "
       f"{setup['steps']} steps of {setup['prompts_per_step']} prompts x "
       f"{setup['rollouts_per_prompt']} rollouts (the same rollout budget for every method), "
@@ -388,19 +394,22 @@ def markdown(results: dict) -> str:
         f"{signal['prompts']} held-out prompts x {signal['samples_per_prompt']} rollouts of "
         f"the base model (success rate {signal['success_rate']:.3f}); averages over the "
         "prompts with at least one success and one failure, prompt-level bootstrap 95% "
-        "interval in brackets.",
+        "interval in brackets; the mean per-token log-prob the teacher gives the "
+        "successes and the failures of those prompts.",
         "",
         "| context | prompts | AUC | pairwise accuracy | Spearman | Kendall tau-b | "
-        "point-biserial | teacher prompt tokens |",
-        "|---|---|---|---|---|---|---|---|",
+        "point-biserial | mean log-prob, successes / failures | teacher prompt tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, v in signal["variants"].items():
       cells = []
       for metric in ("auc", "pairwise_accuracy", "spearman", "kendall", "point_biserial"):
         lo, hi = v["ci95"][metric]
         cells.append(f"{v[metric]:.3f} [{lo:.3f}, {hi:.3f}]")
+      means = (f"{v['mean_score_successes']:.3f} / {v['mean_score_failures']:.3f}"
+               if "mean_score_successes" in v else "n/a")
       lines.append(f"| {variant} | {v['num_prompts']} | " + " | ".join(cells)
-                   + f" | {v['mean_teacher_prompt_tokens']:.0f} |")
+                   + f" | {means} | {v['mean_teacher_prompt_tokens']:.0f} |")
   return "\n".join(lines) + "\n"
 
 

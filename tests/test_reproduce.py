@@ -90,6 +90,7 @@ def test_markdown_and_plots_are_written(runs, tmp_path):
   signal = {"prompts": 4, "samples_per_prompt": 8, "success_rate": 0.4, "variants": {
       "base": {"auc": 0.5, "pairwise_accuracy": 0.5, "spearman": 0.0, "kendall": 0.0,
                "point_biserial": 0.0, "num_prompts": 3, "mean_teacher_prompt_tokens": 40.0,
+               "mean_score_successes": -0.25, "mean_score_failures": -1.5,
                "ci95": {m: (0.1, 0.9) for m in ("auc", "pairwise_accuracy", "spearman",
                                                 "kendall", "point_biserial")}}}}
   results = {"setup": {"seeds": [0, 1, 2], "steps": 12, "prompts_per_step": 16,
@@ -100,6 +101,7 @@ def test_markdown_and_plots_are_written(runs, tmp_path):
   assert "| mopd_2s1f | 0.400 [0.400, 0.400] | 0.630 [" in text
   assert "mopd_2s1f > sft_verified > grpo" in text
   assert "| base | 3 | 0.500 [0.100, 0.900]" in text
+  assert "| -0.250 / -1.500 | 40 |" in text
   written = reproduce.plots(results, str(tmp_path))
   for path in written:
     with open(path, "rb") as f:
