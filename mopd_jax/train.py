@@ -314,9 +314,9 @@ def _close(s: train_setup.Setup, writer, ckpt, final_state=None):
 
 
 def _log_verified(host_verifier):
-  logging.info("Process %d verified %d rows in %d calls (duplicates verified once: %d "
-               "rows; feedback cut: %d rows).", jax.process_index(), host_verifier.rows,
-               host_verifier.calls, host_verifier.duplicate_rows,
+  logging.info("Process %d verified %d rows in %d calls (rows that shared an identical "
+               "response's result: %d; feedback cut: %d rows).", jax.process_index(),
+               host_verifier.rows, host_verifier.calls, host_verifier.duplicate_rows,
                host_verifier.feedback_cut_rows)
 
 
