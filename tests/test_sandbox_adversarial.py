@@ -743,7 +743,7 @@ for namespaces in (True, False):
       if not pool.isolation["private_root"] and name in ("kill_all", "shared_tmp_files"):
         continue  # Without namespaces these would reach the user's own processes and files.
       pool.run(program.encode(), 1.0)
-      mode["leftovers"][name] = [pid for pid, (_, uid, _) in sandbox.sandbox_worker._process_table().items()
+      mode["leftovers"][name] = [pid for pid, (_, uid, _) in sandbox._process_table().items()
                                  if uid == os.getuid() and pid not in mine]
 print(json.dumps(out))
 """

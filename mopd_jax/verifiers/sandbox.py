@@ -42,7 +42,8 @@ is gone (a run killed with SIGKILL), together with their workers and the process
 uids.
 
 This module is the pool: the workers' lifecycle, their uids, deadlines and recycling. The
-workers (the isolation itself) and the protocol between them are in sandbox_worker.py.
+workers (the isolation itself) are in sandbox_worker.py; the types, the protocol between
+pool and workers and the helpers both use are in sandbox_kernel.py.
 Requires Linux >= 5.3 (pidfd).
 """
 
@@ -66,9 +67,9 @@ import time
 
 from mopd_jax.verifiers import sandbox_cgroups, sandbox_worker
 
-# Limits, SandboxError and SandboxRun are defined with the worker, which runs standalone, and
-# are part of this module's interface.
-from mopd_jax.verifiers.sandbox_worker import (
+# Limits, SandboxError and SandboxRun are defined with what the standalone worker shares
+# with the pool, and are part of this module's interface.
+from mopd_jax.verifiers.sandbox_kernel import (
     _PATH,
     _REPLY,
     _TASK,
