@@ -34,26 +34,21 @@ from collections.abc import Callable
 
 if __name__ == "__main__":  # Started as a script (`-I`): see the module docstring.
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from sandbox_kernel import (
-      _CLONE_NEWIPC, _CLONE_NEWNET, _CLONE_NEWNS, _CLONE_NEWPID, _CLONE_NEWUSER, _MS_BIND,
-      _MS_NODEV, _MS_NOEXEC, _MS_NOSUID, _MS_PRIVATE, _MS_RDONLY, _MS_REC, _MS_REMOUNT,
-      _PATH, _PR_SET_CHILD_SUBREAPER, _PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS,
-      _PR_SET_PDEATHSIG, _REPLY, _TASK, STOPPED_BY, Limits, SandboxError, SandboxRun,
-      _cgroup_members, _drop_capabilities, _kill_until_gone, _libc_call, _mount,
-      _pids_of_uid, _prctl, _probe, _process_table, _read_frame, _read_only_remount_flags,
-      _reap_children, _remove_tree, _write_frame,
-  )
+  import sandbox_kernel  # pylint: disable=import-error
   del sys.path[0]
-else:
-  from mopd_jax.verifiers.sandbox_kernel import (
-      _CLONE_NEWIPC, _CLONE_NEWNET, _CLONE_NEWNS, _CLONE_NEWPID, _CLONE_NEWUSER, _MS_BIND,
-      _MS_NODEV, _MS_NOEXEC, _MS_NOSUID, _MS_PRIVATE, _MS_RDONLY, _MS_REC, _MS_REMOUNT,
-      _PATH, _PR_SET_CHILD_SUBREAPER, _PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS,
-      _PR_SET_PDEATHSIG, _REPLY, _TASK, STOPPED_BY, Limits, SandboxError, SandboxRun,
-      _cgroup_members, _drop_capabilities, _kill_until_gone, _libc_call, _mount,
-      _pids_of_uid, _prctl, _probe, _process_table, _read_frame, _read_only_remount_flags,
-      _reap_children, _remove_tree, _write_frame,
-  )
+  # The package import below then finds the module just loaded from this directory
+  # (a name already in sys.modules needs no parent package).
+  sys.modules["mopd_jax.verifiers.sandbox_kernel"] = sandbox_kernel
+
+from mopd_jax.verifiers.sandbox_kernel import (  # noqa: E402
+    _CLONE_NEWIPC, _CLONE_NEWNET, _CLONE_NEWNS, _CLONE_NEWPID, _CLONE_NEWUSER, _MS_BIND,
+    _MS_NODEV, _MS_NOEXEC, _MS_NOSUID, _MS_PRIVATE, _MS_RDONLY, _MS_REC, _MS_REMOUNT,
+    _PATH, _PR_SET_CHILD_SUBREAPER, _PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS,
+    _PR_SET_PDEATHSIG, _REPLY, _TASK, STOPPED_BY, Limits, SandboxError, SandboxRun,
+    _cgroup_members, _drop_capabilities, _kill_until_gone, _libc_call, _mount,
+    _pids_of_uid, _prctl, _probe, _process_table, _read_frame, _read_only_remount_flags,
+    _reap_children, _remove_tree, _write_frame,
+)
 
 _REPORT_FD = 3
 _ROOT_DIRS = ("/usr",)
