@@ -21,8 +21,6 @@ import sys
 import threading
 import time
 
-from mopd_jax.verifiers import math_verify_grader
-
 _STARTUP_TIMEOUT_S = 60.0
 _WORKER_MEMORY_BYTES = 4 << 30
 _SOFT_LIMIT_FRACTION = 0.8
@@ -36,6 +34,13 @@ class _Interrupted(BaseException):
 def _interrupt(signum, frame):
   del signum, frame
   raise _Interrupted()
+
+
+def _grader():
+  """math-verify's grader, imported in the worker only: the trainer that starts workers
+  never loads sympy or math-verify (about 0.3 s and their memory in every process)."""
+  from mopd_jax.verifiers import math_verify_grader  # pylint: disable=import-outside-toplevel
+  return math_verify_grader
 
 
 def _reply(line: bytes) -> dict:
@@ -53,7 +58,7 @@ def _reply(line: bytes) -> dict:
   try:
     try:  # The timer is cleared in `finally`; if it fires there, the outer handler answers.
       signal.setitimer(signal.ITIMER_REAL, soft_limit_s)
-      equal = any(math_verify_grader.equivalent(a, r) for a, r in pairs)
+      equal = any(_grader().equivalent(a, r) for a, r in pairs)
     finally:
       signal.setitimer(signal.ITIMER_REAL, 0)
   except _Interrupted:
@@ -73,7 +78,7 @@ def _serve() -> None:
   except (ImportError, ValueError, OSError):
     pass
   signal.signal(signal.SIGALRM, _interrupt)
-  math_verify_grader.equivalent("1", "1")  # Loads the parser before the first timed request.
+  _grader().equivalent("1", "1")  # Loads the parser before the first timed request.
   channel.write(b"ready\n")
   channel.flush()
   for line in sys.stdin.buffer:
